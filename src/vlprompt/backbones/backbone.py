@@ -1,0 +1,161 @@
+"""The frozen CLIP-like model behind every prompt learner.
+
+`Backbone` wraps an open_clip model and exposes exactly what prompt tuning needs: the image encoder,
+the tokenizer, and the parts of the text tower (token embedding, positional embedding, blocks, final
+norm, projection, pooling rule, causal mask, logit scale). Everything is frozen and kept in eval mode:
+CoOp's official trainer never switches the encoders to train mode, so BatchNorm statistics of the
+ResNet image towers stay fixed (SPEC 1.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import VlpromptError
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where the weights came from; recorded in every run and prompt so `eval` can rebuild it."""
+
+    name: str  # open_clip architecture name, or the path of an architecture JSON
+    pretrained: Optional[str] = None  # a pretrained tag ("openai", ...) when loaded from a hub
+    weights: Optional[str] = None  # a local weights file
+    random_init_seed: Optional[int] = None  # set when the weights are random
+    quick_gelu: bool = False
+
+    @property
+    def is_random(self) -> bool:
+        return self.pretrained is None and self.weights is None
+
+    def describe(self) -> str:
+        if self.weights:
+            return f"{self.name} weights={self.weights}"
+        if self.pretrained:
+            return f"{self.name} pretrained={self.pretrained}"
+        return f"{self.name} RANDOM (seed {self.random_init_seed})"
+
+
+class TextTower:
+    """References to the parts of an open_clip causal text transformer (no copies)."""
+
+    def __init__(self, owner: nn.Module, arch: str):
+        transformer = owner.transformer
+        if getattr(owner, "attn_mask", None) is None:
+            raise VlpromptError(
+                f"backbone {arch}: its text tower is not causal (no attention mask); prompt tuning "
+                "with EOT pooling needs a causal CLIP text transformer"
+            )
+        if getattr(owner, "cls_emb", None) is not None:
+            raise VlpromptError(f"backbone {arch}: text towers with an appended CLS token are not supported")
+        pool = getattr(owner, "text_pool_type", None) or getattr(owner, "pool_type", "argmax")
+        if pool not in ("argmax", "eos"):
+            raise VlpromptError(
+                f"backbone {arch}: text pooling '{pool}' is not supported (need 'argmax' or 'eos' pooling)"
+            )
+        self.pool_type = pool
+        self.eos_id = getattr(owner, "text_eos_id", None) or getattr(owner, "eos_id", None)
+        self.token_embedding: nn.Embedding = owner.token_embedding
+        self.positional_embedding: torch.Tensor = owner.positional_embedding
+        self.blocks = list(transformer.resblocks)
+        self.batch_first: bool = getattr(transformer, "batch_first", True)
+        self.ln_final: nn.Module = owner.ln_final
+        self.text_projection = owner.text_projection
+        self.attn_mask: torch.Tensor = owner.attn_mask
+        self.width: int = owner.token_embedding.weight.shape[1]
+        self.context_length: int = owner.positional_embedding.shape[0]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.text_projection is None:
+            return x
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection
+
+
+class Backbone(nn.Module):
+    """A frozen open_clip model plus its tokenizer and preprocessing constants."""
+
+    def __init__(self, model: nn.Module, tokenizer, source: BackboneSource, precision: str = "fp32",
+                 device: str = "cpu"):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise VlpromptError(f"precision '{precision}' is not one of {sorted(PRECISIONS)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        self.device = torch.device(device)
+        owner = model.text if hasattr(model, "text") else model
+        arch = source.name
+        self.text = TextTower(owner, arch)
+        if self.text.pool_type == "eos" and self.text.eos_id is None:
+            raise VlpromptError(f"backbone {arch}: 'eos' pooling without an eos token id")
+        pp = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
+        size = getattr(model.visual, "image_size", 224)
+        self.image_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.image_mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.image_std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        with torch.no_grad():
+            self.logit_scale: float = float(model.logit_scale.exp().item())
+        self.embed_dim: int = int(self._probe_embed_dim())
+        # Frozen: no gradients for any backbone weight, eval mode forever, weights cast once
+        # (bf16 autocast is slow on CPU for open_clip's attention; a one-off cast is not).
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.to(device=self.device, dtype=self.dtype)
+        model.eval()
+
+    def _probe_embed_dim(self) -> int:
+        proj = self.text.text_projection
+        if proj is None:
+            return self.text.width
+        if isinstance(proj, nn.Linear):
+            return proj.out_features
+        return proj.shape[1]
+
+    # Freezing: train() must never switch the encoders out of eval mode.
+    def train(self, mode: bool = True):  # noqa: D102 - documented in the class docstring
+        return super().train(False)
+
+    @property
+    def ctx_dim(self) -> int:
+        return self.text.width
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def bpe_length(self, text: str) -> int:
+        """Number of BPE tokens of a piece of text (without SOS / EOT)."""
+        return len(self.tokenizer.encode(text))
+
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Position of the pooled (EOT) token of each tokenized prompt, by the tower's pooling rule."""
+        if self.text.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        return (tokens == self.text.eos_id).int().argmax(dim=-1)
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) image features in float32 for a batch of preprocessed images."""
+        feats = self.model.encode_image(images.to(self.device, self.dtype))
+        return feats.float()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """open_clip's own text encoding of plain strings (hand-crafted prompts), float32, unnormalised."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            out.append(self.model.encode_text(self.tokenize(texts[i:i + batch_size])).float())
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)

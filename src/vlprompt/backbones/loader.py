@@ -1,0 +1,198 @@
+"""Load a CLIP-like backbone through open_clip.
+
+Four sources, chosen explicitly by the caller:
+- ``pretrained="openai"`` (or any open_clip tag): downloads through open_clip when a hub is reachable;
+- ``weights="file"``: an OpenAI ``.pt`` archive (TorchScript), an open_clip checkpoint, or a plain state
+  dict in ``.pt`` / ``.pth`` / ``.bin`` / ``.safetensors``;
+- ``name="path/to/arch.json"``: a custom architecture description (tests use tiny ones);
+- neither: random initialisation from a fixed seed, with a loud warning that accuracy is meaningless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import VlpromptError
+from .backbone import Backbone, BackboneSource
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+RANDOM_WARNING = (
+    "WARNING: backbone {name} is RANDOMLY INITIALISED (no pretrained weights). "
+    "Accuracies from it are meaningless except as a smoke test or a speed measurement."
+)
+
+
+def builtin_config_dir() -> Path:
+    """Folder of the architecture JSONs shipped with vlprompt (tiny models for demos and tests)."""
+    return Path(str(resources.files("vlprompt.backbones") / "configs"))
+
+
+def _open_clip():
+    try:
+        import open_clip  # noqa: WPS433 - heavy import kept lazy
+    except Exception as exc:  # torchvision of the wrong build fails here
+        raise VlpromptError(f"cannot import open_clip ({exc}); run scripts/setup.sh") from None
+    return open_clip
+
+
+def _resolve_arch(name: str) -> tuple[str, Optional[dict]]:
+    """Return (architecture name, model config) for a built-in name, a shipped tiny name or a JSON path."""
+    oc = _open_clip()
+    path = Path(name)
+    if name.endswith(".json"):
+        if not path.is_file():
+            raise VlpromptError(f"architecture file not found: {name}")
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise VlpromptError(f"architecture file {name} is not valid JSON: {exc}") from None
+        cfg = cfg.get("model_cfg", cfg)
+        for key in ("embed_dim", "vision_cfg", "text_cfg"):
+            if key not in cfg:
+                raise VlpromptError(f"architecture file {name}: missing field '{key}'")
+        return path.stem, cfg
+    shipped = builtin_config_dir() / f"{name}.json"
+    if shipped.is_file():
+        return name, json.loads(shipped.read_text())
+    arch = name.replace("/", "-")
+    cfg = oc.get_model_config(arch)
+    if cfg is None:
+        known = ", ".join(sorted(m for m in oc.list_models() if not m.startswith("coca")))[:400]
+        raise VlpromptError(f"unknown backbone '{name}': not an open_clip architecture ({known} ...) "
+                            "nor an architecture .json file")
+    return arch, cfg
+
+
+def _build_from_cfg(arch: str, cfg: dict, quick_gelu: bool):
+    oc = _open_clip()
+    cfg = json.loads(json.dumps(cfg))  # private copy
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        raise VlpromptError(f"backbone {arch}: Hugging Face text towers are not supported (need a CLIP BPE tower)")
+    custom_text = cfg.pop("custom_text", False)
+    cfg.pop("multimodal_cfg", None)
+    cfg["quick_gelu"] = bool(quick_gelu or cfg.get("quick_gelu", False))
+    cls = oc.CustomTextCLIP if custom_text else oc.CLIP
+    return cls(**cfg)
+
+
+def _read_state_dict(path: Path) -> tuple[dict, bool]:
+    """(state dict, came from a TorchScript archive). OpenAI's released .pt files are TorchScript."""
+    if path.suffix != ".safetensors":
+        try:
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
+        except Exception:
+            pass  # not TorchScript: a plain torch.save file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise VlpromptError(f"cannot read weights file {path}: {str(exc).splitlines()[0][:200]}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise VlpromptError(f"weights file {path} holds no state dict")
+    if next(iter(sd)).startswith("module."):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd, False
+
+
+def _load_state(model, sd: dict, path: Path, arch: str) -> None:
+    """Load a state dict strictly, turning every mismatch into one line naming the key."""
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        sd.pop(key, None)
+    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = _open_clip().model.convert_to_custom_text_state_dict(sd)
+    own = model.state_dict()
+    for key, value in sd.items():
+        if key in own and own[key].shape != value.shape:
+            raise VlpromptError(
+                f"weights file {path} does not fit backbone {arch}: '{key}' has shape "
+                f"{tuple(value.shape)}, the architecture expects {tuple(own[key].shape)}"
+            )
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    missing = [k for k in missing if k != "logit_bias"]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise VlpromptError(f"weights file {path} does not fit backbone {arch}: {what}")
+
+
+def _tokenizer(arch: str, cfg: dict):
+    oc = _open_clip()
+    ctx_len = cfg["text_cfg"].get("context_length", 77)
+    if "hf_tokenizer_name" in cfg["text_cfg"]:
+        raise VlpromptError(f"backbone {arch}: only CLIP BPE tokenizers are supported")
+    return oc.tokenizer.SimpleTokenizer(context_length=ctx_len)
+
+
+def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weights: Optional[str] = None,
+                  precision: str = "fp32", device: str = "cpu", quick_gelu: Optional[bool] = None,
+                  random_init_seed: int = 0, cache_dir: Optional[str] = None) -> Backbone:
+    """Build a frozen backbone.
+
+    ``name``: an open_clip architecture (``"RN50"``, ``"ViT-B-16"``, ``"ViT-B/16"`` ...), a shipped tiny
+    architecture (``"vlprompt-tiny-ViT"``, ``"vlprompt-tiny-RN"``) or a path to an architecture JSON.
+    ``pretrained``: an open_clip pretrained tag, fetched from a hub. ``weights``: a local weights file
+    (takes precedence). With neither, the model is randomly initialised from ``random_init_seed`` so that
+    separate processes build identical random models.
+    ``quick_gelu``: defaults to True for OpenAI weights (the OpenAI models use QuickGELU), else to the
+    architecture's own setting.
+    """
+    if pretrained is not None and str(pretrained).lower() in ("", "none", "random"):
+        pretrained = None
+    arch, cfg = _resolve_arch(name)
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise VlpromptError(f"weights file not found: {weights}")
+        sd, is_jit = _read_state_dict(path)
+        if quick_gelu is None:
+            # OpenAI's archives (TorchScript) come from QuickGELU models.
+            used_quick = True if is_jit else bool(cfg.get("quick_gelu", False))
+        else:
+            used_quick = bool(quick_gelu)
+        model = _build_from_cfg(arch, cfg, quick_gelu=used_quick)
+        _load_state(model, sd, path, arch)
+        source = BackboneSource(name=name, weights=str(path.resolve()), quick_gelu=used_quick)
+    elif pretrained is not None:
+        oc = _open_clip()
+        used_quick = pretrained == "openai" if quick_gelu is None else quick_gelu
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                model = oc.create_model(arch, pretrained=pretrained, force_quick_gelu=used_quick,
+                                        cache_dir=cache_dir)
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise VlpromptError(
+                f"cannot load pretrained '{pretrained}' for {arch} ({first[:200]}); offline? pass a local "
+                "weights file with --weights FILE, or --pretrained random for a random model"
+            ) from None
+        source = BackboneSource(name=name, pretrained=pretrained, quick_gelu=used_quick)
+    else:
+        used_quick = bool(quick_gelu) if quick_gelu is not None else bool(cfg.get("quick_gelu", False))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random_init_seed)
+            model = _build_from_cfg(arch, cfg, quick_gelu=used_quick)
+        msg = RANDOM_WARNING.format(name=name)
+        warnings.warn(msg, stacklevel=2)
+        source = BackboneSource(name=name, random_init_seed=random_init_seed, quick_gelu=used_quick)
+    return Backbone(model, _tokenizer(arch, cfg), source, precision=precision, device=device)
+
+
+def resolve_weights_env() -> Optional[str]:
+    """A local weights file named by VLPROMPT_WEIGHTS, if it exists."""
+    path = os.environ.get("VLPROMPT_WEIGHTS")
+    return path if path and os.path.isfile(path) else None

@@ -1,0 +1,197 @@
+"""The ``vlprompt`` command: zeroshot, train, eval, datasets, demo.
+
+Every option maps to a `RunConfig` key (the same keys a ``--config`` YAML file may hold). Errors in the
+user's input are printed as one line and exit with status 2, never as a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from .errors import VlpromptError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise VlpromptError(f"{self.prog}: {message}")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="registered dataset name (see `vlprompt datasets`) or a folder path")
+    g.add_argument("--root", help="data root holding the dataset folders")
+    g.add_argument("--shots", type=str, help="images per class for training (-1: all; default 16)")
+    g.add_argument("--seed", type=str, help="random seed (default 1)")
+    g.add_argument("--subsample", help="all | base | new classes (default all)")
+    g.add_argument("--template", help="override the dataset's hand-crafted template, e.g. 'a photo of a {}.'")
+
+
+def _add_backbone(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", help="open_clip architecture (RN50, ViT-B-16, ...) or an architecture .json")
+    g.add_argument("--pretrained", help="open_clip pretrained tag (needs a reachable hub), or 'random'")
+    g.add_argument("--weights", help="local weights file (OpenAI .pt, open_clip checkpoint, .safetensors, .bin)")
+    g.add_argument("--precision", help="fp32 | bf16 for the frozen encoders (default fp32)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with any of these options (command-line options win)")
+    p.add_argument("--output", help="run folder (default runs/<dataset>/<method>/<backbone>/<shots>_seed<S>)")
+    p.add_argument("--num-workers", dest="num_workers", type=str, help="image-loading worker processes")
+    p.add_argument("--test-batch-size", dest="test_batch_size", type=str)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _add_coop(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CoOp prompt and recipe (SPEC 2)")
+    g.add_argument("--method", help="training method (default coop)")
+    g.add_argument("--n-ctx", dest="n_ctx", type=str, help="number of context vectors (default 16)")
+    g.add_argument("--ctx-init", dest="ctx_init", help="initialise the context from words, e.g. 'a photo of a'")
+    g.add_argument("--csc", dest="csc", action="store_const", const=True, help="class-specific context")
+    g.add_argument("--class-token-position", dest="class_token_position", help="end | middle | front")
+    g.add_argument("--epochs", type=str, help="override the paper's epochs-by-shots")
+    g.add_argument("--batch-size", dest="batch_size", type=str, help="default 32")
+    g.add_argument("--lr", type=str, help="default 0.002")
+    g.add_argument("--weight-decay", dest="weight_decay", type=str)
+    g.add_argument("--momentum", type=str)
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="vlprompt", description="Prompt tuning for frozen CLIP-like models.")
+    parser.add_argument("--version", action="version", version=f"vlprompt {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("zeroshot", help="evaluate zero-shot CLIP with hand-crafted prompts")
+    _add_data(p), _add_backbone(p), _add_run(p)
+    p.add_argument("--ensemble", action="store_true", help="the 7-template ensemble (+ dataset template)")
+
+    p = sub.add_parser("train", help="train a prompt (CoOp) and evaluate it on the test split")
+    _add_data(p), _add_backbone(p), _add_run(p), _add_coop(p)
+
+    p = sub.add_parser("eval", help="evaluate a saved prompt (run folder or prompt folder)")
+    p.add_argument("prompt", help="a run folder written by `vlprompt train`, or its prompt/ folder")
+    _add_data(p), _add_backbone(p), _add_run(p)
+
+    p = sub.add_parser("datasets", help="list the known datasets, or check one on disk")
+    p.add_argument("name", nargs="?", help="a registered name or a folder to check")
+    p.add_argument("--root", help="data root (for registered names)")
+    p.add_argument("--no-decode", action="store_true", help="only check that files exist (faster)")
+
+    p = sub.add_parser("demo", help="the built-in default job: zero-shot then CoOp on generated images")
+    p.add_argument("--output", default="runs/demo", help="folder for the demo's runs (default runs/demo)")
+    p.add_argument("--backbone", help="architecture when real weights are available (default ViT-B-16)")
+    p.add_argument("--weights", help="local weights file for real accuracy (or set VLPROMPT_WEIGHTS)")
+    p.add_argument("--epochs", type=int, default=None, help="CoOp epochs (default 30)")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+CONFIG_KEYS = ("dataset", "root", "shots", "seed", "subsample", "template", "backbone", "pretrained", "weights",
+               "precision", "device", "method", "n_ctx", "ctx_init", "csc", "class_token_position", "epochs",
+               "batch_size", "lr", "weight_decay", "momentum", "warmup_epochs", "output", "num_workers",
+               "test_batch_size")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    values = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k, None) is not None}
+    if getattr(args, "quiet", False):
+        values["progress"] = False
+    return values
+
+
+def _config(args: argparse.Namespace, **forced):
+    from .config import RunConfig
+
+    return RunConfig.from_sources(getattr(args, "config", None), **{**_overrides(args), **forced})
+
+
+def _print_result(metrics: dict) -> None:
+    test = metrics["test"]
+    print(f"{metrics['method']:<18} {metrics['dataset']['name']:<16} top-1 {test['accuracy']:6.2f}%  "
+          f"macro {test['macro_accuracy']:6.2f}%  ({test['n']} test images)")
+
+
+def cmd_zeroshot(args) -> int:
+    from .engine.run import run
+
+    cfg = _config(args, method="zeroshot_ensemble" if args.ensemble else "zeroshot")
+    _print_result(run(cfg))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .engine.run import run
+
+    cfg = _config(args)
+    from .methods import get_method
+
+    if not get_method(cfg.method).trains:
+        raise VlpromptError(f"method '{cfg.method}' does not train; use `vlprompt zeroshot`")
+    _print_result(run(cfg))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .config import load_yaml
+    from .engine.run import evaluate_prompt
+
+    overrides = load_yaml(args.config) if args.config else {}
+    overrides.update(_overrides(args))
+    output = overrides.pop("output", None)
+    metrics = evaluate_prompt(args.prompt, overrides, output=output)
+    _print_result(metrics)
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .data import DATASETS, check_dataset
+
+    if not args.name:
+        print(f"{'name':<16} {'folder':<22} template")
+        for name, spec in DATASETS.items():
+            print(f"{name:<16} {spec.dir:<22} {spec.template}")
+        return 0
+    report = check_dataset(args.name, args.root, decode=not args.no_decode)
+    print(json.dumps(report, indent=2))
+    return 0 if not report.get("missing") and not report.get("unreadable") else 1
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(output=args.output, backbone=args.backbone, weights=args.weights, epochs=args.epochs,
+             progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"zeroshot": cmd_zeroshot, "train": cmd_train, "eval": cmd_eval, "datasets": cmd_datasets,
+            "demo": cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    warnings.filterwarnings("default", category=UserWarning, module="vlprompt")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except VlpromptError as exc:
+        print(f"vlprompt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlprompt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

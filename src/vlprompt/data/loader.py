@@ -1,0 +1,172 @@
+"""``load_dataset`` and ``check_dataset``: registered benchmarks and user folders alike.
+
+Order of operations follows CoOp exactly: read the full splits, few-shot sample train (and val,
+except for ImageNet), then split base/new classes, then take the class names from train.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from vlprompt.errors import VlpromptError
+
+from .fewshot import check_seed, check_shots, check_subsample, sample_fewshot, subsample_classes
+from .folder import read_folder_dataset
+from .registry import DATASETS, PHOTO, resolve_dataset_dir
+from .types import Datum, DatasetSplits
+
+
+def _resolve(name_or_path, root):
+    """Return (name, display_name, dataset_dir, raw splits, template, sample_val, image_dir)."""
+    if isinstance(name_or_path, str) and name_or_path in DATASETS:
+        spec = DATASETS[name_or_path]
+        dataset_dir = resolve_dataset_dir(spec, root)
+        raw = spec.read(dataset_dir)
+        image_dir = os.path.join(dataset_dir, spec.image_root)
+        return spec.name, spec.display_name, dataset_dir, raw, spec.template, spec.fewshot_val, image_dir
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if not os.path.isdir(path) and root is not None and os.path.isdir(os.path.join(os.fspath(root), path)):
+        path = os.path.join(os.fspath(root), path)  # a user dataset folder named relative to root
+    if not os.path.isdir(path):
+        raise VlpromptError(
+            f"unknown dataset {os.fspath(name_or_path)!r}: not a registered name "
+            f"({', '.join(DATASETS)}) nor an existing folder"
+        )
+    path = os.path.abspath(path)
+    for spec in DATASETS.values():
+        # A folder holding a released CoOp split file is that benchmark (its paths are relative
+        # to the benchmark's image root, not to the folder), so read it as the registered one.
+        if spec.split_json and os.path.isfile(os.path.join(path, spec.split_json)):
+            raw = spec.read(path)
+            raw.notes.append(f"recognised as registered dataset {spec.name!r} by {spec.split_json}")
+            image_dir = os.path.join(path, spec.image_root)
+            return spec.name, spec.display_name, path, raw, spec.template, spec.fewshot_val, image_dir
+    raw = read_folder_dataset(path)
+    return os.path.basename(path), os.path.basename(path), path, raw, PHOTO, True, None
+
+
+def _classnames(name: str, train: list[Datum], val: list[Datum], test: list[Datum]) -> list[str]:
+    """Dassl's ``get_lab2cname`` on train (on test for test-only datasets), plus sanity checks.
+
+    Dassl silently picks one name if a label carries two and sizes the classifier by
+    ``max(label) + 1``; both would break training quietly, so they are errors here.
+    """
+    names: dict[int, str] = {}
+    for split, items in (("train", train), ("val", val), ("test", test)):
+        for it in items:
+            if names.setdefault(it.label, it.classname) != it.classname:
+                raise VlpromptError(
+                    f"{name}: label {it.label} has two class names, {names[it.label]!r} and "
+                    f"{it.classname!r} ({split} item {it.path})"
+                )
+    source = train or test
+    labels = sorted({it.label for it in source})
+    if labels != list(range(len(labels))):
+        missing = sorted(set(range(max(labels) + 1)) - set(labels))[:5]
+        raise VlpromptError(
+            f"{name}: labels must be 0..n-1 but no {'training' if train else 'test'} image has "
+            f"label {', '.join(map(str, missing))}; every class needs at least one image"
+        )
+    for split, items in (("val", val), ("test", test)):
+        for it in items:
+            if it.label >= len(labels):
+                raise VlpromptError(
+                    f"{name}: class {it.classname!r} (label {it.label}) appears in {split} but has no "
+                    f"training images ({it.path})"
+                )
+    return [names[y] for y in labels]
+
+
+def load_dataset(
+    name_or_path,
+    root=None,
+    shots: int = -1,
+    seed: int = 1,
+    subsample: str = "all",
+    template: str | None = None,
+    check_files: bool = True,
+) -> DatasetSplits:
+    """Load a registered benchmark (``root`` = data root or its dataset folder) or a user folder.
+
+    ``shots < 1`` keeps every image. ``check_files`` stats every image of the final lists (no
+    decoding) and raises one error with the number missing and the first missing path.
+    """
+    shots, seed, subsample = check_shots(shots), check_seed(seed), check_subsample(subsample)
+    if template is not None and (not isinstance(template, str) or "{}" not in template):
+        raise VlpromptError(f"template must be a string containing '{{}}', got {template!r}")
+    name, display, dataset_dir, raw, default_template, sample_val, image_dir = _resolve(name_or_path, root)
+    if not (raw.train or raw.val or raw.test):
+        raise VlpromptError(f"{name}: no images listed in {dataset_dir}")
+    if check_files and image_dir is not None and not os.path.isdir(image_dir):
+        raise VlpromptError(f"image folder not found: {image_dir}; unpack the {display} images there")
+
+    train, val = sample_fewshot(raw.train, raw.val, shots, seed, sample_val=sample_val)
+    test = list(raw.test)
+    train, val, test = subsample_classes(train, val, test, subsample)
+    classnames = _classnames(name, train, val, test)
+
+    if check_files:
+        # val may be the test list itself (ImageNet); checking a path twice is harmless.
+        missing = [it.path for items in (train, val, test) for it in items if not os.path.exists(it.path)]
+        if missing:
+            raise VlpromptError(
+                f"{name}: {len(missing)} listed image file(s) missing, first: {missing[0]}; "
+                "check the data root and the dataset layout"
+            )
+    info = {
+        "root": dataset_dir,
+        "display_name": display,
+        "shots": shots,
+        "seed": seed,
+        "subsample": subsample,
+        "source": raw.source,
+        "notes": list(raw.notes),
+    }
+    return DatasetSplits(name, classnames, train, val, test, template or default_template, info)
+
+
+def check_dataset(name_or_path, root=None, decode: bool = True) -> dict:
+    """Audit a dataset: counts, class count, missing files and (if ``decode``) undecodable images.
+
+    Used by ``vlprompt datasets NAME --root R``. Loads the full splits without few-shot sampling;
+    each distinct image is stat-ed, and with ``decode`` fully decoded with PIL.
+    """
+    from .transforms import load_image  # torch/torchvision only needed when decoding
+
+    ds = load_dataset(name_or_path, root, check_files=False)
+    paths = list(dict.fromkeys(it.path for items in (ds.train, ds.val, ds.test) for it in items))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    problems = [f"missing: {p}" for p in missing]
+    unreadable: list[str] = []
+    if decode:
+        missing_set = set(missing)
+
+        def _try(p):
+            try:
+                load_image(p)
+                return None
+            except VlpromptError as e:
+                return str(e)
+
+        present = [p for p in paths if p not in missing_set]
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
+            for p, err in zip(present, pool.map(_try, present, chunksize=64)):
+                if err is not None:
+                    unreadable.append(p)
+                    problems.append(err)
+    return {
+        "name": ds.name,
+        "display_name": ds.info["display_name"],
+        "root": ds.info["root"],
+        "source": ds.info["source"],
+        "num_classes": ds.num_classes,
+        "classnames": ds.classnames,
+        "counts": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)},
+        "num_files": len(paths),
+        "missing": missing,
+        "unreadable": unreadable,
+        "problems": problems,
+        "notes": ds.info["notes"],
+        "ok": not problems,
+    }

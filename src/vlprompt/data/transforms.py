@@ -1,0 +1,79 @@
+"""Image loading and CLIP/CoOp pre-processing (SPEC 1.4).
+
+Train: RandomResizedCrop on the full-resolution image (no resize first, as in Dassl), flip,
+normalise. Test: CLIP's own resize-shorter-side + center crop, which is deterministic so test
+features can be cached.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from vlprompt.errors import VlpromptError
+
+from .types import Datum
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def train_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> T.Compose:
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                interpolation=InterpolationMode.BICUBIC,
+            ),
+            T.RandomHorizontalFlip(p=0.5),
+            T.ToTensor(),
+            T.Normalize(mean=mean, std=std),
+        ]
+    )
+
+
+def test_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> T.Compose:
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),  # shorter side
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(mean=mean, std=std),
+        ]
+    )
+
+
+# The name starts with "test_"; stop pytest from collecting it when a test module imports it.
+test_transform.__test__ = False
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode an image fully as RGB; any failure becomes one ``VlpromptError`` line."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces a full decode, so truncation shows here
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        # PIL raises OSError/UnidentifiedImageError for corrupt/truncated files, FileNotFoundError
+        # for missing ones; SyntaxError/ValueError for some malformed headers.
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise VlpromptError(f"cannot read image {path}: {reason}") from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """``(transform(image), label)`` pairs for a list of ``Datum``."""
+
+    def __init__(self, items: Sequence[Datum], transform: Callable, loader: Callable = load_image):
+        self.items = list(items)
+        self.transform = transform
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        return self.transform(self.loader(item.path)), item.label

@@ -1,0 +1,33 @@
+"""Encode images with the frozen image tower (inference mode, no graph)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..backbones.backbone import Backbone
+from ..data.transforms import ImageDataset, load_image
+from ..data.types import Datum
+from ..utils.progress import Progress
+
+
+def make_loader(items: Sequence[Datum], transform: Callable, batch_size: int, num_workers: int,
+                loader: Callable = load_image):
+    ds = ImageDataset(items, transform, loader=loader)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def encode_items(bb: Backbone, items: Sequence[Datum], transform: Callable, batch_size: int = 100,
+                 num_workers: int = 0, desc: str = "encoding images", progress: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, d) float32, labels (N,)) for a list of items, in list order."""
+    feats, labels = [], []
+    bar = Progress(desc, len(items), enabled=progress)
+    for images, y in make_loader(items, transform, batch_size, num_workers):
+        feats.append(bb.encode_images(images))
+        labels.append(y)
+        bar.update(len(y))
+    if not feats:
+        return torch.empty(0, bb.embed_dim), torch.empty(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,219 @@
+"""One run end to end: dataset -> backbone -> method -> (train) -> evaluate -> run folder.
+
+A run folder holds ``config.yaml`` (the resolved configuration), ``prompt/`` (the learned prompt,
+for methods that train) and ``metrics.json`` (accuracies, per-epoch history, timings, versions and every
+deviation from the paper recipe). All files are written atomically.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..backbones import Backbone, load_backbone
+from ..config import RunConfig, load_yaml
+from ..data import load_dataset
+from ..data.transforms import test_transform, train_transform
+from ..errors import VlpromptError
+from ..methods import get_method
+from ..prompts.coop import read_prompt_artifact
+from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.progress import say
+from .evaluate import accuracy_report, classify
+from .features import encode_items
+from .schedule import default_epochs
+from .trainer import TrainSettings, train_prompt
+
+PAPER_RECIPE = {"batch_size": 32, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1,
+                "warmup_lr": 1e-5}
+
+
+def set_seed(seed: int) -> None:
+    """Seed random, numpy and torch before the dataset is built, as CoOp's train.py does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict:
+    import open_clip
+
+    return {"vlprompt": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def default_output(cfg: RunConfig) -> str:
+    ds = Path(cfg.dataset).name if Path(cfg.dataset).is_dir() else cfg.dataset
+    bb = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.backbone).stem if cfg.backbone.endswith(".json") else cfg.backbone)
+    shots = "all" if cfg.shots < 0 else f"{cfg.shots}shots"
+    sub = "" if cfg.subsample == "all" else f"_{cfg.subsample}"
+    return str(Path("runs") / ds / cfg.method / bb / f"{shots}_seed{cfg.seed}{sub}")
+
+
+def backbone_from_config(cfg: RunConfig) -> Backbone:
+    return load_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, precision=cfg.precision,
+                         device=cfg.device)
+
+
+def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, trains: bool, notes) -> list[str]:
+    """Every way this run differs from the paper protocol, in words (recorded in metrics.json)."""
+    out = []
+    if bb.source.is_random:
+        out.append("backbone weights are RANDOM: accuracies are meaningless except as smoke tests")
+    out.append(f"frozen encoders run in {cfg.precision} (official CoOp: fp16 on GPU)")
+    if trains:
+        out.append("prompt parameters and SGD state are float32 master weights (official CoOp: fp16; SPEC 8.1)")
+        if epochs != paper_epochs:
+            out.append(f"epochs={epochs} (paper recipe for {cfg.shots} shots: {paper_epochs})")
+        for key, value in PAPER_RECIPE.items():
+            if getattr(cfg, key) != value:
+                out.append(f"{key}={getattr(cfg, key)} (paper recipe: {value})")
+    out.extend(notes or [])
+    return out
+
+
+class FeatureMemo:
+    """In-process memo of encoded evaluation splits, so several runs on one backbone encode once."""
+
+    def __init__(self):
+        self._store: dict = {}
+
+    def get(self, bb: Backbone, items, cfg: RunConfig, desc: str):
+        key = (id(bb), bb.precision, bb.image_size, tuple((d.path, d.label) for d in items))
+        if key not in self._store:
+            tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
+            self._store[key] = encode_items(bb, items, tf, cfg.test_batch_size, cfg.num_workers, desc=desc,
+                                            progress=cfg.progress)
+        return self._store[key]
+
+
+_MEMO = FeatureMemo()
+
+
+def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[FeatureMemo] = None) -> dict:
+    """Run ``cfg`` and write its run folder; returns the metrics dictionary."""
+    memo = memo or _MEMO
+    t_total = time.perf_counter()
+    timings = {}
+    method = get_method(cfg.method)
+    out = Path(cfg.output or default_output(cfg))
+    set_seed(cfg.seed)
+
+    t = time.perf_counter()
+    ds = load_dataset(cfg.dataset, cfg.root, shots=cfg.shots, seed=cfg.seed, subsample=cfg.subsample,
+                      template=cfg.template)
+    timings["load_dataset_s"] = time.perf_counter() - t
+    if method.trains and not ds.train:
+        raise VlpromptError(f"dataset {ds.name} has no training images")
+    if not ds.test:
+        raise VlpromptError(f"dataset {ds.name} has no test images")
+    say(f"dataset {ds.name}: {ds.num_classes} classes, train {len(ds.train)} / val {len(ds.val)} / "
+        f"test {len(ds.test)}", cfg.progress)
+
+    t = time.perf_counter()
+    bb = backbone or backbone_from_config(cfg)
+    timings["load_backbone_s"] = time.perf_counter() - t
+    say(f"backbone {bb.source.describe()} ({cfg.precision})", cfg.progress)
+
+    torch.manual_seed(cfg.seed)  # prompt initialisation does not depend on how the backbone was obtained
+    learner = method.build(bb, ds.classnames, cfg, ds)
+    paper_epochs = default_epochs(cfg.shots, ds.name)
+    epochs = cfg.epochs or paper_epochs
+    history = None
+    if method.trains:
+        settings = TrainSettings(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                                 weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
+                                 warmup_lr=cfg.warmup_lr, seed=cfg.seed, num_workers=cfg.num_workers)
+        tf = train_transform(bb.image_size, bb.image_mean, bb.image_std)
+        t = time.perf_counter()
+        history = train_prompt(learner, method.loss, bb, ds.train, tf, settings, progress=cfg.progress)
+        timings["train_s"] = time.perf_counter() - t
+        learner.save_pretrained(out / "prompt")
+
+    t = time.perf_counter()
+    feats, labels = memo.get(bb, ds.test, cfg, desc="encoding test images")
+    timings["encode_test_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report = accuracy_report(classify(learner, feats), labels, ds.classnames)
+    timings["evaluate_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_total
+
+    metrics = {
+        "method": cfg.method,
+        "dataset": {"name": ds.name, "root": ds.info.get("root"), "shots": cfg.shots, "seed": cfg.seed,
+                    "subsample": cfg.subsample, "num_classes": ds.num_classes, "n_train": len(ds.train),
+                    "n_val": len(ds.val), "n_test": len(ds.test), "classnames": ds.classnames},
+        "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": cfg.precision,
+                     "random": bb.source.is_random},
+        "test": report,
+        "recipe": {"epochs": epochs if method.trains else 0, "paper_epochs": paper_epochs,
+                   **{k: getattr(cfg, k) for k in PAPER_RECIPE}},
+        "train": history,
+        "timings": timings,
+        "versions": versions(),
+        "deviations": deviations(cfg, bb, epochs, paper_epochs, method.trains, ds.info.get("notes")),
+    }
+    write_run_folder(out, cfg, metrics)
+    say(f"{cfg.method} on {ds.name}: top-1 {report['accuracy']:.2f}%  macro {report['macro_accuracy']:.2f}%  "
+        f"-> {out}", cfg.progress)
+    metrics["output"] = str(out)
+    return metrics
+
+
+def write_run_folder(out: Path, cfg: RunConfig, metrics: dict) -> None:
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_json(out / "metrics.json", metrics)
+
+
+def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = None,
+                    backbone: Optional[Backbone] = None) -> dict:
+    """Evaluate a saved prompt (a run folder or a prompt folder) on a dataset's test split.
+
+    Dataset, backbone and subsample default to the run's own configuration; any key in
+    ``cfg_overrides`` (for example ``subsample="new"`` or another dataset) replaces it.
+    """
+    path = Path(prompt)
+    run_cfg: dict = {}
+    if (path / "prompt").is_dir():
+        if (path / "config.yaml").is_file():
+            run_cfg = load_yaml(str(path / "config.yaml"))
+        path = path / "prompt"
+    pcfg, _ = read_prompt_artifact(path)
+    bsrc = pcfg.get("backbone", {})
+    base = {"backbone": bsrc.get("name"), "weights": bsrc.get("weights"),
+            "pretrained": bsrc.get("pretrained") or ("random" if not bsrc.get("weights") else None)}
+    values = {**base, **run_cfg, **{k: v for k, v in cfg_overrides.items() if v is not None}}
+    values["method"] = pcfg.get("method", "coop")
+    values.pop("output", None)
+    cfg = RunConfig(**values)
+    method = get_method(cfg.method)
+    set_seed(cfg.seed)
+    ds = load_dataset(cfg.dataset, cfg.root, shots=cfg.shots, seed=cfg.seed, subsample=cfg.subsample,
+                      template=cfg.template)
+    bb = backbone or backbone_from_config(cfg)
+    learner = method.load(str(path), bb, ds.classnames)
+    t = time.perf_counter()
+    feats, labels = _MEMO.get(bb, ds.test, cfg, desc="encoding test images")
+    report = accuracy_report(classify(learner, feats), labels, ds.classnames)
+    metrics = {"prompt": str(path), "method": cfg.method,
+               "dataset": {"name": ds.name, "subsample": cfg.subsample, "num_classes": ds.num_classes,
+                           "n_test": len(ds.test)},
+               "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": cfg.precision},
+               "test": report, "timings": {"evaluate_s": time.perf_counter() - t}, "versions": versions(),
+               "deviations": deviations(cfg, bb, 0, 0, False, ds.info.get("notes"))}
+    if output:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "eval_metrics.json", metrics)
+    return metrics

@@ -1,0 +1,222 @@
+"""CoOp: learned context vectors in place of a hand-written prompt (SPEC 2).
+
+Per class, the tokenized prompt is ``[SOS] X x M  name-tokens . [EOT] pad...``. Its token embeddings
+are frozen buffers; the M context vectors are the only parameters. The layout decides where the class
+name goes relative to the context: ``end`` (paper default), ``middle`` (first floor(M/2) context vectors,
+the name, the rest) or ``front``. Moving the name never changes a prompt's length, so the EOT position
+is the one of the tokenized placeholder prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.backbone import Backbone
+from ..errors import VlpromptError
+from ..text.encoder import encode_prompt_embeddings
+from ..utils.io import atomic_write_bytes, atomic_write_text
+from .base import TextClassifier
+from .templates import prompt_text
+
+POSITIONS = ("end", "middle", "front")
+CONFIG_NAME = "prompt_config.json"
+WEIGHTS_NAME = "prompt.safetensors"
+
+
+def _layout_index(n_cls_tokens: int, n_ctx: int, name_len: int, position: str) -> list[int]:
+    """Order in which rows of ``[SOS, ctx_1..ctx_M, suffix...]`` form the prompt of one class."""
+    total = n_cls_tokens
+    ctx = list(range(1, 1 + n_ctx))
+    name = list(range(1 + n_ctx, 1 + n_ctx + name_len))
+    rest = list(range(1 + n_ctx + name_len, total))
+    if position == "end":
+        order = [0] + ctx + name + rest
+    elif position == "middle":
+        half = n_ctx // 2
+        order = [0] + ctx[:half] + name + ctx[half:] + rest
+    else:  # front
+        order = [0] + name + ctx + rest
+    return order
+
+
+class CoOp(TextClassifier):
+    """CoOp prompt learner.
+
+    ``n_ctx``: number of context vectors M (ignored when ``ctx_init`` is given: M is then its BPE length).
+    ``ctx_init``: a phrase such as "a photo of a" whose token embeddings initialise the context; otherwise
+    i.i.d. N(0, 0.02^2). ``csc``: one context per class. ``class_token_position``: end / middle / front.
+    The official code silently ignores ``csc`` when ``ctx_init`` is set; here that combination is an error
+    unless ``allow_unified_fallback=True`` reproduces the official behaviour.
+    """
+
+    method = "coop"
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], n_ctx: int = 16,
+                 ctx_init: Optional[str] = None, csc: bool = False, class_token_position: str = "end",
+                 allow_unified_fallback: bool = False):
+        super().__init__()
+        if class_token_position not in POSITIONS:
+            raise VlpromptError(f"class_token_position '{class_token_position}' is not one of {list(POSITIONS)}")
+        if not classnames:
+            raise VlpromptError("CoOp needs at least one class name")
+        ctx_init = (ctx_init or "").strip() or None
+        if ctx_init and csc:
+            if not allow_unified_fallback:
+                raise VlpromptError(
+                    "ctx_init and csc cannot be combined (the official code silently falls back to a unified "
+                    "context; pass allow_unified_fallback=True to do the same)"
+                )
+            csc = False
+        self.__dict__["backbone"] = backbone  # not a submodule: never saved with the prompt
+        self.classnames = list(classnames)
+        self.ctx_init = ctx_init
+        self.csc = bool(csc)
+        self.class_token_position = class_token_position
+        dim = backbone.ctx_dim
+        dev = backbone.device
+        emb = backbone.text.token_embedding
+
+        if ctx_init:
+            init_tokens = backbone.tokenize([ctx_init])
+            n_ctx = backbone.bpe_length(ctx_init)
+            with torch.no_grad():
+                ctx = emb(init_tokens)[0, 1:1 + n_ctx].float().clone()
+            placeholder = ctx_init
+        else:
+            if int(n_ctx) < 1:
+                raise VlpromptError(f"n_ctx must be >= 1, got {n_ctx}")
+            n_ctx = int(n_ctx)
+            shape = (len(self.classnames), n_ctx, dim) if self.csc else (n_ctx, dim)
+            ctx = torch.empty(shape, dtype=torch.float32, device=dev)
+            nn.init.normal_(ctx, std=0.02)
+            placeholder = " ".join(["X"] * n_ctx)
+        self.n_ctx = n_ctx
+        self.ctx = nn.Parameter(ctx.to(dev))  # float32 master weights, whatever the encoder precision
+        self._build_buffers(placeholder)
+
+    # -- buffers for one label space -------------------------------------------------------------
+    def _build_buffers(self, placeholder: str) -> None:
+        bb = self.backbone
+        names = [prompt_text(c) for c in self.classnames]
+        texts = [f"{placeholder} {n}." for n in names]
+        tokens = bb.tokenize(texts)
+        name_lens = [bb.bpe_length(n) for n in names]
+        eot = bb.eot_index(tokens)
+        # A prompt that fills the whole context was truncated by the tokenizer (EOT forced into the last slot).
+        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != 0]
+        if too_long:
+            raise VlpromptError(f"class name too long for the {bb.context_length}-token context with "
+                                f"{self.n_ctx} context tokens: '{too_long[0]}'")
+        with torch.no_grad():
+            embedded = bb.text.token_embedding(tokens).float()
+        length = tokens.shape[1]
+        order = torch.tensor([_layout_index(length, self.n_ctx, k, self.class_token_position) for k in name_lens],
+                             device=bb.device)
+        self.register_buffer("token_prefix", embedded[:, :1].clone(), persistent=False)
+        self.register_buffer("token_suffix", embedded[:, 1 + self.n_ctx:].clone(), persistent=False)
+        self.register_buffer("eot_idx", eot, persistent=False)
+        self.register_buffer("order", order, persistent=False)
+        self.name_lens = name_lens
+
+    @property
+    def n_cls(self) -> int:
+        return len(self.classnames)
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """(C, context_length, D) prompt token embeddings with the context spliced in."""
+        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
+        full = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+        if self.class_token_position == "end":
+            return full
+        index = self.order.unsqueeze(-1).expand(-1, -1, full.shape[-1])
+        return full.gather(1, index)
+
+    def text_features(self) -> torch.Tensor:
+        """(C, d) L2-normalised class features, differentiable with respect to the context."""
+        feats = encode_prompt_embeddings(self.backbone, self.prompt_embeddings(), self.eot_idx)
+        return F.normalize(feats, dim=-1)
+
+    # -- artefacts -----------------------------------------------------------------------------
+    def config(self) -> dict:
+        src = self.backbone.source
+        return {
+            "method": self.method,
+            "n_ctx": self.n_ctx,
+            "ctx_init": self.ctx_init,
+            "csc": self.csc,
+            "class_token_position": self.class_token_position,
+            "ctx_dim": self.backbone.ctx_dim,
+            "classnames": self.classnames,
+            "backbone": {"name": src.name, "pretrained": src.pretrained, "weights": src.weights,
+                         "random_init_seed": src.random_init_seed, "quick_gelu": src.quick_gelu},
+        }
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``prompt_config.json`` and ``prompt.safetensors`` (the context only) atomically."""
+        from safetensors.torch import save
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / WEIGHTS_NAME, save({"ctx": self.ctx.detach().float().cpu().contiguous()}))
+        atomic_write_text(out / CONFIG_NAME, json.dumps(self.config(), indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, backbone: Backbone,
+                        classnames: Optional[Sequence[str]] = None) -> "CoOp":
+        """Load a saved context; ``classnames`` rebuilds the prompts for another label space."""
+        cfg, ctx = read_prompt_artifact(path)
+        if cfg.get("ctx_dim") != backbone.ctx_dim or ctx.shape[-1] != backbone.ctx_dim:
+            raise VlpromptError(
+                f"prompt {path}: context width {ctx.shape[-1]} does not fit backbone "
+                f"{backbone.source.name} (token width {backbone.ctx_dim})"
+            )
+        names = list(classnames) if classnames is not None else list(cfg["classnames"])
+        csc = bool(cfg.get("csc", False))
+        if csc and len(names) != ctx.shape[0]:
+            raise VlpromptError(
+                f"prompt {path}: class-specific context for {ctx.shape[0]} classes cannot be used with "
+                f"{len(names)} class names"
+            )
+        learner = cls(backbone, names, n_ctx=int(cfg["n_ctx"]), ctx_init=cfg.get("ctx_init"), csc=csc,
+                      class_token_position=cfg.get("class_token_position", "end"))
+        if tuple(learner.ctx.shape) != tuple(ctx.shape):
+            raise VlpromptError(f"prompt {path}: context shape {tuple(ctx.shape)} does not match its config "
+                                f"(expected {tuple(learner.ctx.shape)})")
+        with torch.no_grad():
+            learner.ctx.copy_(ctx.to(learner.ctx.device))
+        return learner
+
+
+def read_prompt_artifact(path: str | os.PathLike) -> tuple[dict, torch.Tensor]:
+    """(config, ctx) of a saved prompt folder, with one clear error line for each way it can be broken."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not folder.is_dir():
+        raise VlpromptError(f"prompt folder not found: {folder}")
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise VlpromptError(f"prompt folder {folder} has no {p.name}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise VlpromptError(f"{cfg_path} is not valid JSON: {exc}") from None
+    for key in ("n_ctx", "classnames", "ctx_dim"):
+        if key not in cfg:
+            raise VlpromptError(f"{cfg_path}: missing field '{key}'")
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as exc:
+        raise VlpromptError(f"cannot read {w_path}: {str(exc).splitlines()[0][:200]}") from None
+    if "ctx" not in tensors:
+        raise VlpromptError(f"{w_path} holds no 'ctx' tensor")
+    return cfg, tensors["ctx"]

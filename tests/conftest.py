@@ -1,0 +1,67 @@
+"""Shared pytest fixtures.
+
+Real image data is optional. It is found through ``VLPROMPT_DATA`` (default
+``~/.cache/vlprompt-data`` when that folder exists); tests that need it are skipped with a reason
+when it is absent, so a bare checkout still passes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# ----------------------------------------------------------------------------------------------
+# Real data (see /work/shared/data/README.md for what each folder holds)
+# ----------------------------------------------------------------------------------------------
+
+
+def real_data_root() -> Path | None:
+    """The real-data folder, or None when it is not available."""
+    env = os.environ.get("VLPROMPT_DATA")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "vlprompt-data"
+    return root if root.is_dir() else None
+
+
+def _real_subdir(*parts: str) -> Path:
+    root = real_data_root()
+    if root is None:
+        pytest.skip("real data not found: set VLPROMPT_DATA to the unpacked data folder")
+    path = root.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found: {path} (unpack it under VLPROMPT_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def coop_splits_dir() -> Path:
+    """Folder with CoOp's split_zhou_*.json files (images not included)."""
+    return _real_subdir("coop-splits")
+
+
+@pytest.fixture(scope="session")
+def caltech_root() -> Path:
+    """Data root holding caltech-101/ with its images and split file."""
+    _real_subdir("caltech-101", "101_ObjectCategories")
+    return _real_subdir("caltech-101", "split_zhou_Caltech101.json").parent.parent
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """CIFAR-10 as train/<class>/*.jpg and test/<class>/*.jpg."""
+    return _real_subdir("cifar10")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hygiene
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def keep_global_random():
+    """Restore Python's global ``random`` state after a test that seeds it."""
+    state = random.getstate()
+    yield
+    random.setstate(state)
