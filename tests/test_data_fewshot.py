@@ -75,25 +75,30 @@ def json_entries(coop_splits_dir, name):
 @pytest.mark.parametrize("name", JSON_DATASETS)
 def test_fewshot_matches_global_random_reference(name, coop_splits_dir, keep_global_random):
     ref = json_entries(coop_splits_dir, name)
+    full = load_dataset(name, root=coop_splits_dir, check_files=False)  # shots=-1: everything
+    assert [as_tuples(full.train), as_tuples(full.val), as_tuples(full.test)] == [
+        ref["train"], ref["val"], ref["test"]
+    ]
     available = Counter(t[1] for t in ref["train"])
     available_val = Counter(t[1] for t in ref["val"])
+    # The whole grid on the sampler load_dataset uses (re-reading the JSON 15 times adds nothing)...
     for shots in SHOTS:
         for seed in SEEDS:
-            ds = load_dataset(name, root=coop_splits_dir, shots=shots, seed=seed, check_files=False)
+            train, val = sample_fewshot(full.train, full.val, shots, seed)
             random.seed(seed)
-            ref_train = ref_fewshot(ref["train"], shots)
-            ref_val = ref_fewshot(ref["val"], min(shots, 4))
-            assert as_tuples(ds.train) == ref_train, (name, shots, seed)
-            assert as_tuples(ds.val) == ref_val, (name, shots, seed)
-            assert as_tuples(ds.test) == ref["test"]
-            assert Counter(d.label for d in ds.train) == {y: min(shots, n) for y, n in available.items()}
-            assert Counter(d.label for d in ds.val) == {
-                y: min(shots, 4, n) for y, n in available_val.items()
-            }
+            assert as_tuples(train) == ref_fewshot(ref["train"], shots), (name, shots, seed)
+            assert as_tuples(val) == ref_fewshot(ref["val"], min(shots, 4)), (name, shots, seed)
+            assert Counter(d.label for d in train) == {y: min(shots, n) for y, n in available.items()}
+            assert Counter(d.label for d in val) == {y: min(shots, 4, n) for y, n in available_val.items()}
+    # ...and load_dataset end to end for a few points of it.
+    for shots, seed in ((1, 1), (16, 1), (16, 2), (16, 3)):
+        ds = load_dataset(name, root=coop_splits_dir, shots=shots, seed=seed, check_files=False)
+        random.seed(seed)
+        assert as_tuples(ds.train) == ref_fewshot(ref["train"], shots), (name, shots, seed)
+        assert as_tuples(ds.val) == ref_fewshot(ref["val"], min(shots, 4)), (name, shots, seed)
+        assert as_tuples(ds.test) == ref["test"]
     # Different seeds must give different subsets (otherwise the seed is not reaching the sampler).
-    a = load_dataset(name, root=coop_splits_dir, shots=4, seed=1, check_files=False)
-    b = load_dataset(name, root=coop_splits_dir, shots=4, seed=2, check_files=False)
-    assert as_tuples(a.train) != as_tuples(b.train)
+    assert as_tuples(sample_fewshot(full.train, [], 4, 1)[0]) != as_tuples(sample_fewshot(full.train, [], 4, 2)[0])
 
 
 @pytest.mark.parametrize("name", JSON_DATASETS)

@@ -112,6 +112,8 @@ def _load_state(model, sd: dict, path: Path, arch: str) -> None:
     """Load a state dict strictly, turning every mismatch into one line naming the key."""
     for key in ("input_resolution", "context_length", "vocab_size"):
         sd.pop(key, None)
+    # Causal masks are rebuilt by the architecture; TorchScript archives may carry them as buffers.
+    sd = {k: v for k, v in sd.items() if not k.endswith("attn_mask")}
     if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
     if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):

@@ -1,0 +1,130 @@
+"""Backbone loading: architecture JSONs, weights files of every supported format, clear errors, frozen."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import vlprompt as vp
+from vlprompt.backbones import builtin_config_dir
+
+TINY = "vlprompt-tiny-ViT"
+
+
+def load(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return vp.load_backbone(*args, **kw)
+
+
+def outputs(bb):
+    torch.manual_seed(123)
+    images = torch.randn(2, 3, bb.image_size, bb.image_size)
+    return bb.encode_images(images), bb.encode_texts(["a photo of a dog.", "itap of a cat."])
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load(TINY, random_init_seed=7)
+
+
+def test_random_init_warns_loudly_and_is_reproducible():
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        a = vp.load_backbone(TINY)
+    b = load(TINY)
+    for x, y in zip(outputs(a), outputs(b)):
+        assert torch.equal(x, y)
+    assert a.source.is_random and "RANDOM" in a.source.describe()
+
+
+def test_architecture_json_file(tmp_path):
+    cfg = json.loads((builtin_config_dir() / f"{TINY}.json").read_text())
+    cfg["text_cfg"]["layers"] = 1
+    path = tmp_path / "my-arch.json"
+    path.write_text(json.dumps(cfg))
+    bb = load(str(path))
+    assert len(bb.text.blocks) == 1 and bb.embed_dim == cfg["embed_dim"]
+
+
+@pytest.mark.parametrize("fmt", ["pt", "bin", "safetensors", "openclip_ckpt", "torchscript"])
+def test_weights_file_formats_load_identically(tmp_path, reference, fmt):
+    sd = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    path = tmp_path / f"weights.{ 'pt' if fmt in ('openclip_ckpt', 'torchscript') else fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    elif fmt == "openclip_ckpt":
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, str(path))
+    elif fmt == "torchscript":
+        # The shape of OpenAI's released archives: a TorchScript module holding the CLIP state dict.
+        images = torch.randn(1, 3, reference.image_size, reference.image_size)
+        tokens = reference.tokenize(["a"])
+        traced = torch.jit.trace(reference.model, (images, tokens), check_trace=False, strict=False)
+        traced.save(str(path))
+    else:
+        torch.save(sd, str(path))
+    bb = vp.load_backbone(TINY, weights=str(path))
+    assert not bb.source.is_random and bb.source.weights.endswith(path.name)
+    # A TorchScript archive means OpenAI weights, which come from QuickGELU models (as the tiny config).
+    assert bb.source.quick_gelu
+    for x, y in zip(outputs(bb), outputs(reference)):
+        assert torch.equal(x, y)
+
+
+def test_weights_that_do_not_fit_name_the_key(tmp_path, reference):
+    sd = dict(reference.model.state_dict())
+    sd["text_projection"] = torch.zeros(3, 3)
+    path = tmp_path / "bad.pt"
+    torch.save(sd, str(path))
+    with pytest.raises(vp.VlpromptError, match="text_projection"):
+        vp.load_backbone(TINY, weights=str(path))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="no-such-arch"), "unknown backbone"),
+    (dict(name=TINY, weights="/nonexistent/w.pt"), "weights file not found"),
+    (dict(name="/nonexistent/arch.json"), "architecture file not found"),
+    (dict(name=TINY, precision="fp64"), "precision"),
+])
+def test_bad_inputs_are_one_line_errors(kwargs, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(vp.VlpromptError, match=match) as err:
+            vp.load_backbone(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_garbage_weights_file(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(vp.VlpromptError, match="cannot read weights file"):
+        vp.load_backbone(TINY, weights=str(path))
+
+
+def test_unreachable_hub_gives_offline_hint(monkeypatch):
+    import open_clip
+
+    def offline(*a, **k):
+        raise RuntimeError("Failed to download weights: connection refused")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(vp.VlpromptError, match="--weights FILE"):
+        vp.load_backbone("ViT-B-32", pretrained="openai")
+
+
+def test_real_architectures_build_and_are_frozen():
+    for name, dim in [("RN50", 1024), ("ViT-B-16", 512)]:
+        bb = load(name)
+        assert bb.embed_dim == dim and bb.ctx_dim == 512 and bb.context_length == 77
+        assert not any(p.requires_grad for p in bb.model.parameters())
+        assert not bb.model.training
+
+
+def test_bf16_casts_the_frozen_weights_once():
+    bb = load(TINY, precision="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in bb.model.parameters())
+    img, txt = outputs(bb)
+    assert img.dtype == torch.float32 and txt.dtype == torch.float32
