@@ -28,7 +28,8 @@ def real_data_root() -> Path | None:
 def _real_subdir(*parts: str) -> Path:
     root = real_data_root()
     if root is None:
-        pytest.skip("real data not found: set VLPROMPT_DATA to the unpacked data folder")
+        where = os.environ.get("VLPROMPT_DATA") or "~/.cache/vlprompt-data"
+        pytest.skip(f"real data not found at {where}: set VLPROMPT_DATA to the unpacked data folder")
     path = root.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"real data not found: {path} (unpack it under VLPROMPT_DATA)")
@@ -65,3 +66,13 @@ def keep_global_random():
     state = random.getstate()
     yield
     random.setstate(state)
+
+
+REAL_DATA_FIXTURES = {"coop_splits_dir", "caltech_root", "cifar10_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tag tests that use the real-data fixtures with the ``realdata`` marker (``-m "not realdata"``)."""
+    for item in items:
+        if REAL_DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realdata)

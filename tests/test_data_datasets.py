@@ -153,7 +153,7 @@ def test_real_split_files_names_and_sizes(name, tmp_path, coop_splits_dir):
 
 
 def test_label_orders(tmp_path, coop_splits_dir):
-    for name in ("caltech101", "oxford_pets", "dtd", "eurosat", "oxford_flowers", "ucf101", "stanford_cars"):
+    for name in SIZES:
         real_json_tree(tmp_path, name, coop_splits_dir)
     load = lambda n: load_dataset(n, root=tmp_path, check_files=False)  # noqa: E731
     cal = load("caltech101")
@@ -192,7 +192,9 @@ def test_fgvc_aircraft_reader(tmp_path):
     ddir = tmp_path / "fgvc_aircraft"
     ddir.mkdir()
     (ddir / "variants.txt").write_text("707-320\nA300B4\nCessna 172\nF/A-18\n")
-    (ddir / "images_variant_train.txt").write_text("1025794 707-320\n1340192 Cessna 172\n0056978 F/A-18\n1111111 A300B4\n")
+    (ddir / "images_variant_train.txt").write_text(
+        "1025794 707-320\n1340192 Cessna 172\n0056978 F/A-18\n1111111 A300B4\n"
+    )
     (ddir / "images_variant_val.txt").write_text("2222222 Cessna 172\n")
     (ddir / "images_variant_test.txt").write_text("3333333 F/A-18\n\n")
     (ddir / "images").mkdir()
@@ -266,7 +268,8 @@ def test_real_caltech101(caltech_root):
     assert os.path.isfile(ds.test[0].path)
     few = load_dataset("caltech101", root=caltech_root / "caltech-101", shots=16, seed=1, subsample="new")
     assert few.num_classes == 50 and len(few.train) == 50 * 16
-    assert few.classnames[0] == load_dataset("caltech101", root=caltech_root, check_files=False).classnames[50]
+    full = load_dataset("caltech101", root=caltech_root, check_files=False)
+    assert few.classnames[0] == full.classnames[50]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +307,8 @@ def test_missing_image_and_image_dir(tmp_path):
         for rel, _, _ in entries:
             touch(ddir / "images" / rel)
     os.remove(ddir / "images" / "baklava" / "5.jpg")
-    with pytest.raises(VlpromptError, match=r"1 listed image file\(s\) missing, first: " + re.escape(f"{ddir}/images/baklava/5.jpg")):
+    pattern = r"1 listed image file\(s\) missing, first: " + re.escape(f"{ddir}/images/baklava/5.jpg")
+    with pytest.raises(VlpromptError, match=pattern):
         load_dataset("food101", root=tmp_path)
 
 
@@ -349,7 +353,7 @@ def test_malformed_split_json(tmp_path):
 
 def test_missing_classnames_txt(tmp_path):
     touch(tmp_path / "imagenet-sketch" / "images" / "n01440764" / "a.JPEG")
-    with pytest.raises(VlpromptError, match="class-name file not found: tried .*imagenet-sketch/classnames.txt"):
+    with pytest.raises(VlpromptError, match="class-name file not found: tried .*sketch/classnames.txt"):
         load_dataset("imagenet_sketch", root=tmp_path)
     (tmp_path / "imagenet-sketch" / "classnames.txt").write_text("n09999999 other\n")
     with pytest.raises(VlpromptError, match="n01440764 has no line in"):
@@ -361,3 +365,13 @@ def test_inconsistent_label_names_are_rejected(tmp_path):
     json_tree(tmp_path, "food101", bad)
     with pytest.raises(VlpromptError, match="label 0 has two class names, 'apple_pie' and 'apple pie'"):
         load_dataset("food101", root=tmp_path, check_files=False)
+
+
+def test_a_benchmark_folder_given_as_a_path_is_read_as_the_benchmark(tmp_path):
+    ddir = json_tree(tmp_path, "food101", FOOD)
+    ds = load_dataset(str(ddir), check_files=False)
+    assert ds.name == "food101" and ds.template == TEMPLATES["food101"]
+    assert ds.train[0].path == str(ddir / "images" / "apple_pie" / "1.jpg")
+    assert any("recognised as registered dataset 'food101'" in n for n in ds.info["notes"])
+    inet = imagenet_tree(tmp_path)
+    assert load_dataset(inet).name == "imagenet"

@@ -176,8 +176,12 @@ COMMANDS = {"zeroshot": cmd_zeroshot, "train": cmd_train, "eval": cmd_eval, "dat
             "demo": cmd_demo}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"vlprompt: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    warnings.filterwarnings("default", category=UserWarning, module="vlprompt")
+    warnings.showwarning = _show_warning  # one plain line, not the source line that raised it
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -98,7 +98,9 @@ def _read_csv(path: str) -> RawSplits:
         if not rel:
             raise VlpromptError(f"{path}:{line}: empty path")
         if split not in SPLITS:
-            raise VlpromptError(f"{path}:{line}: split must be train, val or test, got {row[col['split']]!r}")
+            raise VlpromptError(
+                f"{path}:{line}: split must be train, val or test, got {row[col['split']]!r}"
+            )
         label = name = None
         if "label" in col:
             text = row[col["label"]].strip()
@@ -179,12 +181,12 @@ def _read_split_folders(root: str) -> RawSplits:
 
 
 def _auto_split(root: str) -> RawSplits:
-    if not list_subdirs(root):
+    classes = list_subdirs(root)
+    if not classes:
         raise VlpromptError(
             f"no dataset found in {root}: expected split.csv, split.json, train/ and test/ "
             "folders, or one folder of images per class"
         )
-    classes = list_subdirs(root)
     rng = random.Random(AUTO_SPLIT_SEED)  # one stream over classes in order, as CoOp did
     p_train, p_val = AUTO_SPLIT
     out = {s: [] for s in SPLITS}

@@ -14,6 +14,7 @@ from vlprompt.errors import VlpromptError
 from .fewshot import check_seed, check_shots, check_subsample, sample_fewshot, subsample_classes
 from .folder import read_folder_dataset
 from .registry import DATASETS, PHOTO, resolve_dataset_dir
+from .transforms import load_image
 from .types import Datum, DatasetSplits
 
 
@@ -25,9 +26,13 @@ def _resolve(name_or_path, root):
         raw = spec.read(dataset_dir)
         image_dir = os.path.join(dataset_dir, spec.image_root)
         return spec.name, spec.display_name, dataset_dir, raw, spec.template, spec.fewshot_val, image_dir
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise VlpromptError(f"dataset must be a registered name or a folder path, got {name_or_path!r}")
     path = os.path.expanduser(os.fspath(name_or_path))
-    if not os.path.isdir(path) and root is not None and os.path.isdir(os.path.join(os.fspath(root), path)):
-        path = os.path.join(os.fspath(root), path)  # a user dataset folder named relative to root
+    if not os.path.isdir(path) and root is not None:
+        under_root = os.path.join(os.path.expanduser(os.fspath(root)), path)
+        if os.path.isdir(under_root):
+            path = under_root  # a user dataset folder named relative to the data root
     if not os.path.isdir(path):
         raise VlpromptError(
             f"unknown dataset {os.fspath(name_or_path)!r}: not a registered name "
@@ -35,11 +40,13 @@ def _resolve(name_or_path, root):
         )
     path = os.path.abspath(path)
     for spec in DATASETS.values():
-        # A folder holding a released CoOp split file is that benchmark (its paths are relative
-        # to the benchmark's image root, not to the folder), so read it as the registered one.
-        if spec.split_json and os.path.isfile(os.path.join(path, spec.split_json)):
+        # A benchmark folder passed as a path (e.g. ~/data/caltech-101) is read as the registered
+        # benchmark: its split paths are relative to the benchmark's image root, not to the folder.
+        # A released split file identifies it; otherwise the folder name plus its marker must match.
+        marker = os.path.exists(os.path.join(path, spec.marker))
+        if marker and (spec.split_json or os.path.basename(path) == spec.dir):
             raw = spec.read(path)
-            raw.notes.append(f"recognised as registered dataset {spec.name!r} by {spec.split_json}")
+            raw.notes.append(f"{path} recognised as registered dataset {spec.name!r} by {spec.marker}")
             image_dir = os.path.join(path, spec.image_root)
             return spec.name, spec.display_name, path, raw, spec.template, spec.fewshot_val, image_dir
     raw = read_folder_dataset(path)
@@ -107,8 +114,9 @@ def load_dataset(
     classnames = _classnames(name, train, val, test)
 
     if check_files:
-        # val may be the test list itself (ImageNet); checking a path twice is harmless.
-        missing = [it.path for items in (train, val, test) for it in items if not os.path.exists(it.path)]
+        # ImageNet's val is its test list: stat those 50k files once, not twice.
+        lists = (train, test) if val == test else (train, val, test)
+        missing = [it.path for items in lists for it in items if not os.path.exists(it.path)]
         if missing:
             raise VlpromptError(
                 f"{name}: {len(missing)} listed image file(s) missing, first: {missing[0]}; "
@@ -132,8 +140,6 @@ def check_dataset(name_or_path, root=None, decode: bool = True) -> dict:
     Used by ``vlprompt datasets NAME --root R``. Loads the full splits without few-shot sampling;
     each distinct image is stat-ed, and with ``decode`` fully decoded with PIL.
     """
-    from .transforms import load_image  # torch/torchvision only needed when decoding
-
     ds = load_dataset(name_or_path, root, check_files=False)
     paths = list(dict.fromkeys(it.path for items in (ds.train, ds.val, ds.test) for it in items))
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -150,11 +156,15 @@ def check_dataset(name_or_path, root=None, decode: bool = True) -> dict:
                 return str(e)
 
         present = [p for p in paths if p not in missing_set]
+        # PIL releases the GIL while decoding, so threads help; batches bound the number of
+        # pending futures for million-image datasets.
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
-            for p, err in zip(present, pool.map(_try, present, chunksize=64)):
-                if err is not None:
-                    unreadable.append(p)
-                    problems.append(err)
+            for start in range(0, len(present), 1024):
+                batch = present[start:start + 1024]
+                for p, err in zip(batch, pool.map(_try, batch)):
+                    if err is not None:
+                        unreadable.append(p)
+                        problems.append(err)
     return {
         "name": ds.name,
         "display_name": ds.info["display_name"],

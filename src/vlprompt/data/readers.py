@@ -157,6 +157,8 @@ def read_classnames_txt(path: str) -> dict[str, str]:
         wnid, _, name = line.partition(" ")
         if not name.strip():
             raise VlpromptError(f"{path}:{n}: expected '<wnid> <class name>', got {line!r}")
+        if wnid in names:  # would silently shift ImageNetV2's line-index labels
+            raise VlpromptError(f"{path}:{n}: wnid {wnid} is listed twice")
         names[wnid] = name.strip()
     return names
 
@@ -211,7 +213,8 @@ def read_imagenet(dataset_dir: str) -> RawSplits:
         raise VlpromptError(
             f"class folders of {train_dir} and {val_dir} differ; both need the same wnid folders"
         )
-    return RawSplits(train, test, test, "folders", [_SORTED_NOTE, "val is the test set (images/val), as in CoOp"])
+    notes = [_SORTED_NOTE, "val is the test set (images/val), as in CoOp"]
+    return RawSplits(train, test, test, "folders", notes)
 
 
 def read_imagenet_v2(dataset_dir: str) -> RawSplits:

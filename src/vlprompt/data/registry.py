@@ -58,7 +58,9 @@ def _json(name, display, dir_, image_root, template) -> DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "caltech101": _json("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories", PHOTO),
-    "oxford_pets": _json("oxford_pets", "OxfordPets", "oxford_pets", "images", "a photo of a {}, a type of pet."),
+    "oxford_pets": _json(
+        "oxford_pets", "OxfordPets", "oxford_pets", "images", "a photo of a {}, a type of pet."
+    ),
     "stanford_cars": _json("stanford_cars", "StanfordCars", "stanford_cars", "", PHOTO),
     "oxford_flowers": _json(
         "oxford_flowers", "OxfordFlowers", "oxford_flowers", "jpg", "a photo of a {}, a type of flower."
@@ -124,6 +126,6 @@ def resolve_dataset_dir(spec: DatasetSpec, root: str) -> str:
     if os.path.basename(root) == spec.dir or os.path.exists(os.path.join(root, spec.marker)):
         return root
     raise VlpromptError(
-        f"dataset folder not found: {nested} (nor is {root} itself a {spec.display_name} folder "
-        f"with {spec.marker}); see the data layout for {spec.name}"
+        f"dataset folder not found: {nested} (and {root} itself has no {spec.marker}); "
+        f"pass the folder that holds {spec.dir}/ or the {spec.dir} folder itself"
     )

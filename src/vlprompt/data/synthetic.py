@@ -59,7 +59,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, angle, color) 
         h = 0.5 * r
         draw.ellipse([cx - 2 * h, cy - 0.9 * r, cx, cy - 0.9 * r + 2 * h], fill=color)
         draw.ellipse([cx, cy - 0.9 * r, cx + 2 * h, cy - 0.9 * r + 2 * h], fill=color)
-        draw.polygon([(cx - 0.97 * r, cy - 0.2 * r), (cx + 0.97 * r, cy - 0.2 * r), (cx, cy + r)], fill=color)
+        tip = [(cx - 0.97 * r, cy - 0.2 * r), (cx + 0.97 * r, cy - 0.2 * r), (cx, cy + r)]
+        draw.polygon(tip, fill=color)
     else:  # pragma: no cover - CLASSES and this function are edited together
         raise ValueError(shape)
 

@@ -56,9 +56,10 @@ def load_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")  # convert() forces a full decode, so truncation shows here
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        # PIL raises OSError/UnidentifiedImageError for corrupt/truncated files, FileNotFoundError
-        # for missing ones; SyntaxError/ValueError for some malformed headers.
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "this file is bad"
+        # PIL raises OSError/UnidentifiedImageError for corrupt or truncated files and
+        # FileNotFoundError for missing ones, but malformed headers can also surface as
+        # SyntaxError, ValueError, struct.error or DecompressionBombError.
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise VlpromptError(f"cannot read image {path}: {reason}") from None
 

@@ -208,7 +208,7 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     report = accuracy_report(classify(learner, feats), labels, ds.classnames)
     metrics = {"prompt": str(path), "method": cfg.method,
                "dataset": {"name": ds.name, "subsample": cfg.subsample, "num_classes": ds.num_classes,
-                           "n_test": len(ds.test)},
+                           "n_test": len(ds.test), "classnames": ds.classnames},
                "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": cfg.precision},
                "test": report, "timings": {"evaluate_s": time.perf_counter() - t}, "versions": versions(),
                "deviations": deviations(cfg, bb, 0, 0, False, ds.info.get("notes"))}

@@ -1,0 +1,100 @@
+"""The `vlprompt` command end to end, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlprompt.cli import main
+from vlprompt.data import make_synthetic_dataset
+
+TINY = ["--backbone", "vlprompt-tiny-ViT", "--pretrained", "random"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=8,
+                                  n_test_per_class=5, seed=1)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    return subprocess.run([sys.executable, "-m", "vlprompt.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_train_then_eval_reproduces_accuracy(shapes, tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", "--dataset", shapes, *TINY, "--shots", "8", "--epochs", "3", "--n-ctx", "4",
+            "--class-token-position", "middle", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "RANDOMLY INITIALISED" in r.stderr and "Traceback" not in r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["epochs"] == 3 and len(metrics["train"]["epochs"]) == 3
+    acc = metrics["test"]["accuracy"]
+    assert f"{acc:6.2f}%" in r.stdout
+    e = cli("eval", str(out), "--output", str(tmp_path / "ev"))
+    assert e.returncode == 0, e.stderr
+    ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    assert ev["test"]["accuracy"] == acc
+
+
+def test_yaml_config_and_overrides(shapes, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: {shapes}\nbackbone: vlprompt-tiny-ViT\npretrained: random\nshots: 2\n"
+                   f"epochs: 1\nn_ctx: 2\ncsc: true\nseed: 5\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--seed", "3", "--output", str(out), "--quiet"]) == 0
+    import yaml
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["seed"] == 3 and resolved["csc"] is True and resolved["shots"] == 2  # CLI wins over YAML
+    assert main(["zeroshot", "--config", str(cfg), "--ensemble", "--output", str(tmp_path / "zs"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "zs" / "metrics.json").read_text())["method"] == "zeroshot_ensemble"
+
+
+def test_datasets_lists_and_checks(shapes, capsys):
+    assert main(["datasets"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("caltech101", "oxford_pets", "imagenet_r", "eurosat"):
+        assert name in listing
+    assert main(["datasets", shapes]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["missing"] == [] and report["unreadable"] == []
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--dataset", "no_such_dataset"], "unknown dataset"),
+    (["train", "--dataset", "caltech101", "--root", "/nonexistent/data"], "/nonexistent/data"),
+    (["train", "--dataset", "caltech101"], "root"),
+    (["train", "--shots", "abc", "--dataset", "x"], "shots"),
+    (["train", "--precision", "fp16x", "--dataset", "x"], "precision"),
+    (["train", "--config", "/nonexistent.yaml"], "config file not found"),
+    (["eval", "/nonexistent/run"], "not found"),
+    (["train", "--bogus-flag"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line(args, match, capsys):
+    # In process: an exception other than the one-line error would fail this test with its traceback.
+    assert main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("vlprompt: error:") and match in lines[0]
+
+
+def test_no_traceback_from_the_installed_command():
+    r = cli("train", "--dataset", "caltech101", "--root", "/nonexistent/data")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("vlprompt: error:")
+
+
+def test_unreadable_image_is_named(tmp_path):
+    root = make_synthetic_dataset(str(tmp_path / "d"), n_train_per_class=2, n_test_per_class=2, seed=0)
+    victim = sorted((tmp_path / "d" / "test").rglob("*.png"))[0]
+    victim.write_bytes(b"\x89PNG broken")
+    r = cli("zeroshot", "--dataset", root, *TINY, "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(victim) in r.stderr.strip().splitlines()[-1]
