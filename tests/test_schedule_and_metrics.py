@@ -27,6 +27,7 @@ def test_lr_matches_torch_cosine_annealing_after_warmup():
     expected = [1e-5]
     for _ in range(1, E):
         expected.append(opt.param_groups[0]["lr"])
+        opt.step()
         cosine.step()
     for e in range(E):
         assert math.isclose(coop_lr(e, E, 0.002), expected[e], rel_tol=1e-9, abs_tol=1e-15)

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="folder for the demo's runs (default runs/demo)")
     p.add_argument("--backbone", help="architecture when real weights are available (default ViT-B-16)")
     p.add_argument("--weights", help="local weights file for real accuracy (or set VLPROMPT_WEIGHTS)")
-    p.add_argument("--epochs", type=int, default=None, help="CoOp epochs (default 30)")
+    p.add_argument("--epochs", type=int, default=None, help="CoOp epochs (default: the paper's 200 for the tiny model, 20 for real-size models)")
     p.add_argument("--quiet", action="store_true")
     return parser
 

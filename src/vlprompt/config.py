@@ -7,7 +7,7 @@ Precedence: defaults < YAML file < explicit command-line options. Every value is
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
@@ -52,7 +52,6 @@ class RunConfig:
     num_workers: int = 0
     output: Optional[str] = None  # run folder; default runs/<dataset>/<method>/<backbone>/...
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # reserved for method-specific options
 
     def __post_init__(self):
         hints = get_type_hints(RunConfig)
@@ -148,9 +147,6 @@ def _coerce(name: str, value: Any, hint) -> Any:
     elif base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    elif base is dict:
-        if isinstance(value, dict):
-            return value
     else:
         return value
     raise VlpromptError(f"{name}: invalid value {value!r} (expected {getattr(base, '__name__', base)})")

@@ -87,7 +87,7 @@ class FeatureMemo:
         self._store: dict = {}
 
     def get(self, bb: Backbone, items, cfg: RunConfig, desc: str):
-        key = (id(bb), bb.precision, bb.image_size, tuple((d.path, d.label) for d in items))
+        key = (bb, bb.precision, bb.image_size, tuple((d.path, d.label) for d in items))
         if key not in self._store:
             tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
             self._store[key] = encode_items(bb, items, tf, cfg.test_batch_size, cfg.num_workers, desc=desc,

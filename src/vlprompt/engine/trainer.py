@@ -86,6 +86,7 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, bb: Backbone, item
         correct = seen = 0
         for x, y in loader:
             feats = bb.encode_images(x).clone()  # a normal tensor: inference tensors cannot enter autograd
+            y = y.to(feats.device)
             loss, terms = loss_fn(learner, feats, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
