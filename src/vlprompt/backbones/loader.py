@@ -15,6 +15,7 @@ import io
 import json
 import os
 import warnings
+import zipfile
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -84,13 +85,23 @@ def _build_from_cfg(arch: str, cfg: dict, quick_gelu: bool):
     return cls(**cfg)
 
 
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files holding a constants.pkl; plain torch.save zips do not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") for name in zf.namelist())
+
+
 def _read_state_dict(path: Path) -> tuple[dict, bool]:
     """(state dict, came from a TorchScript archive). OpenAI's released .pt files are TorchScript."""
-    if path.suffix != ".safetensors":
+    if _is_torchscript(path):
         try:
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
-        except Exception:
-            pass  # not TorchScript: a plain torch.save file
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.load is deprecated, but it is OpenAI's format
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
+        except Exception as exc:
+            raise VlpromptError(f"cannot read TorchScript weights {path}: {str(exc).splitlines()[0][:200]}") from None
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
