@@ -8,13 +8,13 @@ model, and says so plainly: accuracies from a random model only show that the pi
 from __future__ import annotations
 
 import os
-import socket
 import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
 from .backbones import Backbone, load_backbone
+from .backbones.loader import hub_reachable
 from .config import RunConfig
 from .data.synthetic import make_synthetic_dataset
 from .engine.run import FeatureMemo, run
@@ -22,15 +22,6 @@ from .errors import VlpromptError
 from .utils.progress import say
 
 TINY = "vlprompt-tiny-ViT"
-HUB_HOST = ("huggingface.co", 443)
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection(HUB_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def pick_backbone(backbone: Optional[str], weights: Optional[str], progress: bool) -> tuple[Backbone, str]:
@@ -39,7 +30,7 @@ def pick_backbone(backbone: Optional[str], weights: Optional[str], progress: boo
     weights = weights or os.environ.get("VLPROMPT_WEIGHTS")
     if weights:
         return load_backbone(arch, weights=weights, precision="bf16"), f"real weights from {weights}"
-    if _hub_reachable():
+    if hub_reachable():
         try:
             return load_backbone(arch, pretrained="openai", precision="bf16"), f"real {arch} weights from the hub"
         except VlpromptError as exc:

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import warnings
 import zipfile
 from importlib import resources
@@ -30,6 +31,35 @@ RANDOM_WARNING = (
     "WARNING: backbone {name} is RANDOMLY INITIALISED (no pretrained weights). "
     "Accuracies from it are meaningless except as a smoke test or a speed measurement."
 )
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the model hub answers at all (open_clip's pretrained tags download from it)."""
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """With no hub, switch huggingface_hub to offline mode: cached weights still load, and a missing
+    file fails at once instead of after a minute of retries."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield False
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = old or not hub_reachable()
+    try:
+        yield constants.HF_HUB_OFFLINE
+    finally:
+        constants.HF_HUB_OFFLINE = old
 
 
 def builtin_config_dir() -> Path:
@@ -184,15 +214,16 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
         oc = _open_clip()
         used_quick = pretrained == "openai" if quick_gelu is None else quick_gelu
         try:
-            with contextlib.redirect_stderr(io.StringIO()):
+            with _offline_unless_reachable() as offline, contextlib.redirect_stderr(io.StringIO()):
                 model = oc.create_model(arch, pretrained=pretrained, force_quick_gelu=used_quick,
                                         cache_dir=cache_dir)
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise VlpromptError(
-                f"cannot load pretrained '{pretrained}' for {arch} ({first[:200]}); offline? pass a local "
-                "weights file with --weights FILE, or --pretrained random for a random model"
-            ) from None
+            if offline:
+                why = f"no model hub is reachable and '{pretrained}' weights for {arch} are not in the local cache"
+            else:
+                why = f"cannot load pretrained '{pretrained}' for {arch}: {(str(exc) or type(exc).__name__).splitlines()[0][:160]}"
+            raise VlpromptError(f"{why}; pass a local weights file with --weights FILE, or --pretrained random "
+                                "for a random model") from None
         source = BackboneSource(name=name, pretrained=pretrained, quick_gelu=used_quick)
     else:
         used_quick = bool(quick_gelu) if quick_gelu is not None else bool(cfg.get("quick_gelu", False))
