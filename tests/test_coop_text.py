@@ -132,3 +132,27 @@ def test_only_the_context_is_trainable(bb):
     learner.train()
     bb.train()
     assert not bb.model.training and not any(m.training for m in bb.model.modules())
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-16", "RN50"])
+def test_real_size_text_towers_match_the_reference(arch):
+    """The CLIP text tower of the real architectures (width 512, 12 layers, 8 heads)."""
+    big = tiny(arch)
+    for layout in (LAYOUTS[0], LAYOUTS[2], LAYOUTS[5]):
+        torch.manual_seed(1)
+        learner = vp.CoOp(big, NAMES, **layout)
+        assert (learner.text_features() - reference_features(big, learner)).abs().max().item() <= 1e-5
+
+
+def test_bf16_encoders_keep_float32_context_and_stay_close_to_fp32():
+    fp32, bf16 = tiny(), tiny(precision="bf16")
+    torch.manual_seed(0)
+    a = vp.CoOp(fp32, NAMES, n_ctx=4)
+    torch.manual_seed(0)
+    b = vp.CoOp(bf16, NAMES, n_ctx=4)
+    assert b.ctx.dtype == torch.float32 and torch.equal(a.ctx, b.ctx)
+    wa, wb = a.text_features(), b.text_features()
+    assert wb.dtype == torch.float32
+    assert (wa * wb).sum(-1).min().item() > 0.99  # cosine between the fp32 and bf16 class features
+    wb.sum().backward()
+    assert b.ctx.grad is not None and b.ctx.grad.dtype == torch.float32 and b.ctx.grad.abs().sum() > 0

@@ -35,7 +35,7 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", help="open_clip architecture (RN50, ViT-B-16, ...) or an architecture .json")
     g.add_argument("--pretrained", help="open_clip pretrained tag (needs a reachable hub), or 'random'")
     g.add_argument("--weights", help="local weights file (OpenAI .pt, open_clip checkpoint, .safetensors, .bin)")
-    g.add_argument("--precision", help="fp32 | bf16 for the frozen encoders (default fp32)")
+    g.add_argument("--precision", help="fp32 | bf16 | auto (bf16 where faster) for the frozen encoders (default fp32)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
 
 

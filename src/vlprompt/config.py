@@ -14,7 +14,7 @@ from typing import Any, Optional, get_type_hints
 from .errors import VlpromptError
 
 CHOICES = {
-    "precision": ("fp32", "bf16"),
+    "precision": ("fp32", "bf16", "auto"),
     "subsample": ("all", "base", "new"),
     "class_token_position": ("end", "middle", "front"),
 }
@@ -33,7 +33,7 @@ class RunConfig:
     backbone: str = "RN50"
     pretrained: Optional[str] = "openai"  # open_clip tag; "random" for a random model
     weights: Optional[str] = None  # local weights file (wins over pretrained)
-    precision: str = "fp32"  # encoders; prompt parameters are always float32
+    precision: str = "fp32"  # frozen encoders: fp32 | bf16 | auto; prompt parameters are always float32
     device: str = "cpu"
     # CoOp
     n_ctx: int = 16

@@ -29,10 +29,10 @@ def pick_backbone(backbone: Optional[str], weights: Optional[str], progress: boo
     arch = backbone or "ViT-B-16"
     weights = weights or os.environ.get("VLPROMPT_WEIGHTS")
     if weights:
-        return load_backbone(arch, weights=weights, precision="bf16"), f"real weights from {weights}"
+        return load_backbone(arch, weights=weights, precision="auto"), f"real weights from {weights}"
     if hub_reachable():
         try:
-            return load_backbone(arch, pretrained="openai", precision="bf16"), f"real {arch} weights from the hub"
+            return load_backbone(arch, pretrained="openai", precision="auto"), f"real {arch} weights from the hub"
         except VlpromptError as exc:
             say(f"demo: hub download failed ({exc}); using a small random model", progress)
     with warnings.catch_warnings():

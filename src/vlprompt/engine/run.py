@@ -32,8 +32,9 @@ from .features import encode_items
 from .schedule import default_epochs
 from .trainer import TrainSettings, train_prompt
 
-PAPER_RECIPE = {"batch_size": 32, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1,
-                "warmup_lr": 1e-5}
+# RunConfig's defaults are the paper recipe (SPEC 2.4); any other value is a recorded deviation.
+PAPER_RECIPE = {k: RunConfig.__dataclass_fields__[k].default
+                for k in ("batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr")}
 
 
 def set_seed(seed: int) -> None:
@@ -68,7 +69,7 @@ def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, tra
     out = []
     if bb.source.is_random:
         out.append("backbone weights are RANDOM: accuracies are meaningless except as smoke tests")
-    out.append(f"frozen encoders run in {cfg.precision} (official CoOp: fp16 on GPU)")
+    out.append(f"frozen encoders run in {bb.precision} (official CoOp: fp16 on GPU)")
     if trains:
         out.append("prompt parameters and SGD state are float32 master weights (official CoOp: fp16; SPEC 8.1)")
         if epochs != paper_epochs:
@@ -121,7 +122,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
     t = time.perf_counter()
     bb = backbone or backbone_from_config(cfg)
     timings["load_backbone_s"] = time.perf_counter() - t
-    say(f"backbone {bb.source.describe()} ({cfg.precision})", cfg.progress)
+    say(f"backbone {bb.source.describe()} ({bb.precision})", cfg.progress)
 
     torch.manual_seed(cfg.seed)  # prompt initialisation does not depend on how the backbone was obtained
     learner = method.build(bb, ds.classnames, cfg, ds)
@@ -129,9 +130,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
     epochs = cfg.epochs or paper_epochs
     history = None
     if method.trains:
-        settings = TrainSettings(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                                 weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
-                                 warmup_lr=cfg.warmup_lr, seed=cfg.seed, num_workers=cfg.num_workers)
+        settings = TrainSettings.from_config(cfg, epochs)
         tf = train_transform(bb.image_size, bb.image_mean, bb.image_std)
         t = time.perf_counter()
         history = train_prompt(learner, method.loss, bb, ds.train, tf, settings, progress=cfg.progress)
@@ -151,7 +150,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
         "dataset": {"name": ds.name, "root": ds.info.get("root"), "shots": cfg.shots, "seed": cfg.seed,
                     "subsample": cfg.subsample, "num_classes": ds.num_classes, "n_train": len(ds.train),
                     "n_val": len(ds.val), "n_test": len(ds.test), "classnames": ds.classnames},
-        "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": cfg.precision,
+        "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": bb.precision,
                      "random": bb.source.is_random},
         "test": report,
         "recipe": {"epochs": epochs if method.trains else 0, "paper_epochs": paper_epochs,
@@ -209,7 +208,7 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     metrics = {"prompt": str(path), "method": cfg.method,
                "dataset": {"name": ds.name, "subsample": cfg.subsample, "num_classes": ds.num_classes,
                            "n_test": len(ds.test), "classnames": ds.classnames},
-               "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": cfg.precision},
+               "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": bb.precision},
                "test": report, "timings": {"evaluate_s": time.perf_counter() - t}, "versions": versions(),
                "deviations": deviations(cfg, bb, 0, 0, False, ds.info.get("notes"))}
     if output:

@@ -22,16 +22,24 @@ from .schedule import batches_per_epoch, coop_lr
 
 @dataclass
 class TrainSettings:
+    """The optimisation recipe; its paper defaults live in `RunConfig` (see `from_config`)."""
+
     epochs: int
-    batch_size: int = 32
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    seed: int = 1
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    warmup_epochs: int
+    warmup_lr: float
+    seed: int
     num_workers: int = 0
     cache_images: int = 5000  # decode at most this many training images once and keep them in memory
+
+    @classmethod
+    def from_config(cls, cfg, epochs: int) -> "TrainSettings":
+        return cls(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                   weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+                   seed=cfg.seed, num_workers=cfg.num_workers)
 
 
 class DecodedImages:
