@@ -29,7 +29,7 @@ from .backbone import Backbone, BackboneSource
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 RANDOM_WARNING = (
-    "WARNING: backbone {name} is RANDOMLY INITIALISED (no pretrained weights). "
+    "backbone {name} is RANDOMLY INITIALISED (no pretrained weights). "
     "Accuracies from it are meaningless except as a smoke test or a speed measurement."
 )
 
