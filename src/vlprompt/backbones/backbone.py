@@ -64,6 +64,12 @@ class TextTower:
         self.token_embedding: nn.Embedding = owner.token_embedding
         self.positional_embedding: torch.Tensor = owner.positional_embedding
         self.blocks = list(transformer.resblocks)
+        for block in self.blocks:
+            attn = getattr(block, "attn", None)
+            if (not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None
+                    or hasattr(block, "ln_1_kv") or not hasattr(block, "ls_1")):
+                raise VlpromptError(f"backbone {arch}: text blocks of type {type(block).__name__} are not "
+                                    "supported (need open_clip's ResidualAttentionBlock)")
         self.batch_first: bool = getattr(transformer, "batch_first", True)
         self.ln_final: nn.Module = owner.ln_final
         self.text_projection = owner.text_projection

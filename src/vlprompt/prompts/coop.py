@@ -20,7 +20,7 @@ from torch import nn
 
 from ..backbones.backbone import Backbone
 from ..errors import VlpromptError
-from ..text.encoder import encode_prompt_embeddings
+from ..text.fast import encode_shared_prefix, encode_truncated
 from ..utils.io import atomic_write_bytes, atomic_write_text
 from .base import TextClassifier
 from .templates import prompt_text
@@ -138,9 +138,18 @@ class CoOp(TextClassifier):
         index = self.order.unsqueeze(-1).expand(-1, -1, full.shape[-1])
         return full.gather(1, index)
 
+    @property
+    def shares_prefix(self) -> bool:
+        """One context for every class with the name at the end: SOS + context is a shared prefix."""
+        return not self.csc and self.class_token_position == "end"
+
     def text_features(self) -> torch.Tensor:
         """(C, d) L2-normalised class features, differentiable with respect to the context."""
-        feats = encode_prompt_embeddings(self.backbone, self.prompt_embeddings(), self.eot_idx)
+        if self.shares_prefix:
+            prefix = torch.cat([self.token_prefix[0], self.ctx], dim=0)
+            feats = encode_shared_prefix(self.backbone, prefix, self.token_suffix, self.eot_idx - self.n_ctx)
+        else:
+            feats = encode_truncated(self.backbone, self.prompt_embeddings(), self.eot_idx)
         return F.normalize(feats, dim=-1)
 
     # -- artefacts -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The text encoder shared by every prompt learner."""
+"""The text encoder shared by every prompt learner (fast, exact paths) and its reference."""
 
-from .encoder import encode_prompt_embeddings, reference_encode
+from .encoder import reference_encode
+from .fast import encode_shared_prefix, encode_truncated
 
-__all__ = ["encode_prompt_embeddings", "reference_encode"]
+__all__ = ["encode_shared_prefix", "encode_truncated", "reference_encode"]

@@ -1,9 +1,7 @@
-"""Run prompt embeddings through a frozen CLIP text tower.
+"""The straightforward text-encoder computation, kept as the reference for tests and benchmarks.
 
-`encode_prompt_embeddings` is the path every learner uses. It applies causal truncation: the tower is
-causal and pools at the EOT token, so tokens after the longest EOT cannot change any output; the batch
-is cut at max(EOT)+1 with the positional embedding and mask sliced to match (exact).
-`reference_encode` is the straightforward full-context computation, kept for tests and benchmarks.
+It is what the official CoOp code does: every prompt padded to the full context (77 tokens), open_clip's
+own blocks with the full causal mask, then pooling at the EOT token. Learners use `text.fast`.
 """
 
 from __future__ import annotations
@@ -23,20 +21,6 @@ def _run_blocks(bb: Backbone, x: torch.Tensor, length: int) -> torch.Tensor:
     if not tower.batch_first:
         x = x.transpose(0, 1)
     return x
-
-
-def encode_prompt_embeddings(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
-    """Text features (C, d) in float32 for prompt embeddings (C, L, D) pooled at ``eot_idx`` (C,).
-
-    Differentiable with respect to ``prompts``; the tower's own weights are frozen.
-    """
-    length = int(eot_idx.max().item()) + 1
-    pos = bb.text.positional_embedding[:length]
-    x = prompts[:, :length].to(bb.dtype) + pos.to(bb.dtype)
-    x = _run_blocks(bb, x, length)
-    rows = x[torch.arange(x.shape[0], device=x.device), eot_idx]
-    # LayerNorm acts per token, so normalising only the pooled rows is exact.
-    return bb.text.project(bb.text.ln_final(rows)).float()
 
 
 def reference_encode(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
