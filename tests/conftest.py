@@ -76,3 +76,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if REAL_DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.realdata)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_feature_cache(tmp_path_factory):
+    """Tests never read or write the user's feature cache."""
+    old = os.environ.get("VLPROMPT_CACHE")
+    os.environ["VLPROMPT_CACHE"] = str(tmp_path_factory.mktemp("vlprompt-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VLPROMPT_CACHE", None)
+    else:
+        os.environ["VLPROMPT_CACHE"] = old

@@ -67,16 +67,31 @@ def test_same_seed_same_result(shapes, bb, tmp_path):
     assert torch.equal(ctx_a, ctx_b)
 
 
-def test_memo_encodes_each_test_split_once(shapes, bb, tmp_path, monkeypatch):
+def count_encodes(monkeypatch) -> list:
     import vlprompt.engine.run as engine_run
 
     calls = []
     real = engine_run.encode_items
     monkeypatch.setattr(engine_run, "encode_items", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_memo_encodes_each_test_split_once(shapes, bb, tmp_path, monkeypatch):
+    calls = count_encodes(monkeypatch)
     memo = FeatureMemo()
     for seed in (1, 2):
-        run(cfg(shapes, tmp_path / f"s{seed}", epochs=1, seed=seed), backbone=bb, memo=memo)
+        run(cfg(shapes, tmp_path / f"s{seed}", epochs=1, seed=seed, feature_cache=False), backbone=bb, memo=memo)
     assert len(calls) == 1
+
+
+def test_disk_cache_serves_a_later_process(shapes, bb, tmp_path, monkeypatch):
+    calls = count_encodes(monkeypatch)
+    cache_dir = str(tmp_path / "cache")
+    # Two memos stand for two processes: the second reads the features the first wrote.
+    a = run(cfg(shapes, tmp_path / "a", epochs=1, cache_dir=cache_dir), backbone=bb, memo=FeatureMemo())
+    b = run(cfg(shapes, tmp_path / "b", epochs=1, cache_dir=cache_dir), backbone=bb, memo=FeatureMemo())
+    assert len(calls) == 1
+    assert a["test"] == b["test"]
 
 
 def test_base_to_new_on_generated_data(shapes, bb, tmp_path):

@@ -44,6 +44,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="run folder (default runs/<dataset>/<method>/<backbone>/<shots>_seed<S>)")
     p.add_argument("--num-workers", dest="num_workers", type=str, help="image-loading worker processes")
     p.add_argument("--test-batch-size", dest="test_batch_size", type=str)
+    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=False,
+                   help="do not read or write the on-disk cache of encoded test images")
+    p.add_argument("--cache-dir", dest="cache_dir", help="feature cache folder (default ~/.cache/vlprompt/features)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 CONFIG_KEYS = ("dataset", "root", "shots", "seed", "subsample", "template", "backbone", "pretrained", "weights",
                "precision", "device", "method", "n_ctx", "ctx_init", "csc", "class_token_position", "epochs",
                "batch_size", "lr", "weight_decay", "momentum", "warmup_epochs", "output", "num_workers",
-               "test_batch_size")
+               "test_batch_size", "feature_cache", "cache_dir")
 
 
 def _overrides(args: argparse.Namespace) -> dict:

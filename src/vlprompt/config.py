@@ -50,6 +50,8 @@ class RunConfig:
     warmup_lr: float = 1e-5
     test_batch_size: int = 100
     num_workers: int = 0
+    feature_cache: bool = True  # keep encoded test splits on disk, keyed by everything that changes them
+    cache_dir: Optional[str] = None  # default $VLPROMPT_CACHE/features or ~/.cache/vlprompt/features
     output: Optional[str] = None  # run folder; default runs/<dataset>/<method>/<backbone>/...
     progress: bool = True
 

@@ -28,6 +28,7 @@ from ..prompts.coop import read_prompt_artifact
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
 from .evaluate import accuracy_report, classify
+from .feature_cache import FeatureCache, split_key
 from .features import encode_items
 from .schedule import default_epochs
 from .trainer import TrainSettings, train_prompt
@@ -82,18 +83,28 @@ def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, tra
 
 
 class FeatureMemo:
-    """In-process memo of encoded evaluation splits, so several runs on one backbone encode once."""
+    """Encoded evaluation splits: in memory for this process, and on disk (`FeatureCache`) across runs."""
 
     def __init__(self):
         self._store: dict = {}
 
-    def get(self, bb: Backbone, items, cfg: RunConfig, desc: str):
+    def get(self, bb: Backbone, items, cfg: RunConfig, desc: str, dataset: str = ""):
         key = (bb, bb.precision, bb.image_size, tuple((d.path, d.label) for d in items))
-        if key not in self._store:
+        if key in self._store:
+            return self._store[key]
+        disk = FeatureCache(cfg.cache_dir) if cfg.feature_cache else None
+        disk_key = split_key(bb, items, dataset) if disk else None
+        found = disk.load(disk_key) if disk else None
+        if found is None:
             tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
-            self._store[key] = encode_items(bb, items, tf, cfg.test_batch_size, cfg.num_workers, desc=desc,
-                                            progress=cfg.progress)
-        return self._store[key]
+            found = encode_items(bb, items, tf, cfg.test_batch_size, cfg.num_workers, desc=desc,
+                                 progress=cfg.progress)
+            if disk:
+                disk.save(disk_key, *found)
+        else:
+            say(f"{desc}: {len(items)} features from the cache", cfg.progress)
+        self._store[key] = found
+        return found
 
 
 _MEMO = FeatureMemo()
@@ -138,7 +149,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
         learner.save_pretrained(out / "prompt")
 
     t = time.perf_counter()
-    feats, labels = memo.get(bb, ds.test, cfg, desc="encoding test images")
+    feats, labels = memo.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
     timings["encode_test_s"] = time.perf_counter() - t
     t = time.perf_counter()
     report = accuracy_report(classify(learner, feats), labels, ds.classnames)
@@ -203,7 +214,7 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     bb = backbone or backbone_from_config(cfg)
     learner = method.load(str(path), bb, ds.classnames)
     t = time.perf_counter()
-    feats, labels = _MEMO.get(bb, ds.test, cfg, desc="encoding test images")
+    feats, labels = _MEMO.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
     report = accuracy_report(classify(learner, feats), labels, ds.classnames)
     metrics = {"prompt": str(path), "method": cfg.method,
                "dataset": {"name": ds.name, "subsample": cfg.subsample, "num_classes": ds.num_classes,
