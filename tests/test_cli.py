@@ -76,6 +76,8 @@ def test_datasets_lists_and_checks(shapes, capsys):
     (["train", "--config", "/nonexistent.yaml"], "config file not found"),
     (["eval", "/nonexistent/run"], "not found"),
     (["train", "--bogus-flag"], "unrecognized arguments"),
+    (["train", "--dataset", "x", "--option", "novalue"], "expected KEY=VALUE"),
+    (["train", "--dataset", "x", "--option", "lambda=1"], "method coop takes no options"),
 ])
 def test_bad_input_is_one_line(args, match, capsys):
     # In process: an exception other than the one-line error would fail this test with its traceback.
@@ -98,3 +100,11 @@ def test_unreadable_image_is_named(tmp_path):
     r = cli("zeroshot", "--dataset", root, *TINY, "--output", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert str(victim) in r.stderr.strip().splitlines()[-1]
+
+
+def test_methods_lists_every_registered_method(capsys):
+    from vlprompt.methods import METHODS
+
+    assert main(["methods"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert listed == list(METHODS)

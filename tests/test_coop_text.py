@@ -91,11 +91,13 @@ def test_text_features_equal_77_token_reference(bb, layout, n_classes):
     ref = reference_features(bb, learner)
     assert ours.shape == (n_classes, bb.embed_dim)
     assert (ours - ref).abs().max().item() <= 1e-5
-    # Gradients with respect to the context agree too.
-    g_ours = torch.autograd.grad(ours.square().sum() + ours[:, 0].sum(), learner.ctx)[0]
-    g_ref = torch.autograd.grad(ref.square().sum() + ref[:, 0].sum(), learner.ctx)[0]
-    assert torch.allclose(g_ours, g_ref, rtol=1e-4, atol=1e-6)
-    assert g_ours.abs().sum() > 0
+    # Gradients with respect to the context agree too (relative error of the whole gradient, the issue's
+    # criterion: single entries near zero differ by float reduction order).
+    probe = torch.randn_like(ours)
+    g_ours = torch.autograd.grad((ours * probe).sum(), learner.ctx)[0]
+    g_ref = torch.autograd.grad((ref * probe).sum(), learner.ctx)[0]
+    assert g_ref.norm() > 0
+    assert ((g_ours - g_ref).norm() / g_ref.norm()).item() <= 1e-4
 
 
 def test_word_init_reproduces_the_hand_written_prompt(bb):

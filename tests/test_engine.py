@@ -105,3 +105,89 @@ def test_base_to_new_on_generated_data(shapes, bb, tmp_path):
     # Base = the first ceil(n/2) labels, new = the rest, each relabelled from 0 (SPEC 6.2).
     assert base_names == all_names[:4] and new_names == all_names[4:]
     assert set(new["test"]["per_class"]) <= set(new_names)
+
+
+def test_feature_bank_mode_learns_and_is_recorded(shapes, bb, tmp_path):
+    m = run(cfg(shapes, tmp_path / "bank", train_mode="feature_bank", bank_views=3), backbone=bb)
+    epochs = m["train"]["epochs"]
+    assert epochs[-1]["loss"] < 0.8 * epochs[0]["loss"]
+    assert m["test"]["accuracy"] > 1.5 * 100 / 8
+    assert m["train_mode"] == "feature_bank" and "feature_bank_s" in m["timings"]
+    assert any("feature bank: 3 augmented views" in d for d in m["deviations"])
+    exact = run(cfg(shapes, tmp_path / "exact", epochs=1), backbone=bb)
+    assert not any("feature bank" in d for d in exact["deviations"]) and exact["train_mode"] == "exact"
+
+
+def test_feature_bank_holds_distinct_augmented_views(shapes, bb):
+    from vlprompt.data import train_transform
+    from vlprompt.engine.trainer import FeatureBank, TrainSettings
+
+    items = vp.load_dataset(shapes, shots=2).train
+    settings = TrainSettings(epochs=1, batch_size=4, lr=0.002, momentum=0.9, weight_decay=5e-4, warmup_epochs=1,
+                             warmup_lr=1e-5, seed=1)
+    tf = train_transform(bb.image_size)
+    bank = FeatureBank(bb, items, {"weak": tf}, settings, progress=False, bank_views=4)
+    assert bank.bank.shape == (len(items), 4, bb.embed_dim)
+    assert not torch.equal(bank.bank[:, 0], bank.bank[:, 1])  # fresh random crops per view
+    batch = next(bank.epoch([[0, 1, 2]], torch.Generator().manual_seed(0)))
+    feats = batch.views["weak"]
+    assert feats.shape == (3, bb.embed_dim) and batch.labels.tolist() == [items[i].label for i in range(3)]
+    assert all(any(torch.equal(feats[i], bank.bank[i, v]) for v in range(4)) for i in range(3))
+
+
+def test_views_sharing_a_transform_get_different_stored_draws(shapes, bb):
+    from vlprompt.data import train_transform
+    from vlprompt.engine.trainer import ExactFeatures, FeatureBank, TrainSettings
+
+    items = vp.load_dataset(shapes, shots=2).train
+    settings = TrainSettings(epochs=1, batch_size=4, lr=0.002, momentum=0.9, weight_decay=5e-4, warmup_epochs=1,
+                             warmup_lr=1e-5, seed=1)
+    weak, other = train_transform(bb.image_size), train_transform(bb.image_size)
+    views = {"weak": weak, "a": other, "b": other}
+    bank = FeatureBank(bb, items, views, settings, progress=False, bank_views=2)
+    assert len(bank.banks) == 2  # one bank per distinct transform, not per view
+    for batch in bank.epoch([list(range(len(items)))] * 3, torch.Generator().manual_seed(0)):
+        assert set(batch.views) == {"weak", "a", "b"}
+        assert not any(torch.equal(batch.views["a"][i], batch.views["b"][i]) for i in range(len(items)))
+    with pytest.raises(vp.VlpromptError, match="bank_views=1 is too few"):
+        FeatureBank(bb, items, views, settings, progress=False, bank_views=1)
+    # Exact mode: every view is its own fresh augmentation, all views encoded in one call.
+    exact = ExactFeatures(bb, items, views, settings, progress=False)
+    batch = next(exact.epoch([[0, 1, 2]], torch.Generator()))
+    assert {k: tuple(v.shape) for k, v in batch.views.items()} == {k: (3, bb.embed_dim) for k in views}
+    assert batch.index.tolist() == [0, 1, 2]
+    assert not torch.equal(batch.views["a"], batch.views["b"])
+
+
+def test_method_options_are_parsed_typed_and_checked():
+    import dataclasses
+
+    from vlprompt.methods.base import parse_options
+
+    @dataclasses.dataclass
+    class Opts:
+        weight: float = 1.0
+        mode: str = "a"
+        flag: bool = False
+
+        def __post_init__(self):
+            if self.mode not in ("a", "b"):
+                raise vp.VlpromptError(f"mode: '{self.mode}' is not one of ['a', 'b']")
+
+    assert parse_options("m", Opts, {"weight": "0.5", "flag": "yes"}) == Opts(weight=0.5, flag=True)
+    assert parse_options("m", Opts, None) == Opts()
+    with pytest.raises(vp.VlpromptError, match="method m: unknown option 'wieght'"):
+        parse_options("m", Opts, {"wieght": 2})
+    with pytest.raises(vp.VlpromptError, match="m option weight: invalid value 'heavy'"):
+        parse_options("m", Opts, {"weight": "heavy"})
+    with pytest.raises(vp.VlpromptError, match="mode: 'c'"):
+        parse_options("m", Opts, {"mode": "c"})
+    with pytest.raises(vp.VlpromptError, match="takes no options"):
+        parse_options("m", None, {"x": 1})
+
+
+def test_method_options_merge_file_then_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method_options: {a: 1, b: 2}\n")
+    cfg = vp.RunConfig.from_sources(str(path), method_options={"b": "3"})
+    assert cfg.method_options == {"a": 1, "b": "3"}

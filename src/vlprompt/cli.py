@@ -63,6 +63,11 @@ def _add_coop(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", dest="weight_decay", type=str)
     g.add_argument("--momentum", type=str)
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=str)
+    g.add_argument("--option", "-o", dest="method_options", action="append", metavar="KEY=VALUE",
+                   help="a setting of the method, repeatable (see `vlprompt methods`)")
+    g.add_argument("--train-mode", dest="train_mode",
+                   help="exact (fresh augmentation every step, default) | feature_bank (K views encoded once)")
+    g.add_argument("--bank-views", dest="bank_views", type=str, help="views per image in feature_bank mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="data root (for registered names)")
     p.add_argument("--no-decode", action="store_true", help="only check that files exist (faster)")
 
+    p = sub.add_parser("methods", help="list the methods and their options (--option KEY=VALUE)")
     p = sub.add_parser("demo", help="the built-in default job: zero-shot then CoOp on generated images")
     p.add_argument("--output", default="runs/demo", help="folder for the demo's runs (default runs/demo)")
     p.add_argument("--backbone", help="architecture when real weights are available (default ViT-B-16)")
@@ -100,11 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
 CONFIG_KEYS = ("dataset", "root", "shots", "seed", "subsample", "template", "backbone", "pretrained", "weights",
                "precision", "device", "method", "n_ctx", "ctx_init", "csc", "class_token_position", "epochs",
                "batch_size", "lr", "weight_decay", "momentum", "warmup_epochs", "output", "num_workers",
-               "test_batch_size", "feature_cache", "cache_dir")
+               "test_batch_size", "feature_cache", "cache_dir", "train_mode", "bank_views", "method_options")
+
+
+def _key_values(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise VlpromptError(f"--option {pair!r}: expected KEY=VALUE")
+        out[key.strip().replace("-", "_")] = value
+    return out
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     values = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k, None) is not None}
+    if "method_options" in values:
+        values["method_options"] = _key_values(values["method_options"])
     if getattr(args, "quiet", False):
         values["progress"] = False
     return values
@@ -175,7 +193,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"zeroshot": cmd_zeroshot, "train": cmd_train, "eval": cmd_eval, "datasets": cmd_datasets,
+def cmd_methods(args) -> int:
+    import dataclasses
+
+    from .methods import METHODS
+
+    for name, method in METHODS.items():
+        print(f"{name}{'' if method.trains else '  (no training)'}")
+        for f in dataclasses.fields(method.Options) if method.Options else ():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"    {f.name} = {default!r}")
+    return 0
+
+
+COMMANDS = {"methods": cmd_methods, "zeroshot": cmd_zeroshot, "train": cmd_train, "eval": cmd_eval, "datasets": cmd_datasets,
             "demo": cmd_demo}
 
 

@@ -7,7 +7,7 @@ Precedence: defaults < YAML file < explicit command-line options. Every value is
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
@@ -17,6 +17,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "auto"),
     "subsample": ("all", "base", "new"),
     "class_token_position": ("end", "middle", "front"),
+    "train_mode": ("exact", "feature_bank"),
 }
 
 
@@ -25,6 +26,7 @@ class RunConfig:
     dataset: str = "caltech101"  # a registered dataset name or a folder path
     root: Optional[str] = None  # data root holding the dataset folders (registered datasets)
     method: str = "coop"
+    method_options: dict = field(default_factory=dict)  # the method's own settings (see `vlprompt methods`)
     shots: int = 16  # -1: the whole training split
     seed: int = 1
     subsample: str = "all"  # all | base | new classes (SPEC 6.2)
@@ -48,6 +50,8 @@ class RunConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
+    train_mode: str = "exact"  # exact: fresh augmentation every step | feature_bank (an approximation)
+    bank_views: int = 10  # augmented views per training image in feature_bank mode
     test_batch_size: int = 100
     num_workers: int = 0
     feature_cache: bool = True  # keep encoded test splits on disk, keyed by everything that changes them
@@ -58,11 +62,11 @@ class RunConfig:
     def __post_init__(self):
         hints = get_type_hints(RunConfig)
         for f in fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise VlpromptError(f"{key}: '{getattr(self, key)}' is not one of {list(allowed)}")
-        for key in ("batch_size", "test_batch_size", "n_ctx"):
+        for key in ("batch_size", "test_batch_size", "n_ctx", "bank_views"):
             if getattr(self, key) < 1:
                 raise VlpromptError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.epochs is not None and self.epochs < 1:
@@ -91,7 +95,13 @@ class RunConfig:
     def from_sources(cls, yaml_path: Optional[str] = None, **overrides) -> "RunConfig":
         """Defaults, then the YAML file, then the non-None overrides."""
         values = load_yaml(yaml_path) if yaml_path else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "method_options" in overrides:  # merged key by key: a command-line option wins over the file
+            file_options = values.get("method_options") or {}
+            if not isinstance(file_options, dict):
+                raise VlpromptError(f"config file {yaml_path}: method_options must be a mapping")
+            overrides["method_options"] = {**file_options, **overrides["method_options"]}
+        values.update(overrides)
         return cls(**values)
 
 
@@ -114,7 +124,7 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def _coerce(name: str, value: Any, hint) -> Any:
+def coerce(name: str, value: Any, hint) -> Any:
     """Accept strings for numbers and booleans (YAML and CLI), reject anything else with one line."""
     if value is None:
         return None
@@ -146,6 +156,9 @@ def _coerce(name: str, value: Any, hint) -> Any:
                 return float(value)
         except (TypeError, ValueError):
             pass
+    elif base is dict:
+        if isinstance(value, dict):
+            return dict(value)
     elif base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -21,9 +21,10 @@ from .. import __version__
 from ..backbones import Backbone, load_backbone
 from ..config import RunConfig, load_yaml
 from ..data import load_dataset
-from ..data.transforms import test_transform, train_transform
+from ..data.transforms import test_transform
 from ..errors import VlpromptError
 from ..methods import get_method
+from ..methods.base import parse_options
 from ..prompts.coop import read_prompt_artifact
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
@@ -31,7 +32,7 @@ from .evaluate import accuracy_report, classify
 from .feature_cache import FeatureCache, split_key
 from .features import encode_items
 from .schedule import default_epochs
-from .trainer import TrainSettings, train_prompt
+from .trainer import ExactFeatures, FeatureBank, TrainSettings, train_prompt
 
 # RunConfig's defaults are the paper recipe (SPEC 2.4); any other value is a recorded deviation.
 PAPER_RECIPE = {k: RunConfig.__dataclass_fields__[k].default
@@ -116,6 +117,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
     t_total = time.perf_counter()
     timings = {}
     method = get_method(cfg.method)
+    parse_options(method.name, method.Options, cfg.method_options)  # a bad option fails before any work
     out = Path(cfg.output or default_output(cfg))
     set_seed(cfg.seed)
 
@@ -140,12 +142,25 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
     paper_epochs = default_epochs(cfg.shots, ds.name)
     epochs = cfg.epochs or paper_epochs
     history = None
+    extra_deviations: list[str] = []
+    options = {}
     if method.trains:
+        objective = method.objective(learner, cfg, ds)
+        options = objective.options_dict()
+        extra_deviations.extend(objective.deviations)
         settings = TrainSettings.from_config(cfg, epochs)
-        tf = train_transform(bb.image_size, bb.image_mean, bb.image_std)
+        views = objective.view_transforms(bb)
         t = time.perf_counter()
-        history = train_prompt(learner, method.loss, bb, ds.train, tf, settings, progress=cfg.progress)
+        if cfg.train_mode == "feature_bank":
+            source = FeatureBank(bb, ds.train, views, settings, cfg.progress, bank_views=cfg.bank_views)
+            timings["feature_bank_s"] = time.perf_counter() - t
+        else:
+            source = ExactFeatures(bb, ds.train, views, settings, cfg.progress)
+        t = time.perf_counter()
+        history = train_prompt(learner, objective.loss, source, len(ds.train), settings, progress=cfg.progress)
         timings["train_s"] = time.perf_counter() - t
+        if source.deviation:
+            extra_deviations.append(source.deviation)
         learner.save_pretrained(out / "prompt")
 
     t = time.perf_counter()
@@ -158,6 +173,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
 
     metrics = {
         "method": cfg.method,
+        "method_options": options,
         "dataset": {"name": ds.name, "root": ds.info.get("root"), "shots": cfg.shots, "seed": cfg.seed,
                     "subsample": cfg.subsample, "num_classes": ds.num_classes, "n_train": len(ds.train),
                     "n_val": len(ds.val), "n_test": len(ds.test), "classnames": ds.classnames},
@@ -169,7 +185,9 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
         "train": history,
         "timings": timings,
         "versions": versions(),
-        "deviations": deviations(cfg, bb, epochs, paper_epochs, method.trains, ds.info.get("notes")),
+        "deviations": deviations(cfg, bb, epochs, paper_epochs, method.trains, ds.info.get("notes"))
+        + extra_deviations,
+        "train_mode": cfg.train_mode if method.trains else None,
     }
     write_run_folder(out, cfg, metrics)
     say(f"{cfg.method} on {ds.name}: top-1 {report['accuracy']:.2f}%  macro {report['macro_accuracy']:.2f}%  "

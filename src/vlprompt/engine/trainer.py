@@ -1,8 +1,10 @@
-"""The prompt-training loop (SPEC 2.4), exact mode: fresh augmentation every step.
+"""The prompt-training loop (SPEC 2.4).
 
 SGD on the prompt parameters only (float32 master weights); LR set per epoch from `coop_lr`; a fresh
 random permutation of the training set each epoch with Dassl's drop-last rule; the model of the last
-epoch is the result (no validation). The image tower runs under inference mode.
+epoch is the result (no validation). Image features come from a source: `ExactFeatures` (fresh
+augmentation every step, the paper's protocol; the image tower under inference mode) or `FeatureBank`
+(K pre-encoded augmented views per image; an approximation recorded as a deviation).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from ..backbones.backbone import Backbone
 from ..data.transforms import ImageDataset, load_image
 from ..data.types import Datum
+from ..errors import VlpromptError
 from ..utils.progress import Progress, say
 from .schedule import batches_per_epoch, coop_lr
 
@@ -59,6 +62,105 @@ class DecodedImages:
         return image if image is not None else load_image(path)
 
 
+@dataclass
+class TrainBatch:
+    """One training step's input: raw (unnormalised) image features per view, float32, no graph."""
+
+    views: dict[str, torch.Tensor]  # view name -> (B, d); CoOp has one view, "weak"
+    labels: torch.Tensor  # (B,)
+    index: torch.Tensor  # (B,) positions in the training list
+
+
+class ViewsDataset(torch.utils.data.Dataset):
+    """Each item as one augmented image per view (each view drawn independently) plus label and index."""
+
+    def __init__(self, items: Sequence[Datum], views: dict[str, Callable], loader: Callable):
+        self.items, self.views, self.loader = list(items), views, loader
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        image = self.loader(self.items[index].path)
+        return tuple(tf(image) for tf in self.views.values()), self.items[index].label, index
+
+
+class ExactFeatures:
+    """Exact mode: every step augments afresh (images decoded once and kept in memory) and encodes its
+    batch, all views in one image-tower call."""
+
+    deviation = None
+
+    def __init__(self, bb: Backbone, items: Sequence[Datum], views: dict[str, Callable], settings: TrainSettings,
+                 progress: bool):
+        self.bb, self.names, self.num_workers = bb, list(views), settings.num_workers
+        self.dataset = ViewsDataset(items, views, DecodedImages(items, settings.cache_images, progress))
+
+    def epoch(self, batches: list[list[int]], generator: torch.Generator):
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers)
+        for images, y, idx in loader:
+            # .clone() gives a normal tensor: inference-mode tensors cannot enter autograd.
+            feats = self.bb.encode_images(torch.cat(images)).clone().chunk(len(images))
+            dev = feats[0].device
+            yield TrainBatch(dict(zip(self.names, feats)), y.to(dev), idx.to(dev))
+
+
+class FeatureBank:
+    """Feature-bank mode (an approximation): ``views`` augmented draws of every training image are encoded
+    once per distinct transform; each step picks stored draws instead of augmenting afresh. Views that
+    share a transform (CPT's two strong views) get different stored draws of it."""
+
+    def __init__(self, bb: Backbone, items: Sequence[Datum], views: dict[str, Callable], settings: TrainSettings,
+                 progress: bool, bank_views: int):
+        self.k = bank_views
+        kinds: dict[int, Callable] = {}  # one bank per distinct transform object
+        self.view_kind = {}
+        for name, tf in views.items():
+            kinds.setdefault(id(tf), tf)
+            self.view_kind[name] = id(tf)
+        for kind in kinds:
+            shared = sum(1 for v in self.view_kind.values() if v == kind)
+            if shared > bank_views:
+                raise VlpromptError(f"bank_views={bank_views} is too few: {shared} views per step use the same "
+                                    "transform and need different stored draws")
+        self.deviation = (f"feature bank: {bank_views} augmented views per training image and transform encoded "
+                          "once, drawn per step (the paper augments afresh every step)")
+        images = DecodedImages(items, settings.cache_images, progress)
+        bar = Progress("encoding the feature bank", bank_views * len(items) * len(kinds), enabled=progress)
+        self.banks = {}
+        for kind, tf in kinds.items():
+            dataset = ImageDataset(items, tf, loader=images)
+            draws = []
+            for _ in range(bank_views):
+                loader = torch.utils.data.DataLoader(dataset, batch_size=100, num_workers=settings.num_workers)
+                chunk = []
+                for x, _y in loader:
+                    chunk.append(bb.encode_images(x).clone())
+                    bar.update(len(x))
+                draws.append(torch.cat(chunk))
+            self.banks[kind] = torch.stack(draws, dim=1)  # (N, K, d)
+        self.labels = torch.tensor([it.label for it in items], device=next(iter(self.banks.values())).device)
+
+    @property
+    def bank(self) -> torch.Tensor:
+        """The bank of the first view's transform, (N, K, d)."""
+        return self.banks[next(iter(self.view_kind.values()))]
+
+    def epoch(self, batches: list[list[int]], generator: torch.Generator):
+        dev = self.labels.device
+        for batch in batches:
+            idx = torch.tensor(batch, device=dev)
+            # Per image, a random order of its stored draws; the views of one transform take them in turn.
+            order = {kind: torch.rand(len(batch), self.k, generator=generator).argsort(dim=1).to(dev)
+                     for kind in self.banks}
+            used = dict.fromkeys(self.banks, 0)
+            views = {}
+            for name, kind in self.view_kind.items():
+                views[name] = self.banks[kind][idx, order[kind][:, used[kind]]]
+                used[kind] += 1
+            yield TrainBatch(views, self.labels[idx], idx)
+
+
 def epoch_batches(n_items: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
     """A fresh permutation cut into batches with the drop-last rule."""
     perm = torch.randperm(n_items, generator=generator).tolist()
@@ -66,20 +168,20 @@ def epoch_batches(n_items: int, batch_size: int, generator: torch.Generator) -> 
     return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
 
-def train_prompt(learner: torch.nn.Module, loss_fn: Callable, bb: Backbone, items: Sequence[Datum],
-                 transform: Callable, settings: TrainSettings, progress: bool = True) -> dict:
-    """Train ``learner`` in place. ``loss_fn(learner, image_features, labels) -> (loss, {term: value})``.
+def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: int, settings: TrainSettings,
+                 progress: bool = True) -> dict:
+    """Train ``learner`` in place on batches from ``source`` (`ExactFeatures` or `FeatureBank`).
 
-    Returns the per-epoch history: lr, mean loss of each term, training accuracy, seconds.
+    ``loss_fn(learner, batch: TrainBatch) -> (loss, {term: value})``; a ``logits`` term (B, C) gives the
+    training accuracy. Returns the per-epoch history: lr, mean of each logged term, training accuracy,
+    seconds.
     """
     params = [p for p in learner.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay, dampening=0, nesterov=False)
     gen = torch.Generator().manual_seed(settings.seed)
-    images = DecodedImages(items, settings.cache_images, progress)
-    dataset = ImageDataset(items, transform, loader=images)
     history = []
-    n_steps = settings.epochs * batches_per_epoch(len(items), settings.batch_size)
+    n_steps = settings.epochs * batches_per_epoch(n_items, settings.batch_size)
     bar = Progress("training", n_steps, enabled=progress, every_s=10.0)
     learner.train()
     t_start = time.perf_counter()
@@ -88,14 +190,11 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, bb: Backbone, item
         lr = coop_lr(epoch, settings.epochs, settings.lr, settings.warmup_epochs, settings.warmup_lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        batches = epoch_batches(len(items), settings.batch_size, gen)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=settings.num_workers)
         sums: dict[str, float] = {}
         correct = seen = 0
-        for x, y in loader:
-            feats = bb.encode_images(x).clone()  # a normal tensor: inference tensors cannot enter autograd
-            y = y.to(feats.device)
-            loss, terms = loss_fn(learner, feats, y)
+        for batch in source.epoch(epoch_batches(n_items, settings.batch_size, gen), gen):
+            y = batch.labels
+            loss, terms = loss_fn(learner, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,24 +1,74 @@
-"""What a method is: how it builds its learner from a backbone and a label space, and its loss."""
+"""What a method is: how it builds its learner, which image views a training step needs, and its loss.
+
+A method is one module in this package plus one entry in ``METHODS``. Its tunable settings are a typed
+dataclass (``Options``) filled from ``RunConfig.method_options`` (``--option KEY=VALUE`` on the command
+line, ``method_options:`` in YAML) and validated in its ``__post_init__``.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import dataclasses
+from typing import Callable, Optional, Protocol, Sequence, get_type_hints
 
 import torch
 
 from ..backbones.backbone import Backbone
+from ..data.transforms import train_transform
+from ..errors import VlpromptError
+
+
+class Objective:
+    """What one training run optimises. The default is CoOp's: one view with CoOp's training transform
+    (SPEC 1.4) and cross-entropy. Subclasses override ``view_transforms`` and ``loss``."""
+
+    def __init__(self, options=None):
+        self.options = options
+
+    def view_transforms(self, bb: Backbone) -> dict[str, Callable]:
+        """View name -> transform; views that share a transform object share a feature bank."""
+        return {"weak": train_transform(bb.image_size, bb.image_mean, bb.image_std)}
+
+    def loss(self, learner: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        """(scalar loss, logged terms) for a `TrainBatch`; a ``logits`` term gives the training accuracy."""
+        raise NotImplementedError
+
+    @property
+    def deviations(self) -> list[str]:
+        """How this objective departs from (or reconstructs) the paper, in words, for metrics.json."""
+        return []
+
+    def options_dict(self) -> dict:
+        return dataclasses.asdict(self.options) if self.options is not None else {}
 
 
 class Method(Protocol):
     name: str
     trains: bool  # False for zero-shot baselines
+    Options: Optional[type]  # dataclass of the method's settings, or None
 
     def build(self, backbone: Backbone, classnames: Sequence[str], cfg, dataset) -> torch.nn.Module:
         """The learner for ``classnames`` (``cfg`` is a RunConfig, ``dataset`` the DatasetSplits)."""
 
-    def loss(self, learner: torch.nn.Module, image_features: torch.Tensor, labels: torch.Tensor
-             ) -> tuple[torch.Tensor, dict]:
-        """(scalar loss, logged terms); the terms may include the batch ``logits``."""
+    def objective(self, learner: torch.nn.Module, cfg, dataset) -> Objective:
+        """The training objective of a run (only for methods that train)."""
 
     def load(self, path: str, backbone: Backbone, classnames: Sequence[str]) -> torch.nn.Module:
         """A saved learner, rebuilt for ``classnames``."""
+
+
+def parse_options(method: str, options_cls: Optional[type], values: Optional[dict]):
+    """``options_cls(**values)`` with every key and value checked; one error line names the bad one."""
+    from ..config import coerce
+
+    values = dict(values or {})
+    if options_cls is None:
+        if values:
+            raise VlpromptError(f"method {method} takes no options (got {', '.join(sorted(values))})")
+        return None
+    hints = get_type_hints(options_cls)
+    known = [f.name for f in dataclasses.fields(options_cls)]
+    for key in values:
+        if key not in known:
+            raise VlpromptError(f"method {method}: unknown option '{key}' (known: {', '.join(known)})")
+    coerced = {k: coerce(f"{method} option {k}", v, hints[k]) for k, v in values.items()}
+    return options_cls(**coerced)

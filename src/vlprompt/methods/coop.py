@@ -7,20 +7,27 @@ from typing import Sequence
 import torch.nn.functional as F
 
 from ..prompts.coop import CoOp
+from .base import Objective, parse_options
+
+
+class CoOpObjective(Objective):
+    def loss(self, learner: CoOp, batch):
+        logits = learner(batch.views["weak"])
+        loss = F.cross_entropy(logits, batch.labels)
+        return loss, {"loss": loss.detach(), "logits": logits.detach()}
 
 
 class CoOpMethod:
     name = "coop"
     trains = True
+    Options = None
 
     def build(self, backbone, classnames: Sequence[str], cfg, dataset=None) -> CoOp:
         return CoOp(backbone, classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
                     class_token_position=cfg.class_token_position)
 
-    def loss(self, learner: CoOp, image_features, labels):
-        logits = learner(image_features)
-        loss = F.cross_entropy(logits, labels)
-        return loss, {"loss": loss.detach(), "logits": logits.detach()}
+    def objective(self, learner: CoOp, cfg, dataset=None) -> CoOpObjective:
+        return CoOpObjective(parse_options(self.name, self.Options, cfg.method_options))
 
     def load(self, path, backbone, classnames) -> CoOp:
         return CoOp.from_pretrained(path, backbone, classnames=classnames)

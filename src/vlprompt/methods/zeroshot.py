@@ -11,6 +11,7 @@ from ..prompts.zeroshot import ZeroShotCLIP
 
 class ZeroShotMethod:
     trains = False
+    Options = None
 
     def __init__(self, ensemble: bool):
         self.ensemble = ensemble
@@ -21,7 +22,7 @@ class ZeroShotMethod:
         templates = ensemble_templates(template, dataset.name) if self.ensemble else [template]
         return ZeroShotCLIP(backbone, classnames, templates)
 
-    def loss(self, learner, image_features, labels):
+    def objective(self, learner, cfg, dataset):
         raise VlpromptError(f"method {self.name} has nothing to train")
 
     def load(self, path, backbone, classnames):
