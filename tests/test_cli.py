@@ -108,3 +108,23 @@ def test_methods_lists_every_registered_method(capsys):
     assert main(["methods"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
     assert listed == list(METHODS)
+
+
+def test_train_grid_shares_one_process(shapes, tmp_path, monkeypatch, capsys):
+    import vlprompt.engine.run as engine_run
+
+    loads = []
+    real = engine_run.load_backbone
+    monkeypatch.setattr(engine_run, "load_backbone", lambda *a, **k: loads.append(1) or real(*a, **k))
+    out = tmp_path / "grid"
+    assert main(["train", "--dataset", shapes, *TINY, "--shots", "1,2", "--seed", "1,2", "--epochs", "1",
+                 "--n-ctx", "2", "--output", str(out), "--quiet"]) == 0
+    assert len(loads) == 1  # one model load for the whole grid
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders == ["1shots_seed1", "1shots_seed2", "2shots_seed1", "2shots_seed2"]
+    for name in folders:
+        m = json.loads((out / name / "metrics.json").read_text())
+        assert f"{m['dataset']['shots']}shots_seed{m['dataset']['seed']}" == name
+        assert m["dataset"]["n_train"] == m["dataset"]["shots"] * m["dataset"]["num_classes"]
+    assert "mean top-1" in capsys.readouterr().out
+    assert main(["train", "--dataset", shapes, "--seed", "1,x"]) == 2

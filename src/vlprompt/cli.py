@@ -24,8 +24,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="registered dataset name (see `vlprompt datasets`) or a folder path")
     g.add_argument("--root", help="data root holding the dataset folders")
-    g.add_argument("--shots", type=str, help="images per class for training (-1: all; default 16)")
-    g.add_argument("--seed", type=str, help="random seed (default 1)")
+    g.add_argument("--shots", type=str, help="images per class for training (-1: all; default 16); "
+                   "`train` takes a list such as 1,2,4,8,16")
+    g.add_argument("--seed", type=str, help="random seed (default 1); `train` takes a list such as 1,2,3")
     g.add_argument("--subsample", help="all | base | new classes (default all)")
     g.add_argument("--template", help="override the dataset's hand-crafted template, e.g. 'a photo of a {}.'")
 
@@ -148,15 +149,39 @@ def cmd_zeroshot(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .engine.run import run
+def _int_list(name: str, text: Optional[str]) -> Optional[list[int]]:
+    """``"1,2,4"`` -> [1, 2, 4]; None or a single value -> None (an ordinary single run)."""
+    if text is None or "," not in str(text):
+        return None
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise VlpromptError(f"--{name}: expected a number or a comma-separated list, got {text!r}") from None
 
-    cfg = _config(args)
+
+def cmd_train(args) -> int:
+    from .engine.run import run, run_grid
     from .methods import get_method
 
+    shots, seeds = _int_list("shots", args.shots), _int_list("seed", args.seed)
+    if shots or seeds:  # a grid: one process, one model load, one feature cache
+        args.shots = None if shots else args.shots
+        args.seed = None if seeds else args.seed
+    cfg = _config(args)
     if not get_method(cfg.method).trains:
         raise VlpromptError(f"method '{cfg.method}' does not train; use `vlprompt zeroshot`")
-    _print_result(run(cfg))
+    if not (shots or seeds):
+        _print_result(run(cfg))
+        return 0
+    results = run_grid(cfg, shots or [cfg.shots], seeds or [cfg.seed])
+    for m in results:
+        _print_result(m)
+    print(f"{'shots':>6} {'seeds':>6} {'mean top-1 %':>13} {'std':>6}")
+    for k in shots or [cfg.shots]:
+        accs = [m["test"]["accuracy"] for m in results if m["dataset"]["shots"] == k]
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5
+        print(f"{k:>6} {len(accs):>6} {mean:13.2f} {std:6.2f}")
     return 0
 
 

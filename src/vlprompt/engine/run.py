@@ -12,7 +12,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -194,6 +194,25 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
         f"-> {out}", cfg.progress)
     metrics["output"] = str(out)
     return metrics
+
+
+def run_grid(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int],
+             backbone: Optional[Backbone] = None) -> list[dict]:
+    """Every (shots, seed) pair of one dataset in this process: one backbone load and one feature memo.
+
+    Each run writes its own folder: ``cfg.output/<shots>shots_seed<S>`` when ``cfg.output`` is set,
+    else the default layout. Returns the metrics of every run, shots-major.
+    """
+    bb = backbone or backbone_from_config(cfg)
+    memo = FeatureMemo()
+    results = []
+    for k in shots:
+        for seed in seeds:
+            one = cfg.replace(shots=k, seed=seed)
+            if cfg.output:
+                one = one.replace(output=str(Path(cfg.output) / Path(default_output(one)).name))
+            results.append(run(one, backbone=bb, memo=memo))
+    return results
 
 
 def write_run_folder(out: Path, cfg: RunConfig, metrics: dict) -> None:
