@@ -1,0 +1,394 @@
+"""vlprompt speed and memory benchmark (printed figures, never asserted).
+
+    bash benchmarks/run.sh                      # set up .venv, then every section below
+    .venv/bin/python benchmarks/bench.py --sections text,precision --classes 10,100
+
+Every speed figure is a ratio against a reference measured in the same process, alternating the two so
+that this machine's drifting speed affects both alike (DESIGN.md, Performance):
+
+- machine:   matmul throughput (2048^3) in fp32 and bf16: the peak used for "fraction of the floor".
+- text:      one text-side CoOp training step (ViT-B/16 text tower, unified context M=16, class at the end:
+             text features, logits for a batch of 32 image features, cross-entropy, backward, SGD step) with
+             vlprompt's fast encoder against the straightforward 77-token step of the official code, at 10 /
+             100 / 1000 classes in fp32 and bf16: seconds, speedup, achieved GFLOP/s, fraction of the floor
+             (the floor is the work the fast path cannot avoid, see `fast_step_flops`, at this process's
+             matmul peak), peak memory, max logit difference and gradient relative error to the reference.
+- precision: how far bf16 moves image+text logits and predictions from fp32 (same random weights).
+- methods:   step time of every training method as a ratio of CoOp's (feature-bank mode: the step is the
+             text pass plus the method's loss; image features are stored).
+- e2e:       a full 16-shot Caltech-101 CoOp run (paper recipe: 200 epochs, 10,000 steps) with ViT-B/16
+             in feature-bank mode, then its test evaluation; wall time split into feature extraction,
+             training and evaluation. Needs the Caltech-101 images (VLPROMPT_DATA, see README).
+
+The backbone is randomly initialised: cost does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED.*")
+
+import vlprompt as vp  # noqa: E402
+from vlprompt.text import reference_encode  # noqa: E402
+
+ARCH = "ViT-B-16"
+WORDS = ("dog cat face leopard motorbike accordion airplane anchor ant barrel bass beaver brain buddha butterfly "
+         "camera cannon car side ceiling fan cellphone chair chandelier cougar body crab crayfish crocodile "
+         "cup dalmatian dollar bill dolphin dragonfly electric guitar elephant emu euphonium ewer ferry "
+         "flamingo garfield gerenuk gramophone grand piano hawksbill headphone hedgehog helicopter ibis "
+         "inline skate joshua tree kangaroo ketch lamp laptop llama lobster lotus mandolin mayfly menorah "
+         "metronome minaret nautilus octopus okapi pagoda panda pigeon pizza platypus pyramid revolver "
+         "rhino rooster saxophone schooner scissors scorpion sea horse snoopy soccer ball stapler "
+         "starfish stegosaurus stop sign strawberry sunflower tick trilobite umbrella watch water lilly "
+         "wheelchair wild cat windsor chair wrench yin yang").split()
+
+
+def class_names(n: int) -> list[str]:
+    """``n`` distinct names of one to three words (about 2 BPE tokens on average, like the benchmarks')."""
+    names, i = [], 0
+    while len(names) < n:
+        k = 1 + i % 3
+        name = " ".join(WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(k))
+        if i >= len(WORDS):
+            name += f" {i // len(WORDS)}"
+        if name not in names:
+            names.append(name)
+        i += 1
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------
+# measuring helpers
+
+
+def peak_rss_reset() -> None:
+    """Reset this process's peak resident memory (Linux: writing 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure_memory(fn) -> tuple[float, float]:
+    """(peak process memory GB, peak increase over the memory before the call GB)."""
+    peak_rss_reset()
+    before = rss_kb("VmRSS")
+    fn()
+    peak = rss_kb("VmHWM")
+    return peak / 2**20, max(peak - before, 0) / 2**20
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def alternate(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, calls interleaved (one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOP counts (multiply-add = 2 FLOPs; backward computes input gradients only: the weights are frozen)
+
+
+def _layer_flops(tokens: int, keys_per_token: float, width: int, mlp: int) -> float:
+    """Forward + input-gradient backward FLOPs of one transformer layer over ``tokens`` queries."""
+    linear = 2 * tokens * (4 * width * width + 2 * width * mlp)  # qkv + out + mlp
+    attention = 4 * tokens * keys_per_token * width  # scores + weighted sum
+    return 2 * linear + 3 * attention  # backward: dX of each linear; dQ, dK, dV of attention
+
+
+def reference_step_flops(n_cls: int, bb) -> float:
+    """The official step: every class padded to the full context, every layer, full causal attention."""
+    length, width, layers = bb.context_length, bb.ctx_dim, len(bb.text.blocks)
+    mlp = bb.text.blocks[0].mlp.c_fc.out_features
+    return layers * _layer_flops(n_cls * length, length, width, mlp)
+
+
+def fast_step_flops(learner) -> float:
+    """The floor: SOS + context once, each class's own tokens (name, '.', EOT) against the shared prefix;
+    in the last layer keys/values for every token but queries, projection and MLP only at the EOT rows."""
+    bb = learner.backbone
+    width, layers = bb.ctx_dim, len(bb.text.blocks)
+    mlp = bb.text.blocks[0].mlp.c_fc.out_features
+    p = 1 + learner.n_ctx
+    own = (learner.eot_idx - learner.n_ctx).tolist()  # tokens per class after the prefix
+    tokens = p + sum(own)
+    keys = p * (p + 1) / 2 + sum(s * p + s * (s + 1) / 2 for s in own)  # causal keys seen, summed
+    full = (layers - 1) * _layer_flops(tokens, keys / tokens, width, mlp)
+    kv_last = 2 * 2 * tokens * 2 * width * width  # keys and values of the last layer, fwd + bwd
+    rows_last = _layer_flops(len(own), (keys / tokens), width, mlp) - 2 * 2 * len(own) * 2 * width * width
+    return full + kv_last + rows_last
+
+
+# ---------------------------------------------------------------------------------------------------
+# sections
+
+
+def section_machine(out: dict) -> None:
+    torch.manual_seed(0)
+    out["machine"] = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                      "torch": torch.__version__,
+                      "matmul_gflops": {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}}
+    m = out["machine"]
+    print(f"machine: {m['threads']} threads; 2048^3 matmul fp32 {m['matmul_gflops']['fp32']:.0f} GFLOP/s, "
+          f"bf16 {m['matmul_gflops']['bf16']:.0f} GFLOP/s")
+
+
+def _text_step(learner, image_feats, labels, opt, reference: bool, chunk: int = 0):
+    """One text-side CoOp step. ``chunk``: the reference in class chunks (same work, bounded memory)."""
+    opt.zero_grad(set_to_none=True)
+    if not reference:
+        loss = F.cross_entropy(learner(image_feats), labels)
+        loss.backward()
+    elif not chunk:
+        text = F.normalize(reference_encode(learner.backbone, learner.prompt_embeddings(), learner.eot_idx), dim=-1)
+        loss = F.cross_entropy(learner.logits(image_feats, text), labels)
+        loss.backward()
+    else:  # each chunk: 77-token forward + backward of its own classes (the CE coupling is negligible work)
+        prompts = learner.prompt_embeddings
+        for start in range(0, learner.n_cls, chunk):
+            rows = slice(start, start + chunk)
+            text = F.normalize(reference_encode(learner.backbone, prompts()[rows], learner.eot_idx[rows]), dim=-1)
+            logits = learner.logits(image_feats, text)
+            F.cross_entropy(logits, labels % logits.shape[1]).backward()
+    opt.step()
+
+
+def section_text(out: dict, classes: list[int], repeats: int, chunk_above: int) -> None:
+    peak = out.get("machine", {}).get("matmul_gflops") or {"fp32": matmul_peak(torch.float32),
+                                                           "bf16": matmul_peak(torch.bfloat16)}
+    rows = []
+    print("\ntext-side training step, ViT-B/16 text tower, M=16 unified context, class at the end, batch 32")
+    print(f"{'classes':>7} {'prec':>5} {'ref s':>8} {'fast s':>8} {'speedup':>8} {'GFLOP/s':>8} {'floor %':>8} "
+          f"{'peak GB':>8} {'+GB':>6} {'ref +GB':>8} {'logit diff':>10} {'grad err':>9}")
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        for n_cls in classes:
+            torch.manual_seed(0)
+            learner = vp.CoOp(bb, class_names(n_cls), n_ctx=16)
+            feats = torch.randn(32, bb.embed_dim)
+            labels = torch.randint(0, n_cls, (32,))
+            opt = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
+            chunk = 100 if n_cls > chunk_above else 0
+            # Exactness of this very configuration: logits and the gradient of the same loss.
+            with torch.no_grad():
+                ref_text = F.normalize(reference_encode(bb, learner.prompt_embeddings(), learner.eot_idx)
+                                       if not chunk else torch.cat([
+                                           reference_encode(bb, learner.prompt_embeddings()[i:i + chunk],
+                                                            learner.eot_idx[i:i + chunk])
+                                           for i in range(0, n_cls, chunk)]), dim=-1)
+            fast_logits = learner(feats)
+            logit_diff = (fast_logits - learner.logits(feats, ref_text)).abs().max().item()
+            grad_err = float("nan")
+            if not chunk:
+                g_fast = torch.autograd.grad(F.cross_entropy(fast_logits, labels), learner.ctx)[0]
+                ref_w = F.normalize(reference_encode(bb, learner.prompt_embeddings(), learner.eot_idx), dim=-1)
+                g_ref = torch.autograd.grad(F.cross_entropy(learner.logits(feats, ref_w), labels), learner.ctx)[0]
+                grad_err = ((g_fast - g_ref).norm() / g_ref.norm()).item()
+            n_rep = repeats if n_cls <= 100 else max(1, repeats // 2)
+            t = alternate({"ref": lambda: _text_step(learner, feats, labels, opt, True, chunk),
+                           "fast": lambda: _text_step(learner, feats, labels, opt, False)}, n_rep)
+            peak_gb, step_gb = measure_memory(lambda: _text_step(learner, feats, labels, opt, False))
+            ref_gb = float("nan")
+            if not chunk:
+                ref_gb = measure_memory(lambda: _text_step(learner, feats, labels, opt, True))[1]
+            flops = fast_step_flops(learner)
+            gflops = flops / t["fast"] / 1e9
+            row = {"classes": n_cls, "precision": precision, "ref_s": t["ref"], "fast_s": t["fast"],
+                   "speedup": t["ref"] / t["fast"], "floor_gflop": flops / 1e9,
+                   "ref_gflop": reference_step_flops(n_cls, bb) / 1e9, "achieved_gflops": gflops,
+                   "fraction_of_floor": gflops / peak[precision], "peak_gb": peak_gb, "step_gb": step_gb,
+                   "ref_step_gb": ref_gb, "max_logit_diff": logit_diff, "grad_rel_err": grad_err,
+                   "reference_chunked": bool(chunk)}
+            rows.append(row)
+            note = " (ref in chunks of 100)" if chunk else ""
+            print(f"{n_cls:>7} {precision:>5} {t['ref']:8.3f} {t['fast']:8.3f} {row['speedup']:7.1f}x {gflops:8.0f} "
+                  f"{100 * row['fraction_of_floor']:7.0f}% {peak_gb:8.2f} {step_gb:6.2f} {ref_gb:8.2f} "
+                  f"{logit_diff:10.2e} {grad_err:9.2e}{note}", flush=True)
+        del bb
+    out["text"] = rows
+    print("floor %: floor FLOPs at this process's 2048^3 matmul peak, over the fast step's time. peak GB: the "
+          "process; +GB: the fast step's increase; ref +GB: the 77-token step's increase.")
+
+
+def _test_subset(n: int):
+    root = os.environ.get("VLPROMPT_DATA", str(Path.home() / ".cache" / "vlprompt-data"))
+    if not (Path(root) / "caltech-101").is_dir():
+        return None, None
+    ds = vp.load_dataset("caltech101", root, shots=1)
+    step = max(1, len(ds.test) // n)
+    return ds, ds.test[::step][:n]
+
+
+def section_precision(out: dict, n_images: int) -> None:
+    from vlprompt.data import test_transform
+    from vlprompt.engine.features import encode_items
+
+    ds, items = _test_subset(n_images)
+    print(f"\nbf16 against fp32 (same random {ARCH} weights)")
+    res = {}
+    torch.manual_seed(0)
+    logits, text = {}, {}
+    names = ds.classnames if ds else class_names(100)
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        torch.manual_seed(0)
+        learner = vp.CoOp(bb, names, n_ctx=16)
+        with torch.no_grad():
+            text[precision] = learner.text_features()
+            if items:
+                feats, labels = encode_items(bb, items, test_transform(bb.image_size), 50, progress=False)
+            else:
+                feats, labels = torch.randn(n_images, bb.embed_dim, generator=torch.Generator().manual_seed(1)), None
+            logits[precision] = learner.logits(feats, text[precision])
+    d_text = (text["fp32"] - text["bf16"]).abs().max().item()
+    d_logit = (logits["fp32"] - logits["bf16"]).abs().max().item()
+    agree = (logits["fp32"].argmax(1) == logits["bf16"].argmax(1)).float().mean().item()
+    res = {"images": len(items) if items else n_images, "real_images": bool(items), "max_text_feature_diff": d_text,
+           "max_logit_diff": d_logit, "top1_agreement": agree}
+    if items:
+        for precision in ("fp32", "bf16"):
+            res[f"accuracy_{precision}"] = 100 * (logits[precision].argmax(1) == labels).float().mean().item()
+    out["precision"] = res
+    print(f"  {res['images']} {'Caltech-101 test images' if items else 'random image features'}: max |text "
+          f"feature diff| {d_text:.2e}, max |logit diff| {d_logit:.3f} (logit scale 100), top-1 agreement "
+          f"{100 * agree:.1f}%" + (f", accuracy fp32 {res['accuracy_fp32']:.2f}% vs bf16 {res['accuracy_bf16']:.2f}%"
+                                   " (random weights: only the difference means anything)" if items else ""))
+
+
+def section_methods(out: dict, n_cls: int, repeats: int) -> None:
+    from vlprompt.engine.trainer import TrainBatch
+    from vlprompt.methods import METHODS
+
+    ds, _ = _test_subset(1)
+    bb = vp.load_backbone(ARCH, pretrained=None, precision="bf16")
+    print(f"\nmethod step time in feature-bank mode, {ARCH} bf16, {n_cls} classes, batch 32 (ratio to CoOp)")
+    steps, rows = {}, []
+    for name, method in METHODS.items():
+        if not method.trains:
+            continue
+        cfg = vp.RunConfig(method=name, backbone=ARCH, pretrained="random", precision="bf16", progress=False)
+        try:
+            torch.manual_seed(0)
+            learner = method.build(bb, class_names(n_cls), cfg, ds)
+            objective = method.objective(learner, cfg, ds)
+            views = objective.view_transforms(bb)
+            gen = torch.Generator().manual_seed(0)
+            batch = TrainBatch({v: torch.randn(32, bb.embed_dim, generator=gen) for v in views},
+                               torch.arange(32) % n_cls, torch.arange(32))
+            opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.002, momentum=0.9)
+
+            def step(learner=learner, objective=objective, batch=batch, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                objective.loss(learner, batch)[0].backward()
+                opt.step()
+
+            steps[name] = step
+        except Exception as exc:  # a method that needs more than a synthetic batch is reported, not hidden
+            rows.append({"method": name, "error": str(exc).splitlines()[0]})
+    times = alternate(steps, repeats)
+    for name, sec in times.items():
+        rows.append({"method": name, "step_s": sec, "ratio_to_coop": sec / times["coop"]})
+    for row in rows:
+        if "error" in row:
+            print(f"  {row['method']:<14} n/a: {row['error']}")
+        else:
+            print(f"  {row['method']:<14} {row['step_s']:7.3f} s  {row['ratio_to_coop']:5.2f}x CoOp")
+    out["methods"] = rows
+
+
+def section_e2e(out: dict, bank_views: int, precision: str, epochs: int | None) -> None:
+    root = os.environ.get("VLPROMPT_DATA", str(Path.home() / ".cache" / "vlprompt-data"))
+    if not (Path(root) / "caltech-101").is_dir():
+        print("\ne2e: skipped (no Caltech-101 images; run scripts/unpack_data.sh or set VLPROMPT_DATA)")
+        return
+    print(f"\nend to end: 16-shot Caltech-101 CoOp, {ARCH} (random weights) {precision}, feature bank "
+          f"({bank_views} views), {'paper recipe' if epochs is None else f'{epochs} epochs'}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = vp.RunConfig(dataset="caltech101", root=root, backbone=ARCH, pretrained="random", shots=16, seed=1,
+                           precision=precision, train_mode="feature_bank", bank_views=bank_views, epochs=epochs,
+                           feature_cache=False, output=str(Path(tmp) / "run"), progress=True)
+        t = time.perf_counter()
+        m = vp.run(cfg)
+        wall = time.perf_counter() - t
+    tm = m["timings"]
+    res = {"wall_s": wall, "steps": m["train"]["steps"], "bank_views": bank_views, "precision": precision,
+           "load_s": tm["load_dataset_s"] + tm["load_backbone_s"], "feature_bank_s": tm.get("feature_bank_s", 0.0),
+           "train_s": tm["train_s"], "encode_test_s": tm["encode_test_s"], "evaluate_s": tm["evaluate_s"],
+           "n_train": m["dataset"]["n_train"], "n_test": m["dataset"]["n_test"]}
+    res["train_step_s"] = res["train_s"] / max(res["steps"], 1)
+    out["e2e"] = res
+    print(f"  wall {wall / 60:.1f} min = load {res['load_s']:.0f} s + feature bank {res['feature_bank_s']:.0f} s "
+          f"({res['n_train']} images x {bank_views} views) + training {res['train_s']:.0f} s ({res['steps']} steps, "
+          f"{res['train_step_s']:.3f} s/step) + test encoding {res['encode_test_s']:.0f} s ({res['n_test']} images) "
+          f"+ evaluation {res['evaluate_s']:.1f} s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default="machine,text,precision,methods,e2e")
+    ap.add_argument("--classes", default="10,100,1000", help="class counts for the text section")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk-above", type=int, default=200,
+                    help="run the 77-token reference in chunks of 100 classes above this many (memory)")
+    ap.add_argument("--precision-images", type=int, default=200)
+    ap.add_argument("--method-classes", type=int, default=100)
+    ap.add_argument("--bank-views", type=int, default=vp.RunConfig.bank_views)
+    ap.add_argument("--e2e-precision", default="bf16")
+    ap.add_argument("--e2e-epochs", type=int, default=None, help="default: the paper recipe (200)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    sections = args.sections.split(",")
+    out: dict = {}
+    if "machine" in sections:
+        section_machine(out)
+    if "text" in sections:
+        section_text(out, [int(c) for c in args.classes.split(",")], args.repeats, args.chunk_above)
+    if "precision" in sections:
+        section_precision(out, args.precision_images)
+    if "methods" in sections:
+        section_methods(out, args.method_classes, args.repeats)
+    if "e2e" in sections:
+        section_e2e(out, args.bank_views, args.e2e_precision, args.e2e_epochs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
