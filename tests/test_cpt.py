@@ -152,8 +152,8 @@ def test_losses_refuse_a_single_image():
 # ----------------------------------------------------------------------------------------------
 
 
-def cpt_learner(bb, ds, **options):
-    cfg = vp.RunConfig(method="cpt", n_ctx=4, method_options=options)
+def cpt_learner(bb, ds, csc: bool = False, **options):
+    cfg = vp.RunConfig(method="cpt", n_ctx=4, csc=csc, method_options=options)
     method = get_method("cpt")
     torch.manual_seed(0)
     learner = method.build(bb, ds.classnames, cfg, ds)
@@ -323,9 +323,14 @@ def test_cpt_lowers_every_term_on_caltech101(caltech_root, bb):
     ds = vp.load_dataset("caltech101", str(caltech_root), shots=2, seed=1)
     assert len(ds.train) == 200
     learner, objective = cpt_learner(bb, ds)
-    s = settings(epochs=8, batch_size=32, warmup_epochs=1)
+    s = settings(epochs=20, batch_size=32, warmup_epochs=1)
     source = FeatureBank(bb, ds.train, objective.view_transforms(bb), s, progress=False, bank_views=3)
     hist = train_prompt(learner, objective.loss, source, len(ds.train), s, progress=False)
-    first, last = hist["epochs"][0], hist["epochs"][-1]
+    epochs = hist["epochs"]
+    # Measured (seed 0): loss 9.45 -> 8.93, ce 4.81 -> 4.64, inscon 3.98 -> 3.91, relcon 0.66 -> 0.38. InsCon
+    # moves least (the random tiny tower gives the prompt little to separate) and is noisy from epoch to
+    # epoch, so the mean of the last five epochs is checked as well as the last epoch.
     for term in ("loss", "ce", "inscon", "relcon"):
-        assert last[term] < first[term], (term, first[term], last[term])
+        first, last = epochs[0][term], epochs[-1][term]
+        tail = sum(e[term] for e in epochs[-5:]) / 5
+        assert last < first and tail < first, (term, first, last, tail)
