@@ -169,7 +169,7 @@ def test_views_are_weak_plus_two_draws_of_one_strong_transform(bb):
                      "ToTensor", "Normalize"]
     jitter = views["strong_a"].transforms[2].transforms[0]
     assert jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)
-    default = CPTObjective(CPTOptions()).view_transforms(bb)["strong_a"]
+    default = CPTObjective().view_transforms(bb)["strong_a"]  # no options: the defaults
     assert "GaussianBlur" not in str(default)  # blur is off by default
 
 

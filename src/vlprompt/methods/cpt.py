@@ -119,6 +119,9 @@ class CPTObjective(Objective):
 
     options: CPTOptions
 
+    def __init__(self, options: CPTOptions | None = None):
+        super().__init__(options if options is not None else CPTOptions())
+
     def view_transforms(self, bb) -> dict:
         o = self.options
         strong = strong_transform(bb.image_size, bb.image_mean, bb.image_std, jitter=o.jitter, hue=o.hue,
