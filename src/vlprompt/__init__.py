@@ -12,7 +12,7 @@ from .backbones import Backbone, load_backbone  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .data import DatasetSplits, Datum, list_datasets, load_dataset  # noqa: E402
 from .errors import VlpromptError  # noqa: E402
-from .methods import METHODS, get_method, list_methods  # noqa: E402
+from .methods import METHODS, CPTOptions, get_method, list_methods  # noqa: E402
 from .prompts import CoOp, ZeroShotCLIP  # noqa: E402
 
 
@@ -23,5 +23,6 @@ def run(cfg: "RunConfig", backbone=None) -> dict:
     return _run(cfg, backbone=backbone)
 
 
-__all__ = ["Backbone", "CoOp", "DatasetSplits", "Datum", "METHODS", "RunConfig", "VlpromptError", "ZeroShotCLIP",
-           "get_method", "list_datasets", "list_methods", "load_backbone", "load_dataset", "run", "__version__"]
+__all__ = ["Backbone", "CoOp", "CPTOptions", "DatasetSplits", "Datum", "METHODS", "RunConfig", "VlpromptError",
+           "ZeroShotCLIP", "get_method", "list_datasets", "list_methods", "load_backbone", "load_dataset", "run",
+           "__version__"]

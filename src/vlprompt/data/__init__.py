@@ -11,7 +11,8 @@ from .loader import check_dataset, load_dataset
 from .readers import IMAGE_EXTENSIONS
 from .registry import DATASETS, DatasetSpec, list_datasets
 from .synthetic import make_synthetic_dataset
-from .transforms import CLIP_MEAN, CLIP_STD, ImageDataset, load_image, test_transform, train_transform
+from .transforms import (CLIP_MEAN, CLIP_STD, ImageDataset, load_image, strong_transform, test_transform,
+                         train_transform)
 from .types import DatasetSplits, Datum
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "load_image",
     "make_synthetic_dataset",
     "sample_fewshot",
+    "strong_transform",
     "subsample_classes",
     "test_transform",
     "train_transform",

@@ -36,6 +36,28 @@ def train_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> T.Co
     )
 
 
+def strong_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, jitter: float = 0.4, hue: float = 0.1,
+                     jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.0) -> T.Compose:
+    """SimCLR-style strong augmentation for CPT's views 2 and 3 (SPEC 3.2, the recipe itself is assumed):
+    the CoOp crop and flip, then colour jitter (brightness, contrast and saturation ``jitter``, ``hue``)
+    with probability ``jitter_p``, grayscale with ``grayscale_p``, and an optional Gaussian blur."""
+    steps = [
+        T.RandomResizedCrop(
+            image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+            interpolation=InterpolationMode.BICUBIC,
+        ),
+        T.RandomHorizontalFlip(p=0.5),
+        T.RandomApply([T.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=hue)], p=jitter_p),
+        T.RandomGrayscale(p=grayscale_p),
+    ]
+    if blur_p > 0:
+        # SimCLR's kernel: about a tenth of the image side, odd.
+        kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    steps += [T.ToTensor(), T.Normalize(mean=mean, std=std)]
+    return T.Compose(steps)
+
+
 def test_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> T.Compose:
     return T.Compose(
         [

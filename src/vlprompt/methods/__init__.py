@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from ..errors import VlpromptError
 from .coop import CoOpMethod
+from .cpt import CPTMethod, CPTOptions
 from .zeroshot import ZeroShotMethod
 
 METHODS = {
     "zeroshot": ZeroShotMethod(ensemble=False),
     "zeroshot_ensemble": ZeroShotMethod(ensemble=True),
     "coop": CoOpMethod(),
+    "cpt": CPTMethod(),
 }
 
 
@@ -24,4 +26,4 @@ def list_methods() -> list[str]:
     return sorted(METHODS)
 
 
-__all__ = ["METHODS", "get_method", "list_methods"]
+__all__ = ["CPTOptions", "METHODS", "get_method", "list_methods"]
