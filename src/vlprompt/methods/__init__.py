@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from ..errors import VlpromptError
 from .coop import CoOpMethod
+from .dualview import DualViewMethod
+from .kgcoop import KgCoOpMethod
 from .zeroshot import ZeroShotMethod
 
 METHODS = {
     "zeroshot": ZeroShotMethod(ensemble=False),
     "zeroshot_ensemble": ZeroShotMethod(ensemble=True),
     "coop": CoOpMethod(),
+    "kgcoop": KgCoOpMethod(),
+    "dualview_mi": DualViewMethod(),
 }
 
 
