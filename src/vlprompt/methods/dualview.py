@@ -145,10 +145,14 @@ class ClassStats:
         """(C, d) normalised class means p_c."""
         return F.normalize(self.mean, dim=-1)
 
-    def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(B, d) z~ ~ N(mu_{y}, Sigma), re-normalised to the unit sphere."""
+    def draw(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, d) z~ ~ N(mu_{y}, Sigma), before re-normalisation."""
         noise = torch.randn(labels.shape[0], self.scale.shape[1], generator=generator).to(self.scale.device)
-        return F.normalize(self.mean[labels] + noise @ self.scale.T, dim=-1)
+        return self.mean[labels] + noise @ self.scale.T
+
+    def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, d) Gaussian draws re-normalised to the unit sphere, where CLIP's image features live."""
+        return F.normalize(self.draw(labels, generator), dim=-1)
 
 
 def proto_mix_features(soft: torch.Tensor, prototypes: torch.Tensor, classes: torch.Tensor,
