@@ -126,7 +126,7 @@ def test_mix_softlabel_in_feature_space_is_lambda_weighted_ce(bb, monkeypatch):
     logp = F.log_softmax(lrn.logits(mixed, soft), dim=-1)
     y = batch.labels
     direct = -(lam * logp[range(4), y] + (1 - lam) * logp[range(4), y[partners]]).mean()
-    assert float(aug) == pytest.approx(float(direct), rel=1e-5)
+    assert float(aug.detach()) == pytest.approx(float(direct.detach()), rel=1e-5)
 
 
 def test_mix_virtual_class_appends_the_mixed_text_features(bb, monkeypatch):
@@ -148,7 +148,7 @@ def test_mix_virtual_class_appends_the_mixed_text_features(bb, monkeypatch):
     z = F.normalize(batch.views["weak"], dim=-1)
     mixed = lam[:, None] * z + (1 - lam[:, None]) * z[partners]
     direct = F.cross_entropy(real(mixed, w), torch.arange(5, 9))
-    assert float(aug) == pytest.approx(float(direct), rel=1e-5)
+    assert float(aug.detach()) == pytest.approx(float(direct.detach()), rel=1e-5)
 
 
 def clustered_features(n_per_class=400, d=8, spread=0.02, seed=0):
@@ -192,7 +192,7 @@ def test_feat_gauss_loss_is_ce_on_class_samples(bb):
     aug = obj.augmentation_loss(lrn, batch, soft)
     gen = torch.Generator().manual_seed(0)
     direct = F.cross_entropy(lrn.logits(obj.stats.sample(batch.labels, gen), soft), batch.labels)
-    assert float(aug) == pytest.approx(float(direct), rel=1e-5)
+    assert float(aug.detach()) == pytest.approx(float(direct.detach()), rel=1e-5)
 
 
 def test_proto_mix_stays_on_the_sphere_and_interpolates(bb):
@@ -208,7 +208,7 @@ def test_proto_mix_stays_on_the_sphere_and_interpolates(bb):
     obj = objective(augmentation="proto_mix")
     obj.stats = dv.ClassStats(torch.randn(20, bb.embed_dim), torch.arange(5).repeat(4), 5)
     aug = obj.augmentation_loss(lrn, bank_batch(bb, [0, 2, 2, 4]), lrn.soft_features())
-    assert torch.isfinite(aug) and float(aug) > 0
+    assert torch.isfinite(aug) and float(aug.detach()) > 0
 
 
 # -- gradients, hand-crafted features once ------------------------------------------------------------------
@@ -373,8 +373,10 @@ def test_base_to_new_from_the_command_line(shapes, tmp_path, capsys):
 # -- real images ---------------------------------------------------------------------------------------------
 
 def test_caltech101_base_classes_every_term_improves(caltech_root, bb, tmp_path):
+    # A random tiny CLIP: "a photo of a" init makes soft == hand at the start (the MI term can only rise),
+    # so a random class-specific context is used, as the CoOp real-data tests do.
     cfg = vp.RunConfig.from_sources(dataset="caltech101", root=str(caltech_root), method="dualview_mi",
-                                    subsample="base", shots=4, seed=1, epochs=8, batch_size=32,
+                                    subsample="base", shots=4, seed=1, epochs=8, batch_size=32, ctx_init="", csc=True,
                                     train_mode="feature_bank", bank_views=2, output=str(tmp_path / "c"), **TINY)
     m = run(cfg, backbone=bb)
     assert m["dataset"]["num_classes"] == 50 and m["dataset"]["n_train"] == 200
@@ -383,3 +385,4 @@ def test_caltech101_base_classes_every_term_improves(caltech_root, bb, tmp_path)
         assert last[term] < first[term], (term, first[term], last[term])
     assert last["mi_bound"] > first["mi_bound"]
     assert last["train_accuracy"] > first["train_accuracy"]
+    assert m["test"]["accuracy"] > 2 * 100 / 50, m["test"]["accuracy"]  # measured: 7.3% (chance 2%)
