@@ -13,7 +13,11 @@ from .config import RunConfig  # noqa: E402
 from .data import DatasetSplits, Datum, list_datasets, load_dataset  # noqa: E402
 from .errors import VlpromptError  # noqa: E402
 from .methods import METHODS, CPTOptions, get_method, list_methods  # noqa: E402
+from .methods.dualview import DualViewOptions  # noqa: E402
+from .methods.kgcoop import KgCoOpOptions  # noqa: E402
+from .presets import PRESETS  # noqa: E402
 from .prompts import CoOp, ZeroShotCLIP  # noqa: E402
+from .prompts.guided import GuidedCoOp  # noqa: E402
 
 
 def run(cfg: "RunConfig", backbone=None) -> dict:
@@ -23,6 +27,6 @@ def run(cfg: "RunConfig", backbone=None) -> dict:
     return _run(cfg, backbone=backbone)
 
 
-__all__ = ["Backbone", "CoOp", "CPTOptions", "DatasetSplits", "Datum", "METHODS", "RunConfig", "VlpromptError",
-           "ZeroShotCLIP", "get_method", "list_datasets", "list_methods", "load_backbone", "load_dataset", "run",
-           "__version__"]
+__all__ = ["Backbone", "CoOp", "CPTOptions", "DatasetSplits", "Datum", "DualViewOptions", "GuidedCoOp",
+           "KgCoOpOptions", "METHODS", "PRESETS", "RunConfig", "VlpromptError", "ZeroShotCLIP", "get_method",
+           "list_datasets", "list_methods", "load_backbone", "load_dataset", "run", "__version__"]

@@ -64,6 +64,7 @@ def _add_coop(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", dest="weight_decay", type=str)
     g.add_argument("--momentum", type=str)
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=str)
+    g.add_argument("--preset", help="recipe preset (default: the method's own, e.g. kgcoop; 'none' for none)")
     g.add_argument("--option", "-o", dest="method_options", action="append", metavar="KEY=VALUE",
                    help="a setting of the method, repeatable (see `vlprompt methods`)")
     g.add_argument("--train-mode", dest="train_mode",
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 CONFIG_KEYS = ("dataset", "root", "shots", "seed", "subsample", "template", "backbone", "pretrained", "weights",
                "precision", "device", "method", "n_ctx", "ctx_init", "csc", "class_token_position", "epochs",
                "batch_size", "lr", "weight_decay", "momentum", "warmup_epochs", "output", "num_workers",
-               "test_batch_size", "feature_cache", "cache_dir", "train_mode", "bank_views", "method_options")
+               "test_batch_size", "feature_cache", "cache_dir", "train_mode", "bank_views", "method_options",
+               "preset")
 
 
 def _key_values(pairs: list[str]) -> dict:
@@ -222,9 +224,12 @@ def cmd_methods(args) -> int:
     import dataclasses
 
     from .methods import METHODS
+    from .presets import method_recipe
 
     for name, method in METHODS.items():
-        print(f"{name}{'' if method.trains else '  (no training)'}")
+        recipe = method_recipe(name)
+        print(f"{name}{'' if method.trains else '  (no training)'}"
+              f"{f'  (preset {recipe.name}: {recipe.values})' if recipe else ''}")
         for f in dataclasses.fields(method.Options) if method.Options else ():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             print(f"    {f.name} = {default!r}")

@@ -1,6 +1,7 @@
 """Typed run configuration: the same keys on the command line, in a YAML file and from Python.
 
-Precedence: defaults < YAML file < explicit command-line options. Every value is validated in
+Precedence: defaults < preset (a method's recipe, see `presets`) < YAML file < explicit command-line
+options. Every value is validated in
 ``__post_init__`` and a bad one is reported as one line naming the key.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
 from .errors import VlpromptError
+from .presets import check_preset, resolve_preset
 
 CHOICES = {
     "precision": ("fp32", "bf16", "auto"),
@@ -27,6 +29,7 @@ class RunConfig:
     root: Optional[str] = None  # data root holding the dataset folders (registered datasets)
     method: str = "coop"
     method_options: dict = field(default_factory=dict)  # the method's own settings (see `vlprompt methods`)
+    preset: Optional[str] = None  # recipe preset (presets.PRESETS); default: the method's own; "none": no preset
     shots: int = 16  # -1: the whole training split
     seed: int = 1
     subsample: str = "all"  # all | base | new classes (SPEC 6.2)
@@ -63,6 +66,7 @@ class RunConfig:
         hints = get_type_hints(RunConfig)
         for f in fields(self):
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+        check_preset(self.preset)
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise VlpromptError(f"{key}: '{getattr(self, key)}' is not one of {list(allowed)}")
@@ -93,7 +97,11 @@ class RunConfig:
 
     @classmethod
     def from_sources(cls, yaml_path: Optional[str] = None, **overrides) -> "RunConfig":
-        """Defaults, then the YAML file, then the non-None overrides."""
+        """Defaults, then the preset, then the YAML file, then the non-None overrides.
+
+        The preset is the one named (``preset`` key) or else the method's own (`presets.METHOD_PRESETS`);
+        its values only fill keys that the file and the overrides leave unset.
+        """
         values = load_yaml(yaml_path) if yaml_path else {}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "method_options" in overrides:  # merged key by key: a command-line option wins over the file
@@ -102,6 +110,9 @@ class RunConfig:
                 raise VlpromptError(f"config file {yaml_path}: method_options must be a mapping")
             overrides["method_options"] = {**file_options, **overrides["method_options"]}
         values.update(overrides)
+        preset = resolve_preset(values.get("preset"), str(values.get("method", cls.method)))
+        if preset is not None:
+            values = {**preset.values, **values, "preset": preset.name}
         return cls(**values)
 
 

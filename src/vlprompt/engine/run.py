@@ -7,6 +7,7 @@ deviation from the paper recipe). All files are written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import random
 import re
@@ -25,6 +26,7 @@ from ..data.transforms import test_transform
 from ..errors import VlpromptError
 from ..methods import get_method
 from ..methods.base import parse_options
+from ..presets import method_recipe
 from ..prompts.coop import read_prompt_artifact
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
@@ -37,6 +39,25 @@ from .trainer import ExactFeatures, FeatureBank, TrainSettings, train_prompt
 # RunConfig's defaults are the paper recipe (SPEC 2.4); any other value is a recorded deviation.
 PAPER_RECIPE = {k: RunConfig.__dataclass_fields__[k].default
                 for k in ("batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr")}
+COOP_RECIPE_SOURCE = "CoOp's paper recipe (SPEC 2.4)"
+
+
+def reference_recipe(method: str) -> tuple[dict, str]:
+    """(recipe, where it comes from) that a run of ``method`` is compared against: the method's own
+    published or reconstructed recipe (`presets.method_recipe`) over CoOp's, else CoOp's."""
+    recipe = method_recipe(method)
+    if recipe is None:
+        return dict(PAPER_RECIPE), COOP_RECIPE_SOURCE
+    return {**PAPER_RECIPE, **recipe.values}, recipe.source
+
+
+def option_deviations(method, options) -> list[str]:
+    """Method options that differ from their defaults, for methods whose defaults are a recipe."""
+    if options is None or method_recipe(method.name) is None:
+        return []
+    defaults = dataclasses.asdict(method.Options())
+    return [f"{method.name} option {k}={v} (recipe: {defaults[k]})"
+            for k, v in dataclasses.asdict(options).items() if v != defaults[k]]
 
 
 def set_seed(seed: int) -> None:
@@ -74,11 +95,19 @@ def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, tra
     out.append(f"frozen encoders run in {bb.precision} (official CoOp: fp16 on GPU)")
     if trains:
         out.append("prompt parameters and SGD state are float32 master weights (official CoOp: fp16; SPEC 8.1)")
+        recipe, source = reference_recipe(cfg.method)
+        label = "paper recipe"
+        if source != COOP_RECIPE_SOURCE:
+            out.append(f"reference recipe: {source}")
+            label = f"{cfg.method} recipe"
         if epochs != paper_epochs:
-            out.append(f"epochs={epochs} (paper recipe for {cfg.shots} shots: {paper_epochs})")
-        for key, value in PAPER_RECIPE.items():
+            out.append(f"epochs={epochs} ({label}{'' if label != 'paper recipe' else f' for {cfg.shots} shots'}: "
+                       f"{paper_epochs})")
+        for key, value in recipe.items():
+            if key == "epochs" or (key == "n_ctx" and cfg.ctx_init):  # epochs above; ctx_init fixes M
+                continue
             if getattr(cfg, key) != value:
-                out.append(f"{key}={getattr(cfg, key)} (paper recipe: {value})")
+                out.append(f"{key}={getattr(cfg, key)} ({label}: {value})")
     out.extend(notes or [])
     return out
 
@@ -139,7 +168,8 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
 
     torch.manual_seed(cfg.seed)  # prompt initialisation does not depend on how the backbone was obtained
     learner = method.build(bb, ds.classnames, cfg, ds)
-    paper_epochs = default_epochs(cfg.shots, ds.name)
+    # A method with its own recipe (KgCoOp, dual-view MI) has fixed epochs; CoOp's depend on the shots.
+    paper_epochs = reference_recipe(cfg.method)[0].get("epochs") or default_epochs(cfg.shots, ds.name)
     epochs = cfg.epochs or paper_epochs
     history = None
     extra_deviations: list[str] = []
@@ -147,7 +177,6 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
     if method.trains:
         objective = method.objective(learner, cfg, ds)
         options = objective.options_dict()
-        extra_deviations.extend(objective.deviations)
         settings = TrainSettings.from_config(cfg, epochs)
         views = objective.view_transforms(bb)
         t = time.perf_counter()
@@ -156,9 +185,12 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
             timings["feature_bank_s"] = time.perf_counter() - t
         else:
             source = ExactFeatures(bb, ds.train, views, settings, cfg.progress)
+        objective.prepare(bb, ds.train, source)
         t = time.perf_counter()
         history = train_prompt(learner, objective.loss, source, len(ds.train), settings, progress=cfg.progress)
         timings["train_s"] = time.perf_counter() - t
+        extra_deviations.extend(objective.deviations)  # read after prepare(), which may add to them
+        extra_deviations.extend(option_deviations(method, objective.options))
         if source.deviation:
             extra_deviations.append(source.deviation)
         learner.save_pretrained(out / "prompt")
@@ -181,7 +213,8 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
                      "random": bb.source.is_random},
         "test": report,
         "recipe": {"epochs": epochs if method.trains else 0, "paper_epochs": paper_epochs,
-                   **{k: getattr(cfg, k) for k in PAPER_RECIPE}},
+                   **{k: getattr(cfg, k) for k in PAPER_RECIPE}, "preset": cfg.preset,
+                   "reference": reference_recipe(cfg.method)[1]},
         "train": history,
         "timings": timings,
         "versions": versions(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -69,6 +69,10 @@ class TrainBatch:
     views: dict[str, torch.Tensor]  # view name -> (B, d); CoOp has one view, "weak"
     labels: torch.Tensor  # (B,)
     index: torch.Tensor  # (B,) positions in the training list
+    # Exact mode only (None in feature-bank mode): the normalised augmented images per view and the frozen
+    # image encoder, so an objective can encode images it builds itself (e.g. pixel mixing).
+    pixels: Optional[dict[str, torch.Tensor]] = None  # view name -> (B, 3, H, W)
+    encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # images -> raw features, no graph
 
 
 class ViewsDataset(torch.utils.data.Dataset):
@@ -102,7 +106,12 @@ class ExactFeatures:
             # .clone() gives a normal tensor: inference-mode tensors cannot enter autograd.
             feats = self.bb.encode_images(torch.cat(images)).clone().chunk(len(images))
             dev = feats[0].device
-            yield TrainBatch(dict(zip(self.names, feats)), y.to(dev), idx.to(dev))
+            pixels = {name: x.to(dev) for name, x in zip(self.names, images)}
+            yield TrainBatch(dict(zip(self.names, feats)), y.to(dev), idx.to(dev), pixels, self.encode)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw features of ``images`` as a normal tensor (not an inference-mode one), no graph."""
+        return self.bb.encode_images(images).clone()
 
 
 class FeatureBank:

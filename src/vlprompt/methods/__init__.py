@@ -5,6 +5,8 @@ from __future__ import annotations
 from ..errors import VlpromptError
 from .coop import CoOpMethod
 from .cpt import CPTMethod, CPTOptions
+from .dualview import DualViewMethod
+from .kgcoop import KgCoOpMethod
 from .zeroshot import ZeroShotMethod
 
 METHODS = {
@@ -12,6 +14,8 @@ METHODS = {
     "zeroshot_ensemble": ZeroShotMethod(ensemble=True),
     "coop": CoOpMethod(),
     "cpt": CPTMethod(),
+    "kgcoop": KgCoOpMethod(),
+    "dualview_mi": DualViewMethod(),
 }
 
 

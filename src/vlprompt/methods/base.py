@@ -28,6 +28,10 @@ class Objective:
         """View name -> transform; views that share a transform object share a feature bank."""
         return {"weak": train_transform(bb.image_size, bb.image_mean, bb.image_std)}
 
+    def prepare(self, bb: Backbone, items: Sequence, source) -> None:
+        """Once per run, before training: precompute what the loss needs from the frozen training
+        features (``source`` is the run's `ExactFeatures` or `FeatureBank`). Default: nothing."""
+
     def loss(self, learner: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
         """(scalar loss, logged terms) for a `TrainBatch`; a ``logits`` term gives the training accuracy."""
         raise NotImplementedError

@@ -195,13 +195,18 @@ class CoOp(TextClassifier):
                 f"{len(names)} class names"
             )
         learner = cls(backbone, names, n_ctx=int(cfg["n_ctx"]), ctx_init=cfg.get("ctx_init"), csc=csc,
-                      class_token_position=cfg.get("class_token_position", "end"))
+                      class_token_position=cfg.get("class_token_position", "end"), **cls._init_kwargs(cfg, path))
         if tuple(learner.ctx.shape) != tuple(ctx.shape):
             raise VlpromptError(f"prompt {path}: context shape {tuple(ctx.shape)} does not match its config "
                                 f"(expected {tuple(learner.ctx.shape)})")
         with torch.no_grad():
             learner.ctx.copy_(ctx.to(learner.ctx.device))
         return learner
+
+    @classmethod
+    def _init_kwargs(cls, cfg: dict, path) -> dict:
+        """Constructor arguments beyond CoOp's that a subclass reads from its saved config."""
+        return {}
 
 
 def read_prompt_artifact(path: str | os.PathLike) -> tuple[dict, torch.Tensor]:
