@@ -53,7 +53,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 def _add_coop(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CoOp prompt and recipe (SPEC 2)")
-    g.add_argument("--method", help="training method: coop (default) or cpt (see `vlprompt methods`)")
+    g.add_argument("--method", help="training method: coop (default), cpt, kgcoop, dualview_mi (see `vlprompt methods`)")
     g.add_argument("--n-ctx", dest="n_ctx", type=str, help="number of context vectors (default 16)")
     g.add_argument("--ctx-init", dest="ctx_init", help="initialise the context from words, e.g. 'a photo of a'")
     g.add_argument("--csc", dest="csc", action="store_const", const=True, help="class-specific context")
