@@ -7,12 +7,13 @@
   then runs only its own tokens (name, '.', EOT) against the shared keys/values plus its own causal
   keys/values. Gradients reach the context through the shared keys, values and activations.
 
-Both run the tower's own weights in one packed pass: classes are grouped by sequence length, and every
-token of every group (plus the shared prefix) sits in one (T, D) matrix, so each layer's projections and
-MLP are a few large matrix products with no padding; only attention works group by group. Attention is a
-plain matmul + softmax (PyTorch's fused CPU attention backward is slow for many short sequences,
-especially in bf16), with the softmax in float32. In the last layer only the EOT rows are computed
-(keys and values are still needed for every token).
+Both run the tower's own weights on packed tokens: the shared prefix and every class's own tokens, each
+class cut at its EOT, sit in one (T, D) matrix, so each layer's projections and MLP are a few large
+matrix products with no padding. Only attention, a small part of the work, sees the classes padded to
+the longest one; padded slots hold zeros, are never attended to (causality hides them from real
+queries) and their outputs are dropped. Attention is a plain matmul + softmax (PyTorch's fused CPU attention backward is
+slow for many short sequences, especially in bf16), the softmax in float32. In the last layer only the
+EOT rows are computed (keys and values are still needed for every token).
 """
 
 from __future__ import annotations
@@ -25,49 +26,71 @@ import torch.nn.functional as F
 from ..backbones.backbone import Backbone
 
 
-def _attend(q, k, v, k_prefix=None, v_prefix=None) -> torch.Tensor:
-    """Causal softmax attention of queries (B, H, Lq, hd) over own keys (B, H, Lk, hd), the queries being
-    the last Lq of the Lk positions, plus (optionally) shared prefix keys (1, H, P, hd) seen by all."""
-    scale = q.shape[-1] ** -0.5
-    q = q * scale
-    lq, lk = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-1, -2)).float()
-    qi = torch.arange(lk - lq, lk, device=q.device).unsqueeze(1)
-    scores = scores.masked_fill(torch.arange(lk, device=q.device).unsqueeze(0) > qi, float("-inf"))
-    if k_prefix is None:
-        return scores.softmax(dim=-1).to(q.dtype) @ v
-    pre = (q @ k_prefix.transpose(-1, -2)).float()
-    probs = torch.cat([pre, scores], dim=-1).softmax(dim=-1).to(q.dtype)
-    p = k_prefix.shape[-2]
-    return probs[..., :p] @ v_prefix + probs[..., p:] @ v
+class _Layout:
+    """Where each class's tokens sit in the packed matrix (after ``p`` shared prefix rows) and in the padded
+    (C, S) attention layout, S = the longest class."""
+
+    def __init__(self, lengths: torch.Tensor, p: int):
+        dev = lengths.device
+        self.p, self.n, self.s = p, lengths.shape[0], int(lengths.max())
+        self.lengths = lengths
+        j = torch.arange(self.s, device=dev).unsqueeze(0)
+        starts = torch.cumsum(lengths, 0) - lengths
+        self.valid = (j < lengths.unsqueeze(1)).flatten().nonzero().squeeze(1)  # padded slots holding tokens
+        self.last_rows = p + starts + lengths - 1  # each class's EOT row in the packed matrix
+
+    # index_select / index_copy rather than advanced indexing: their backward passes are a plain gather or
+    # scatter, not the slow accumulating index_put.
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """(C, >=S, D) padded per-class rows -> (sum of lengths, D) packed rows."""
+        return padded[:, :self.s].reshape(self.n * self.s, -1).index_select(0, self.valid)
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """(sum of lengths, D) packed rows -> (C, S, D), zeros in the padding slots (never attended to)."""
+        out = packed.new_zeros(self.n * self.s, packed.shape[-1]).index_copy(0, self.valid, packed)
+        return out.view(self.n, self.s, -1)
 
 
-def _split_heads(x: torch.Tensor, n: int, length: int, heads: int) -> torch.Tensor:
-    """(n * length, D) packed rows -> (n, H, length, D/H)."""
-    return x.reshape(n, length, heads, -1).transpose(1, 2)
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., L, D) -> (H, ..., L, D/H)."""
+    return x.unflatten(-1, (heads, -1)).movedim(-2, 0)
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(n, H, length, hd) -> (n * length, H * hd)."""
-    n, h, length, hd = x.shape
-    return x.transpose(1, 2).reshape(n * length, h * hd)
+def _attention(q, k, v, mask, k_pre=None, v_pre=None) -> torch.Tensor:
+    """Softmax attention per class. q (H, C, Lq, hd); own keys/values k, v (H, C, S, hd); ``mask`` True where
+    a query must not see an own key (broadcast to (C, Lq, S)); optional shared prefix keys/values
+    (H, P, hd), seen by every query. Returns (H, C, Lq, hd)."""
+    h, c, lq, hd = q.shape
+    q = q * hd ** -0.5
+    own = (q @ k.transpose(-1, -2)).float().masked_fill(mask, float("-inf"))
+    if k_pre is None:
+        return own.softmax(dim=-1).to(q.dtype) @ v
+    # Prefix scores for all classes in one matmul per head, without copying the prefix per class.
+    pre = (q.reshape(h, c * lq, hd) @ k_pre.transpose(-1, -2)).float().view(h, c, lq, -1)
+    probs = torch.cat([pre, own], dim=-1).softmax(dim=-1).to(q.dtype)
+    p = k_pre.shape[-2]
+    from_pre = (probs[..., :p].reshape(h, c * lq, p) @ v_pre).view(h, c, lq, hd)
+    return from_pre + probs[..., p:] @ v
 
 
-def _run_packed(bb: Backbone, prefix: Optional[torch.Tensor], groups: list[torch.Tensor]) -> torch.Tensor:
-    """Pooled (last-token) outputs, (sum of n, d) float32 in group order, for sequences
-    ``[prefix, group_g[j]]`` where ``prefix`` (P, D) is shared and each group is (n, s, D), all with
-    positional embeddings already added."""
+def _causal(lq: int, lk: int, device) -> torch.Tensor:
+    """(lq, lk) True above the diagonal, the queries being the last lq of lk positions."""
+    return torch.arange(lk, device=device).unsqueeze(0) > torch.arange(lk - lq, lk, device=device).unsqueeze(1)
+
+
+def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(C, d) float32 pooled outputs of sequences ``[prefix, seqs[c, :lengths[c]]]`` read at their last token.
+    ``prefix`` (P, D) and ``seqs`` (C, >=max length, D) already carry their positional embeddings."""
     blocks = bb.text.blocks
-    width = groups[0].shape[-1]
+    width = seqs.shape[-1]
     p = prefix.shape[0] if prefix is not None else 0
-    shapes = [(g.shape[0], g.shape[1]) for g in groups]
-    x = torch.cat(([prefix] if p else []) + [g.reshape(-1, width) for g in groups])
-    # Packed row of each sequence's last token, where the pooled (EOT) output is read.
-    ends, start = [], p
-    for n, s in shapes:
-        ends.append(start + s - 1 + s * torch.arange(n, device=x.device))
-        start += n * s
-    last_rows = torch.cat(ends)
+    lay = _Layout(lengths, p)
+    x = lay.pack(seqs)
+    if p:
+        x = torch.cat([prefix, x])
+    own_mask = _causal(lay.s, lay.s, x.device)
+    # In the last layer each class's query is its EOT: it sees its own keys up to its length.
+    eot_mask = (torch.arange(lay.s, device=x.device) >= lengths.unsqueeze(1)).unsqueeze(1)  # (C, 1, S)
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
         attn = block.attn
@@ -75,51 +98,40 @@ def _run_packed(bb: Backbone, prefix: Optional[torch.Tensor], groups: list[torch
         w, b = attn.in_proj_weight, attn.in_proj_bias
         h = block.ln_1(x)
         if last:  # keys and values for every token, queries only where the output is read
-            k, v = F.linear(h, w[width:], None if b is None else b[width:]).chunk(2, dim=-1)
-            q = F.linear(h[last_rows], w[:width], None if b is None else b[:width])
+            kv = F.linear(h, w[width:], None if b is None else b[width:])
+            q = _heads(F.linear(h.index_select(0, lay.last_rows), w[:width], None if b is None else b[:width]), heads)
+            q = q.unsqueeze(2)  # (H, C, 1, hd)
+            k, v = kv.chunk(2, dim=-1)
         else:
             q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
-        kp = vp = None
+        k_pre = v_pre = None
         outs = []
         if p:
-            kp, vp = _split_heads(k[:p], 1, p, heads), _split_heads(v[:p], 1, p, heads)
+            k_pre, v_pre = _heads(k[:p], heads), _heads(v[:p], heads)  # (H, P, hd)
             if not last:
-                outs.append(_merge_heads(_attend(_split_heads(q[:p], 1, p, heads), kp, vp)))
-        start, q_start = p, 0
-        for n, s in shapes:
-            kg = _split_heads(k[start:start + n * s], n, s, heads)
-            vg = _split_heads(v[start:start + n * s], n, s, heads)
-            if last:
-                qg = _split_heads(q[q_start:q_start + n], n, 1, heads)
-            else:
-                qg = _split_heads(q[start:start + n * s], n, s, heads)
-            outs.append(_merge_heads(_attend(qg, kg, vg, kp, vp)))
-            start, q_start = start + n * s, q_start + n
+                q_pre = _heads(q[:p], heads).unsqueeze(1)
+                pre_out = _attention(q_pre, k_pre.unsqueeze(1), v_pre.unsqueeze(1), _causal(p, p, x.device))
+                outs.append(pre_out.squeeze(1).movedim(0, -2).flatten(-2))
+        k_own, v_own = _heads(lay.pad(k[p:]), heads), _heads(lay.pad(v[p:]), heads)  # (H, C, S, hd)
         if last:
-            x = x[last_rows]
-        x = x + block.ls_1(attn.out_proj(torch.cat(outs)))
+            out = _attention(q, k_own, v_own, eot_mask, k_pre, v_pre)  # (H, C, 1, hd)
+            outs = [out.squeeze(2).movedim(0, -2).flatten(-2)]  # (C, D)
+            x = x.index_select(0, lay.last_rows)
+        else:
+            out = _attention(_heads(lay.pad(q[p:]), heads), k_own, v_own, own_mask, k_pre, v_pre)  # (H, C, S, hd)
+            outs.append(lay.pack(out.movedim(0, -2).flatten(-2)))
+        x = x + block.ls_1(attn.out_proj(torch.cat(outs) if len(outs) > 1 else outs[0]))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return bb.text.project(bb.text.ln_final(x)).float()
-
-
-def _by_length(lengths: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(length, class indices) for each distinct length."""
-    return [(s, (lengths == s).nonzero().squeeze(1)) for s in torch.unique(lengths).tolist()]
-
-
-def _unsort(feats: torch.Tensor, groups: list[tuple[int, torch.Tensor]], n_cls: int) -> torch.Tensor:
-    order = torch.cat([rows for _, rows in groups])
-    return feats.new_empty(n_cls, feats.shape[1]).index_put((order,), feats)
 
 
 def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
     """(C, d) float32 features of prompt embeddings (C, L, D) pooled at ``eot_idx``; exact, any layout.
 
-    Every sequence is cut at its own EOT (classes grouped by EOT position, so no padding)."""
+    Every sequence is cut at its own EOT: nothing after it is computed."""
+    length = int(eot_idx.max()) + 1
     pos = bb.text.positional_embedding.to(bb.dtype)
-    groups = _by_length(eot_idx + 1)
-    seqs = [prompts[rows, :s].to(bb.dtype) + pos[:s] for s, rows in groups]
-    return _unsort(_run_packed(bb, None, seqs), groups, prompts.shape[0])
+    return _run(bb, None, prompts[:, :length].to(bb.dtype) + pos[:length], eot_idx + 1)
 
 
 def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tensor,
@@ -131,7 +143,5 @@ def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tenso
     """
     pos = bb.text.positional_embedding.to(bb.dtype)
     p = prefix.shape[0]
-    groups = _by_length(suffix_len)
-    seqs = [suffix[rows, :s].to(bb.dtype) + pos[p:p + s] for s, rows in groups]
-    feats = _run_packed(bb, prefix.to(bb.dtype) + pos[:p], seqs)
-    return _unsort(feats, groups, suffix.shape[0])
+    s = int(suffix_len.max())
+    return _run(bb, prefix.to(bb.dtype) + pos[:p], suffix[:, :s].to(bb.dtype) + pos[p:p + s], suffix_len)
