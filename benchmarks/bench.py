@@ -377,11 +377,15 @@ def section_e2e(out: dict, bank_views: int, precision: str, epochs: int | None) 
            "train_s": tm["train_s"], "encode_test_s": tm["encode_test_s"], "evaluate_s": tm["evaluate_s"],
            "n_train": m["dataset"]["n_train"], "n_test": m["dataset"]["n_test"]}
     res["train_step_s"] = res["train_s"] / max(res["steps"], 1)
+    per_view = res["feature_bank_s"] / bank_views
+    res["projected_wall_s_by_views"] = {k: wall + (k - bank_views) * per_view for k in (1, 2, 4, 10)}
     out["e2e"] = res
     print(f"  wall {wall / 60:.1f} min = load {res['load_s']:.0f} s + feature bank {res['feature_bank_s']:.0f} s "
           f"({res['n_train']} images x {bank_views} views) + training {res['train_s']:.0f} s ({res['steps']} steps, "
           f"{res['train_step_s']:.3f} s/step) + test encoding {res['encode_test_s']:.0f} s ({res['n_test']} images) "
           f"+ evaluation {res['evaluate_s']:.1f} s")
+    print("  the bank costs the same for every view (" + f"{per_view:.0f} s per view); the same run with K views: "
+          + ", ".join(f"K={k} {v / 60:.1f} min" for k, v in res["projected_wall_s_by_views"].items()))
 
 
 def main(argv=None) -> int:
