@@ -15,7 +15,6 @@ from support import tiny_backbone
 import vlprompt as vp
 from vlprompt.cli import main
 from vlprompt.data import make_synthetic_dataset
-from vlprompt.engine.run import run
 from vlprompt.engine.trainer import ExactFeatures, FeatureBank, TrainSettings, train_prompt
 from vlprompt.methods import get_method
 from vlprompt.methods.base import parse_options

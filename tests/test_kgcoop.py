@@ -15,6 +15,7 @@ from vlprompt.data import make_synthetic_dataset
 from vlprompt.engine.run import run
 from vlprompt.engine.trainer import TrainBatch
 from vlprompt.methods.kgcoop import KgCoOpObjective, KgCoOpOptions, kg_term
+from vlprompt.prompts import zeroshot
 
 TINY = dict(backbone="vlprompt-tiny-ViT", pretrained="random", progress=False)
 NAMES = ["cat", "dog", "sports car", "oak tree"]
@@ -108,3 +109,24 @@ def test_base_to_new_on_the_command_line(shapes, tmp_path):
     ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
     all_names = vp.load_dataset(shapes).classnames
     assert ev["method"] == "kgcoop" and ev["dataset"]["classnames"] == all_names[4:]
+
+
+def test_cross_dataset_hand_view_follows_the_target_template(shapes, bb, tmp_path):
+    """A prompt trained with the dataset's template uses the *target* dataset's template elsewhere (as
+    zero-shot CLIP would), and the ensemble view is rebuilt around the target's template."""
+    from types import SimpleNamespace
+
+    out = tmp_path / "kg"
+    cfg = vp.RunConfig.from_sources(dataset=shapes, method="kgcoop", shots=2, epochs=1, batch_size=8,
+                                    method_options={"ensemble_hand": 0.5}, output=str(out), **TINY)
+    run(cfg, backbone=bb)
+    method = vp.get_method("kgcoop")
+    target = SimpleNamespace(name="other", template="a drawing of a {}.")
+    same = method.load(str(out / "prompt"), bb, NAMES)
+    moved = method.load(str(out / "prompt"), bb, NAMES, dataset=target)
+    assert moved.templates == ["a drawing of a {}."] and same.templates != moved.templates
+    expected = zeroshot.handcrafted_text_features(bb, NAMES, ["a drawing of a {}."])
+    assert torch.allclose(moved.hand, expected, atol=1e-6)
+    assert torch.equal(moved.ctx, same.ctx)
+    override = method.load(str(out / "prompt"), bb, NAMES, dataset=target, template="art of a {}.")
+    assert override.templates == ["art of a {}."]

@@ -282,7 +282,7 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     ds = load_dataset(cfg.dataset, cfg.root, shots=cfg.shots, seed=cfg.seed, subsample=cfg.subsample,
                       template=cfg.template)
     bb = backbone or backbone_from_config(cfg)
-    learner = method.load(str(path), bb, ds.classnames)
+    learner = method.load(str(path), bb, ds.classnames, dataset=ds, template=cfg.template)
     t = time.perf_counter()
     feats, labels = _MEMO.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
     report = accuracy_report(classify(learner, feats), labels, ds.classnames)

@@ -56,8 +56,10 @@ class Method(Protocol):
     def objective(self, learner: torch.nn.Module, cfg, dataset) -> Objective:
         """The training objective of a run (only for methods that train)."""
 
-    def load(self, path: str, backbone: Backbone, classnames: Sequence[str]) -> torch.nn.Module:
-        """A saved learner, rebuilt for ``classnames``."""
+    def load(self, path: str, backbone: Backbone, classnames: Sequence[str], dataset=None,
+             template: Optional[str] = None) -> torch.nn.Module:
+        """A saved learner, rebuilt for ``classnames`` of ``dataset`` (whose ``template``, when the learner
+        uses hand-crafted prompts)."""
 
 
 def parse_options(method: str, options_cls: Optional[type], values: Optional[dict]):

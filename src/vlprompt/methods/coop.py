@@ -29,5 +29,5 @@ class CoOpMethod:
     def objective(self, learner: CoOp, cfg, dataset=None) -> CoOpObjective:
         return CoOpObjective(parse_options(self.name, self.Options, cfg.method_options))
 
-    def load(self, path, backbone, classnames) -> CoOp:
+    def load(self, path, backbone, classnames, dataset=None, template=None) -> CoOp:
         return CoOp.from_pretrained(path, backbone, classnames=classnames)

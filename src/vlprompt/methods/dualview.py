@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..errors import VlpromptError
 from ..prompts.guided import GuidedCoOp
 from .base import Objective, parse_options
-from .kgcoop import HandViewOptions, build_guided
+from .kgcoop import GuidedMethod, HandViewOptions
 
 AUGMENTATIONS = ("mix_softlabel", "mix_virtual_class", "feat_gauss", "proto_mix")
 COVARIANCES = ("shared", "diagonal")
@@ -286,18 +286,10 @@ class DualViewObjective(Objective):
         return out
 
 
-class DualViewMethod:
+class DualViewMethod(GuidedMethod):
     name = "dualview_mi"
-    trains = True
     Options = DualViewOptions
-
-    def build(self, backbone, classnames: Sequence[str], cfg, dataset) -> GuidedCoOp:
-        options = parse_options(self.name, self.Options, cfg.method_options)
-        return build_guided(self.name, options, backbone, classnames, cfg, dataset)
 
     def objective(self, learner: GuidedCoOp, cfg, dataset) -> DualViewObjective:
         options = parse_options(self.name, self.Options, cfg.method_options)
         return DualViewObjective(options, seed=cfg.seed, train_mode=cfg.train_mode)
-
-    def load(self, path, backbone, classnames) -> GuidedCoOp:
-        return GuidedCoOp.from_pretrained(path, backbone, classnames=classnames)

@@ -8,7 +8,7 @@ with dual-view MI, building the learner) serve every method that pairs soft prom
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +36,17 @@ class HandViewOptions:
             raise VlpromptError(f"option ensemble_hand: must be in [0, 1], got {self.ensemble_hand}")
 
 
-def hand_templates(options: HandViewOptions, cfg, dataset) -> list[str]:
-    template = cfg.template or dataset.template
-    return ensemble_templates(template, dataset.name) if options.hand_templates == "ensemble" else [template]
+def hand_templates(view: str, template: Optional[str], dataset) -> list[str]:
+    """The hand-crafted view's templates on ``dataset``: its template (or ``template``), or the ensemble."""
+    template = template or dataset.template
+    return ensemble_templates(template, dataset.name) if view == "ensemble" else [template]
 
 
 def build_guided(method: str, options: HandViewOptions, backbone, classnames: Sequence[str], cfg,
                  dataset) -> GuidedCoOp:
-    return GuidedCoOp(backbone, classnames, hand_templates(options, cfg, dataset), method=method,
-                      ensemble_hand=options.ensemble_hand, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
-                      class_token_position=cfg.class_token_position)
+    return GuidedCoOp(backbone, classnames, hand_templates(options.hand_templates, cfg.template, dataset),
+                      method=method, ensemble_hand=options.ensemble_hand, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init,
+                      csc=cfg.csc, class_token_position=cfg.class_token_position, hand_view=options.hand_templates)
 
 
 def kg_term(soft: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ class KgCoOpObjective(Objective):
     def deviations(self) -> list[str]:
         out = []
         if self.options.hand_templates != "dataset":
-            out.append(f"kgcoop: hand-crafted view from the template ensemble (KgCoOp: the dataset's template)")
+            out.append("kgcoop: hand-crafted view from the template ensemble (KgCoOp: the dataset's template)")
         if self.dataset_name == "dtd" and self.template != KGCOOP_DTD_TEMPLATE:
             out.append(f"kgcoop on DTD: template '{self.template}' (KgCoOp used '{KGCOOP_DTD_TEMPLATE}'; "
                        "set --template to match)")
@@ -90,18 +91,33 @@ class KgCoOpObjective(Objective):
         return out
 
 
-class KgCoOpMethod:
-    name = "kgcoop"
+class GuidedMethod:
+    """Building and loading for the methods whose learner carries a frozen hand-crafted view (kgcoop,
+    dualview_mi); a subclass sets ``name`` and ``Options`` and builds its objective."""
+
     trains = True
-    Options = KgCoOpOptions
+    name: str
+    Options: type
 
     def build(self, backbone, classnames: Sequence[str], cfg, dataset) -> GuidedCoOp:
         options = parse_options(self.name, self.Options, cfg.method_options)
         return build_guided(self.name, options, backbone, classnames, cfg, dataset)
 
+    def load(self, path, backbone, classnames, dataset=None, template: Optional[str] = None) -> GuidedCoOp:
+        """The saved prompt for ``classnames``; given the evaluation ``dataset`` (cross-dataset transfer), its
+        hand-crafted view follows that dataset's template as it did the training dataset's."""
+        learner = GuidedCoOp.from_pretrained(path, backbone, classnames=classnames)
+        if dataset is not None and learner.hand_view in HAND_CHOICES:
+            templates = hand_templates(learner.hand_view, template, dataset)
+            if templates != learner.templates:
+                learner.use_templates(templates)
+        return learner
+
+
+class KgCoOpMethod(GuidedMethod):
+    name = "kgcoop"
+    Options = KgCoOpOptions
+
     def objective(self, learner: GuidedCoOp, cfg, dataset) -> KgCoOpObjective:
         options = parse_options(self.name, self.Options, cfg.method_options)
         return KgCoOpObjective(options, dataset.name, cfg.template or dataset.template)
-
-    def load(self, path, backbone, classnames) -> GuidedCoOp:
-        return GuidedCoOp.from_pretrained(path, backbone, classnames=classnames)

@@ -25,5 +25,5 @@ class ZeroShotMethod:
     def objective(self, learner, cfg, dataset):
         raise VlpromptError(f"method {self.name} has nothing to train")
 
-    def load(self, path, backbone, classnames):
+    def load(self, path, backbone, classnames, dataset=None, template=None):
         raise VlpromptError(f"method {self.name} has no saved prompt to load")

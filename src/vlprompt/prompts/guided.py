@@ -25,18 +25,24 @@ class GuidedCoOp(CoOp):
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
                  method: str = "kgcoop", ensemble_hand: float = 0.0, n_ctx: int = 4,
-                 ctx_init: Optional[str] = "a photo of a", csc: bool = False, class_token_position: str = "end"):
+                 ctx_init: Optional[str] = "a photo of a", csc: bool = False, class_token_position: str = "end",
+                 hand_view: Optional[str] = None):
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, csc=csc,
                          class_token_position=class_token_position)
-        if not templates or any("{}" not in t for t in templates):
-            raise VlpromptError(f"hand-crafted templates must each contain '{{}}', got {list(templates)!r}")
         if not 0.0 <= float(ensemble_hand) <= 1.0:
             raise VlpromptError(f"ensemble_hand: must be in [0, 1], got {ensemble_hand}")
         self.method = method
-        self.templates = list(templates)
         self.ensemble_hand = float(ensemble_hand)
+        self.hand_view = hand_view  # "dataset" or "ensemble": how the templates follow a target dataset
+        self.use_templates(templates)
+
+    def use_templates(self, templates: Sequence[str]) -> None:
+        """Encode the hand-crafted view of the classes with ``templates`` (once)."""
+        if not templates or any("{}" not in t for t in templates):
+            raise VlpromptError(f"hand-crafted templates must each contain '{{}}', got {list(templates)!r}")
+        self.templates = list(templates)
         # Looked up through the module so tests can count the calls; .clone() leaves inference mode.
-        hand = zeroshot.handcrafted_text_features(backbone, self.classnames, self.templates).clone()
+        hand = zeroshot.handcrafted_text_features(self.backbone, self.classnames, self.templates).clone()
         self.register_buffer("hand", hand.float(), persistent=False)
 
     def soft_features(self) -> torch.Tensor:
@@ -51,11 +57,12 @@ class GuidedCoOp(CoOp):
         return F.normalize((1.0 - self.ensemble_hand) * soft + self.ensemble_hand * self.hand, dim=-1)
 
     def config(self) -> dict:
-        return {**super().config(), "templates": self.templates, "ensemble_hand": self.ensemble_hand}
+        return {**super().config(), "templates": self.templates, "ensemble_hand": self.ensemble_hand,
+                "hand_view": self.hand_view}
 
     @classmethod
     def _init_kwargs(cls, cfg: dict, path) -> dict:
         if not cfg.get("templates"):
             raise VlpromptError(f"prompt {path}: its config names no hand-crafted templates")
         return {"templates": cfg["templates"], "method": cfg.get("method", "kgcoop"),
-                "ensemble_hand": float(cfg.get("ensemble_hand", 0.0))}
+                "ensemble_hand": float(cfg.get("ensemble_hand", 0.0)), "hand_view": cfg.get("hand_view")}
