@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -19,12 +19,13 @@ def make_loader(items: Sequence[Datum], transform: Callable, batch_size: int, nu
 
 
 def encode_items(bb: Backbone, items: Sequence[Datum], transform: Callable, batch_size: int = 100,
-                 num_workers: int = 0, desc: str = "encoding images", progress: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, d) float32, labels (N,)) for a list of items, in list order."""
+                 num_workers: int = 0, desc: str = "encoding images", progress: bool = True,
+                 loader: Callable = load_image, bar: Optional[Progress] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, d) float32, labels (N,)) for a list of items, in list order. ``loader`` decodes a path
+    (e.g. from images already in memory); ``bar`` lets several calls share one progress line."""
     feats, labels = [], []
-    bar = Progress(desc, len(items), enabled=progress)
-    for images, y in make_loader(items, transform, batch_size, num_workers):
+    bar = bar or Progress(desc, len(items), enabled=progress)
+    for images, y in make_loader(items, transform, batch_size, num_workers, loader=loader):
         feats.append(bb.encode_images(images))
         labels.append(y)
         bar.update(len(y))

@@ -16,10 +16,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..backbones.backbone import Backbone
-from ..data.transforms import ImageDataset, load_image
+from ..data.transforms import load_image
 from ..data.types import Datum
 from ..errors import VlpromptError
 from ..utils.progress import Progress, say
+from .features import encode_items
 from .schedule import batches_per_epoch, coop_lr
 
 
@@ -138,15 +139,9 @@ class FeatureBank:
         bar = Progress("encoding the feature bank", bank_views * len(items) * len(kinds), enabled=progress)
         self.banks = {}
         for kind, tf in kinds.items():
-            dataset = ImageDataset(items, tf, loader=images)
-            draws = []
-            for _ in range(bank_views):
-                loader = torch.utils.data.DataLoader(dataset, batch_size=100, num_workers=settings.num_workers)
-                chunk = []
-                for x, _y in loader:
-                    chunk.append(bb.encode_images(x).clone())
-                    bar.update(len(x))
-                draws.append(torch.cat(chunk))
+            # .clone() gives normal tensors: inference-mode tensors cannot enter autograd.
+            draws = [encode_items(bb, items, tf, 100, settings.num_workers, loader=images, bar=bar)[0].clone()
+                     for _ in range(bank_views)]
             self.banks[kind] = torch.stack(draws, dim=1)  # (N, K, d)
         self.labels = torch.tensor([it.label for it in items], device=next(iter(self.banks.values())).device)
 
