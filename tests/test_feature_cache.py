@@ -41,10 +41,13 @@ def test_round_trip_is_identical(bb, items, tmp_path):
 
 def test_each_ingredient_changes_the_key(bb, items, tmp_path):
     base = split_key(bb, items, "shapes")
+    other_impl = tiny_backbone()
+    other_impl.image_encoder_id = "open_clip"
     variants = {
         "other weights": split_key(tiny_backbone(random_init_seed=1), items, "shapes"),
         "precision": split_key(tiny_backbone(precision="bf16"), items, "shapes"),
         "architecture/transform size": split_key(tiny_backbone("vlprompt-tiny-RN"), items, "shapes"),
+        "image-encoder implementation": split_key(other_impl, items, "shapes"),
         "dataset": split_key(bb, items, "other"),
         "image list": split_key(bb, items[:-1], "shapes"),
         "labels": split_key(bb, [type(items[0])(items[0].path, 7, "x")] + list(items[1:]), "shapes"),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import VlpromptError
+from ..image.fast import FAST_IMAGE_ID, encode_vit_cls, fast_image_unsupported
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -112,6 +113,9 @@ class Backbone(nn.Module):
         with torch.no_grad():
             self.logit_scale: float = float(model.logit_scale.exp().item())
         self.embed_dim: int = int(self._probe_embed_dim())
+        # The exact class-token shortcut where the tower allows it, open_clip's own forward otherwise.
+        self.fast_image_unsupported: Optional[str] = fast_image_unsupported(model.visual)
+        self.image_encoder_id = "open_clip" if self.fast_image_unsupported else FAST_IMAGE_ID
         # Frozen: no gradients for any backbone weight, eval mode forever, weights cast once
         # (bf16 autocast is slow on CPU for open_clip's attention; a one-off cast is not).
         for p in model.parameters():
@@ -155,8 +159,10 @@ class Backbone(nn.Module):
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Raw (unnormalised) image features in float32 for a batch of preprocessed images."""
-        feats = self.model.encode_image(images.to(self.device, self.dtype))
-        return feats.float()
+        images = images.to(self.device, self.dtype)
+        if self.fast_image_unsupported is None:
+            return encode_vit_cls(self.model.visual, images).float()
+        return self.model.encode_image(images).float()
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""Exact shortcut through a frozen open_clip ViT image tower (DESIGN.md, Performance 3).
+
+A ViT with class-token pooling reads only the class token of the last layer. In that layer every token
+still supplies keys and values, but the query, the attention output, the output projection and the MLP
+are needed for the class token alone: about 7% of a ViT-B/16 forward pass that open_clip computes and
+throws away. Attention runs through `scaled_dot_product_attention` (one fused kernel on CPU) instead of
+`nn.MultiheadAttention`'s separate score, softmax and weighted-sum steps. The result equals
+``model.encode_image`` up to floating-point rounding.
+
+Towers this does not cover (ResNets, average or attentional pooling, custom blocks, timm towers) use
+open_clip's own forward: `fast_image_unsupported` names the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Recorded in the feature-cache key: features from another implementation are never mixed in.
+FAST_IMAGE_ID = "vit-cls-last-layer+sdpa/v1"
+
+
+def fast_image_unsupported(visual: nn.Module) -> Optional[str]:
+    """None when `encode_vit_cls` can run this image tower, else why not."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    if type(visual) is not VisionTransformer:
+        return f"image tower {type(visual).__name__} is not open_clip's VisionTransformer"
+    if getattr(visual, "attn_pool", None) is not None:
+        return "attentional pooling"
+    if getattr(visual, "pool_type", "tok") != "tok":
+        return f"pooling '{visual.pool_type}' (needs class-token pooling)"
+    if getattr(visual, "output_tokens", False):
+        return "the tower returns its tokens"
+    for block in visual.transformer.resblocks:
+        attn = getattr(block, "attn", None)
+        if (type(block) is not ResidualAttentionBlock or not isinstance(attn, nn.MultiheadAttention)
+                or attn.in_proj_weight is None or hasattr(block, "ln_1_kv")):
+            return f"blocks of type {type(block).__name__}"
+    return None
+
+
+def _attend(block: nn.Module, x: torch.Tensor, query_rows: Optional[int]) -> torch.Tensor:
+    """Self-attention of one block on (B, N, D) with queries for every token, or the first ``query_rows``."""
+    attn = block.attn
+    width = x.shape[-1]
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    h = block.ln_1(x)
+    if query_rows is None:
+        q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
+    else:
+        k, v = F.linear(h, w[width:], None if b is None else b[width:]).chunk(2, dim=-1)
+        q = F.linear(h[:, :query_rows], w[:width], None if b is None else b[:width])
+    q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    return attn.out_proj(out)
+
+
+def encode_vit_cls(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, d) pooled, projected features of a class-token ViT; equals ``visual(images)``.
+
+    The caller has checked `fast_image_unsupported(visual)` and passes images in the tower's dtype."""
+    x = visual._embeds(images)  # patches + class token + positions (+ ln_pre), open_clip's own
+    blocks = visual.transformer.resblocks
+    for i, block in enumerate(blocks):
+        if i < len(blocks) - 1:
+            x = x + block.ls_1(_attend(block, x, None))
+        else:  # only the class token's row is read after the last layer
+            x = x[:, :1] + block.ls_1(_attend(block, x, 1))
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    pooled = visual.ln_post(x[:, 0])  # per-token norm: the same before or after pooling
+    return pooled if visual.proj is None else pooled @ visual.proj
