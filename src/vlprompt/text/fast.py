@@ -9,11 +9,17 @@
 
 Both run the tower's own weights on packed tokens: the shared prefix and every class's own tokens, each
 class cut at its EOT, sit in one (T, D) matrix, so each layer's projections and MLP are a few large
-matrix products with no padding. Only attention, a small part of the work, sees the classes padded to
-the longest one; padded slots hold zeros, are never attended to (causality hides them from real
-queries) and their outputs are dropped. Attention is a plain matmul + softmax (PyTorch's fused CPU attention backward is
-slow for many short sequences, especially in bf16), the softmax in float32. In the last layer only the
-EOT rows are computed (keys and values are still needed for every token).
+matrix products with no padding.
+
+Attention never pads a class. The packed own tokens are cut into chunks of R consecutive rows; a chunk's
+queries see, besides the prefix, a window of R + S - 1 own keys (their chunk and the S - 1 rows before
+it, S = the longest class), which holds every key any of them may attend to. A precomputed mask keeps
+each query to its own class and causal order. A chunk is a small dense matrix product, so a layer's
+attention is a handful of batched products whatever the class lengths (per-class products of a few
+tokens each are dominated by per-matrix overhead on CPU, and padding every class to the longest costs
+copies). Attention is a plain matmul + softmax in float32 (PyTorch's fused CPU attention backward is
+slow for many short sequences, especially in bf16). In the last layer only the EOT rows are queries
+(keys and values are still needed for every token), each seeing the S rows that end at it.
 """
 
 from __future__ import annotations
@@ -25,57 +31,111 @@ import torch.nn.functional as F
 
 from ..backbones.backbone import Backbone
 
+CHUNK_ROWS = 16  # queries per attention chunk; measured best of 16/32/64 at 10-1000 classes, fp32 and bf16
 
-class _Layout:
-    """Where each class's tokens sit in the packed matrix (after ``p`` shared prefix rows) and in the padded
-    (C, S) attention layout, S = the longest class."""
 
-    def __init__(self, lengths: torch.Tensor, p: int):
+class _Plan:
+    """Where every class's tokens sit in the packed matrix and which keys each query may see.
+
+    Own rows (after the ``p`` prefix rows) are the classes' tokens back to back. ``chunk_mask``
+    (n, R, p + W) is True where a chunk query must not see a key; every row keeps at least one finite score
+    (a real query sees itself, a padding query sees every key), so the softmax never produces NaN."""
+
+    def __init__(self, lengths: torch.Tensor, p: int, rows: int = CHUNK_ROWS):
         dev = lengths.device
-        self.p, self.n, self.s = p, lengths.shape[0], int(lengths.max())
-        self.lengths = lengths
-        j = torch.arange(self.s, device=dev).unsqueeze(0)
+        self.p, self.n_cls = p, lengths.shape[0]
+        self.s = s = int(lengths.max())
+        self.rows = rows = max(rows, s - 1)  # a window reaches back at most one chunk
+        self.t = t = int(lengths.sum())
+        self.n = n = -(-t // rows)
+        self.w = w = rows + s - 1
+        j = torch.arange(s, device=dev)
+        self.valid = (j.unsqueeze(0) < lengths.unsqueeze(1)).flatten().nonzero().squeeze(1)  # (C, S) slots -> rows
+        cls = torch.repeat_interleave(torch.arange(self.n_cls, device=dev), lengths)
+        pad = torch.full((s - 1 + n * rows,), -1, device=dev)
+        cls_q = pad[s - 1:].clone().index_copy_(0, torch.arange(t, device=dev), cls)  # -1: padding queries
+        cls_k = pad.clone().index_copy_(0, torch.arange(s - 1, s - 1 + t, device=dev), cls)
+        cls_k[cls_k < 0] = -2  # padding keys match no query
+        q_row = torch.arange(n * rows, device=dev).view(n, rows, 1)
+        k_row = (torch.arange(n, device=dev) * rows).view(n, 1, 1) + torch.arange(w, device=dev) - (s - 1)
+        seen = (cls_q.view(n, rows, 1) == cls_k[k_row + s - 1]) & (k_row <= q_row)
+        seen |= (cls_q < 0).view(n, rows, 1)  # padding queries (outputs dropped) see everything: no all-masked row
+        self.chunk_mask = torch.cat([torch.zeros(n, rows, p, dtype=torch.bool, device=dev), ~seen], dim=-1)
         starts = torch.cumsum(lengths, 0) - lengths
-        self.valid = (j < lengths.unsqueeze(1)).flatten().nonzero().squeeze(1)  # padded slots holding tokens
-        self.last_rows = p + starts + lengths - 1  # each class's EOT row in the packed matrix
+        self.eot = starts + lengths - 1  # each class's EOT among the own rows
+        self.eot_window = (self.eot.unsqueeze(1) + j).flatten()  # its S rows, in the own rows padded by S-1
+        self.eot_mask = torch.cat([torch.zeros(self.n_cls, p, dtype=torch.bool, device=dev),
+                                   j.unsqueeze(0) < (s - lengths).unsqueeze(1)], dim=-1).unsqueeze(1)
 
-    # index_select / index_copy rather than advanced indexing: their backward passes are a plain gather or
-    # scatter, not the slow accumulating index_put.
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        """(C, >=S, D) padded per-class rows -> (sum of lengths, D) packed rows."""
-        return padded[:, :self.s].reshape(self.n * self.s, -1).index_select(0, self.valid)
-
-    def pad(self, packed: torch.Tensor) -> torch.Tensor:
-        """(sum of lengths, D) packed rows -> (C, S, D), zeros in the padding slots (never attended to)."""
-        out = packed.new_zeros(self.n * self.s, packed.shape[-1]).index_copy(0, self.valid, packed)
-        return out.view(self.n, self.s, -1)
+        """(C, >=S, D) per-class rows -> (sum of lengths, D) packed rows (index_select: its backward is a
+        plain scatter, not the slow accumulating index_put of advanced indexing)."""
+        return padded[:, :self.s].reshape(self.n_cls * self.s, -1).index_select(0, self.valid)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(..., L, D) -> (H, ..., L, D/H)."""
-    return x.unflatten(-1, (heads, -1)).movedim(-2, 0)
+    """(L, D) -> (H, L, D/H)."""
+    return x.unflatten(-1, (heads, -1)).transpose(0, 1)
 
 
-def _attention(q, k, v, mask, k_pre=None, v_pre=None) -> torch.Tensor:
-    """Softmax attention per class. q (H, C, Lq, hd); own keys/values k, v (H, C, S, hd); ``mask`` True where
-    a query must not see an own key (broadcast to (C, Lq, S)); optional shared prefix keys/values
-    (H, P, hd), seen by every query. Returns (H, C, Lq, hd)."""
-    h, c, lq, hd = q.shape
-    q = q * hd ** -0.5
-    own = (q @ k.transpose(-1, -2)).float().masked_fill(mask, float("-inf"))
-    if k_pre is None:
-        return own.softmax(dim=-1).to(q.dtype) @ v
-    # Prefix scores for all classes in one matmul per head, without copying the prefix per class.
-    pre = (q.reshape(h, c * lq, hd) @ k_pre.transpose(-1, -2)).float().view(h, c, lq, -1)
-    probs = torch.cat([pre, own], dim=-1).softmax(dim=-1).to(q.dtype)
-    p = k_pre.shape[-2]
-    from_pre = (probs[..., :p].reshape(h, c * lq, p) @ v_pre).view(h, c, lq, hd)
-    return from_pre + probs[..., p:] @ v
+def _softmax_attend(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax in float32 over the last dim with ``mask`` (True = hidden), back in the encoder's dtype."""
+    return scores.float().masked_fill(mask, float("-inf")).softmax(dim=-1).to(dtype)
 
 
-def _causal(lq: int, lk: int, device) -> torch.Tensor:
-    """(lq, lk) True above the diagonal, the queries being the last lq of lk positions."""
-    return torch.arange(lk, device=device).unsqueeze(0) > torch.arange(lk - lq, lk, device=device).unsqueeze(1)
+def _prefix_attention(q, k, v) -> torch.Tensor:
+    """Causal self-attention of the shared prefix: (H, P, hd) each -> (P, D)."""
+    p = q.shape[1]
+    mask = torch.ones(p, p, dtype=torch.bool, device=q.device).triu(1)
+    probs = _softmax_attend((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), mask, q.dtype)
+    return (probs @ v).transpose(0, 1).flatten(1)
+
+
+def _chunk_windows(x: torch.Tensor, plan: _Plan, heads: int) -> torch.Tensor:
+    """(T, D) own rows -> (n, H, W, hd): chunk g holds rows [g R - (S - 1), (g + 1) R), zeros outside."""
+    r, lead = plan.rows, plan.s - 1
+    xp = F.pad(x, (0, 0, r, plan.n * r - plan.t)).view(plan.n + 1, r, -1)  # chunk 0 is all zeros
+    windows = torch.cat([xp[:-1, r - lead:], xp[1:]], dim=1) if lead else xp[1:]
+    return windows.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _own_attention(q, k, v, k_pre: Optional[torch.Tensor], v_pre: Optional[torch.Tensor], plan: _Plan,
+                   heads: int) -> torch.Tensor:
+    """Every own row as a query: (T, D) q, k, v and optional prefix keys/values (H, P, hd) -> (T, D)."""
+    n, r, p = plan.n, plan.rows, plan.p
+    hd = q.shape[-1] // heads
+    qs = F.pad(q * hd ** -0.5, (0, 0, 0, n * r - plan.t))  # (nR, D)
+    qc = qs.view(n, r, heads, hd).transpose(1, 2)  # (n, H, R, hd)
+    kc, vc = _chunk_windows(k, plan, heads), _chunk_windows(v, plan, heads)  # (n, H, W, hd)
+    scores = qc @ kc.transpose(-1, -2)  # (n, H, R, W)
+    if p:  # prefix scores for every query in one product per head
+        pre = _heads(qs, heads) @ k_pre.transpose(-1, -2)  # (H, nR, P)
+        scores = torch.cat([pre.view(heads, n, r, p).transpose(0, 1), scores], dim=-1)
+    probs = _softmax_attend(scores, plan.chunk_mask.unsqueeze(1), q.dtype)
+    out = probs[..., p:] @ vc  # (n, H, R, hd)
+    if p:
+        from_pre = probs[..., :p].transpose(0, 1).reshape(heads, n * r, p) @ v_pre  # (H, nR, hd)
+        out = out + from_pre.view(heads, n, r, hd).transpose(0, 1)
+    return out.transpose(1, 2).reshape(n * r, -1)[:plan.t]
+
+
+def _eot_attention(q_eot, k, v, k_pre: Optional[torch.Tensor], v_pre: Optional[torch.Tensor], plan: _Plan,
+                   heads: int) -> torch.Tensor:
+    """Each class's EOT row as the only query: q_eot (C, D), own k, v (T, D) -> (C, D)."""
+    c, s, p = plan.n_cls, plan.s, plan.p
+    hd = q_eot.shape[-1] // heads
+    q = (q_eot * hd ** -0.5).view(c, heads, 1, hd)
+    kw, vw = (F.pad(x, (0, 0, s - 1, 0)).index_select(0, plan.eot_window).view(c, s, heads, hd).transpose(1, 2)
+              for x in (k, v))  # (C, H, S, hd): the S rows ending at each EOT
+    scores = q @ kw.transpose(-1, -2)  # (C, H, 1, S)
+    if p:
+        pre = _heads(q.reshape(c, -1), heads) @ k_pre.transpose(-1, -2)  # (H, C, P)
+        scores = torch.cat([pre.transpose(0, 1).unsqueeze(2), scores], dim=-1)
+    probs = _softmax_attend(scores, plan.eot_mask.unsqueeze(1), q.dtype)
+    out = (probs[..., p:] @ vw).squeeze(2)  # (C, H, hd)
+    if p:
+        out = out + (probs[..., :p].squeeze(2).transpose(0, 1) @ v_pre).transpose(0, 1)
+    return out.reshape(c, -1)
 
 
 def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -84,13 +144,10 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
     blocks = bb.text.blocks
     width = seqs.shape[-1]
     p = prefix.shape[0] if prefix is not None else 0
-    lay = _Layout(lengths, p)
-    x = lay.pack(seqs)
+    plan = _Plan(lengths, p)
+    x = plan.pack(seqs)
     if p:
         x = torch.cat([prefix, x])
-    own_mask = _causal(lay.s, lay.s, x.device)
-    # In the last layer each class's query is its EOT: it sees its own keys up to its length.
-    eot_mask = (torch.arange(lay.s, device=x.device) >= lengths.unsqueeze(1)).unsqueeze(1)  # (C, 1, S)
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
         attn = block.attn
@@ -98,29 +155,21 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
         w, b = attn.in_proj_weight, attn.in_proj_bias
         h = block.ln_1(x)
         if last:  # keys and values for every token, queries only where the output is read
-            kv = F.linear(h, w[width:], None if b is None else b[width:])
-            q = _heads(F.linear(h.index_select(0, lay.last_rows), w[:width], None if b is None else b[:width]), heads)
-            q = q.unsqueeze(2)  # (H, C, 1, hd)
-            k, v = kv.chunk(2, dim=-1)
+            k, v = F.linear(h, w[width:], None if b is None else b[width:]).chunk(2, dim=-1)
+            q = F.linear(h[p:].index_select(0, plan.eot), w[:width], None if b is None else b[:width])
         else:
             q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
         k_pre = v_pre = None
-        outs = []
         if p:
             k_pre, v_pre = _heads(k[:p], heads), _heads(v[:p], heads)  # (H, P, hd)
-            if not last:
-                q_pre = _heads(q[:p], heads).unsqueeze(1)
-                pre_out = _attention(q_pre, k_pre.unsqueeze(1), v_pre.unsqueeze(1), _causal(p, p, x.device))
-                outs.append(pre_out.squeeze(1).movedim(0, -2).flatten(-2))
-        k_own, v_own = _heads(lay.pad(k[p:]), heads), _heads(lay.pad(v[p:]), heads)  # (H, C, S, hd)
         if last:
-            out = _attention(q, k_own, v_own, eot_mask, k_pre, v_pre)  # (H, C, 1, hd)
-            outs = [out.squeeze(2).movedim(0, -2).flatten(-2)]  # (C, D)
-            x = x.index_select(0, lay.last_rows)
+            out = _eot_attention(q, k[p:], v[p:], k_pre, v_pre, plan, heads)
+            x = x[p:].index_select(0, plan.eot)
         else:
-            out = _attention(_heads(lay.pad(q[p:]), heads), k_own, v_own, own_mask, k_pre, v_pre)  # (H, C, S, hd)
-            outs.append(lay.pack(out.movedim(0, -2).flatten(-2)))
-        x = x + block.ls_1(attn.out_proj(torch.cat(outs) if len(outs) > 1 else outs[0]))
+            out = _own_attention(q[p:], k[p:], v[p:], k_pre, v_pre, plan, heads)
+            if p:
+                out = torch.cat([_prefix_attention(_heads(q[:p], heads), k_pre, v_pre), out])
+        x = x + block.ls_1(attn.out_proj(out))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return bb.text.project(bb.text.ln_final(x)).float()
 
