@@ -13,6 +13,8 @@ that this machine's drifting speed affects both alike (DESIGN.md, Performance):
              100 / 1000 classes in fp32 and bf16: seconds, speedup, achieved GFLOP/s, fraction of the floor
              (the floor is the work the fast path cannot avoid, see `fast_step_flops`, at this process's
              matmul peak), peak memory, max logit difference and gradient relative error to the reference.
+- image:     image-tower throughput (ViT-B/16, batch 32) of vlprompt's encoder against open_clip's
+             encode_image in fp32 and bf16: images/s, speedup, GFLOP/s, fraction of the matmul peak.
 - precision: how far bf16 moves image+text logits and predictions from fp32 (same random weights).
 - methods:   step time of every training method as a ratio of CoOp's (feature-bank mode: the step is the
              text pass plus the method's loss; image features are stored).
@@ -271,6 +273,53 @@ def section_text(out: dict, classes: list[int], repeats: int, chunk_above: int) 
           "77-token step's own peak. logit diff / grad err: fast against the reference, same precision.")
 
 
+def image_forward_flops(bb, shortcut: bool) -> float:
+    """Forward FLOPs of one image through a ViT tower (patch embedding, every layer's projections, MLP and
+    attention); with the class-token shortcut the last layer computes keys/values for every token but the
+    rest for the class token only."""
+    vis = bb.model.visual
+    width, layers = vis.conv1.out_channels, len(vis.transformer.resblocks)
+    mlp = vis.transformer.resblocks[0].mlp.c_fc.out_features
+    patches = vis.grid_size[0] * vis.grid_size[1]
+    n = patches + 1
+    embed = 2 * patches * width * vis.conv1.weight[0].numel()
+    layer = 2 * n * (4 * width * width + 2 * width * mlp) + 4 * n * n * width
+    last = layer if not shortcut else 2 * n * 2 * width * width + 2 * (2 * width * width + 2 * width * mlp) + 4 * n * width
+    return embed + (layers - 1) * layer + last
+
+
+def section_image(out: dict, batch: int, repeats: int) -> None:
+    """Image-tower throughput: vlprompt's encoder (class-token shortcut + fused attention for ViTs) against
+    open_clip's own forward, alternated in one process, and how far apart their features are."""
+    print(f"\nimage tower, {ARCH}, batch {batch}: vlprompt's encoder against open_clip's encode_image")
+    print(f"{'prec':>5} {'open_clip img/s':>16} {'vlprompt img/s':>15} {'speedup':>8} {'GFLOP/s':>8} {'floor %':>8} "
+          f"{'rel diff':>9}")
+    rows = []
+    peak = out.get("machine", {}).get("matmul_gflops") or {}
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        x = torch.randn(batch, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
+
+        def reference(bb=bb, x=x):
+            with torch.inference_mode():
+                return bb.model.encode_image(x.to(bb.dtype)).float()
+
+        def fast(bb=bb, x=x):
+            return bb.encode_images(x)
+
+        diff = ((fast() - reference()).abs().max() / reference().abs().max()).item()
+        t = alternate({"ref": reference, "fast": fast}, repeats)
+        flops = image_forward_flops(bb, bb.fast_image_unsupported is None)
+        row = {"precision": precision, "ref_img_s": batch / t["ref"], "fast_img_s": batch / t["fast"],
+               "speedup": t["ref"] / t["fast"], "gflops": batch * flops / t["fast"] / 1e9, "rel_diff": diff,
+               "gflop_per_image": flops / 1e9}
+        row["floor_pct"] = 100 * row["gflops"] / peak[precision] if precision in peak else float("nan")
+        rows.append(row)
+        print(f"{precision:>5} {row['ref_img_s']:16.2f} {row['fast_img_s']:15.2f} {row['speedup']:7.2f}x "
+              f"{row['gflops']:8.0f} {row['floor_pct']:7.0f}% {diff:9.1e}", flush=True)
+    out["image"] = rows
+
+
 def _test_subset(n: int):
     root = os.environ.get("VLPROMPT_DATA", str(Path.home() / ".cache" / "vlprompt-data"))
     if not (Path(root) / "caltech-101").is_dir():
@@ -390,7 +439,7 @@ def section_e2e(out: dict, bank_views: int, precision: str, epochs: int | None) 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="machine,text,precision,methods,e2e")
+    ap.add_argument("--sections", default="machine,text,image,precision,methods,e2e")
     ap.add_argument("--classes", default="10,100,1000", help="class counts for the text section")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-above", type=int, default=200,
@@ -412,6 +461,8 @@ def main(argv=None) -> int:
         section_machine(out)
     if "text" in sections:
         section_text(out, [int(c) for c in args.classes.split(",")], args.repeats, args.chunk_above)
+    if "image" in sections:
+        section_image(out, 32, args.repeats)
     if "precision" in sections:
         section_precision(out, args.precision_images)
     if "methods" in sections:
