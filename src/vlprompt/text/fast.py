@@ -102,21 +102,15 @@ def _chunk_windows(x: torch.Tensor, plan: _Plan, heads: int) -> torch.Tensor:
 def _own_attention(q, k, v, k_pre: Optional[torch.Tensor], v_pre: Optional[torch.Tensor], plan: _Plan,
                    heads: int) -> torch.Tensor:
     """Every own row as a query: (T, D) q, k, v and optional prefix keys/values (H, P, hd) -> (T, D)."""
-    n, r, p = plan.n, plan.rows, plan.p
+    n, r = plan.n, plan.rows
     hd = q.shape[-1] // heads
-    qs = F.pad(q * hd ** -0.5, (0, 0, 0, n * r - plan.t))  # (nR, D)
-    qc = qs.view(n, r, heads, hd).transpose(1, 2)  # (n, H, R, hd)
+    qc = F.pad(q * hd ** -0.5, (0, 0, 0, n * r - plan.t)).view(n, r, heads, hd).transpose(1, 2)  # (n, H, R, hd)
     kc, vc = _chunk_windows(k, plan, heads), _chunk_windows(v, plan, heads)  # (n, H, W, hd)
-    scores = qc @ kc.transpose(-1, -2)  # (n, H, R, W)
-    if p:  # prefix scores for every query in one product per head
-        pre = _heads(qs, heads) @ k_pre.transpose(-1, -2)  # (H, nR, P)
-        scores = torch.cat([pre.view(heads, n, r, p).transpose(0, 1), scores], dim=-1)
-    probs = _softmax_attend(scores, plan.chunk_mask.unsqueeze(1), q.dtype)
-    out = probs[..., p:] @ vc  # (n, H, R, hd)
-    if p:
-        from_pre = probs[..., :p].transpose(0, 1).reshape(heads, n * r, p) @ v_pre  # (H, nR, hd)
-        out = out + from_pre.view(heads, n, r, hd).transpose(0, 1)
-    return out.transpose(1, 2).reshape(n * r, -1)[:plan.t]
+    if plan.p:  # every chunk also sees the prefix: one key matrix per chunk, one product
+        kc = torch.cat([k_pre.expand(n, -1, -1, -1), kc], dim=2)
+        vc = torch.cat([v_pre.expand(n, -1, -1, -1), vc], dim=2)
+    probs = _softmax_attend(qc @ kc.transpose(-1, -2), plan.chunk_mask.unsqueeze(1), q.dtype)  # (n, H, R, P+W)
+    return (probs @ vc).transpose(1, 2).reshape(n * r, -1)[:plan.t]
 
 
 def _eot_attention(q_eot, k, v, k_pre: Optional[torch.Tensor], v_pre: Optional[torch.Tensor], plan: _Plan,
