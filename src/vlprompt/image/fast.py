@@ -4,8 +4,8 @@ A ViT with class-token pooling reads only the class token of the last layer. In 
 still supplies keys and values, but the query, the attention output, the output projection and the MLP
 are needed for the class token alone: about 7% of a ViT-B/16 forward pass that open_clip computes and
 throws away. Attention runs through `scaled_dot_product_attention` (one fused kernel on CPU) instead of
-`nn.MultiheadAttention`'s separate score, softmax and weighted-sum steps. The result equals
-``model.encode_image`` up to floating-point rounding.
+`nn.MultiheadAttention`'s separate score, softmax and weighted-sum steps, and QuickGELU runs in place.
+The result equals ``model.encode_image`` up to floating-point rounding. Inference only (frozen tower).
 
 Towers this does not cover (ResNets, average or attentional pooling, custom blocks, timm towers) use
 open_clip's own forward: `fast_image_unsupported` names the reason.
@@ -59,6 +59,20 @@ def _attend(block: nn.Module, x: torch.Tensor, query_rows: Optional[int]) -> tor
     return attn.out_proj(out)
 
 
+def _mlp(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP. QuickGELU (the OpenAI models' activation) is computed in place: bit-identical to
+    open_clip's ``x * sigmoid(1.702 x)`` at half the memory traffic (inference only: nothing is saved for a
+    backward pass)."""
+    from open_clip.transformer import QuickGELU
+
+    mlp = block.mlp
+    if type(getattr(mlp, "gelu", None)) is not QuickGELU:
+        return mlp(x)
+    h = mlp.c_fc(x)
+    return mlp.c_proj(torch.mul(h, 1.702).sigmoid_().mul_(h))
+
+
+@torch.inference_mode()
 def encode_vit_cls(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, d) pooled, projected features of a class-token ViT; equals ``visual(images)``.
 
@@ -70,6 +84,6 @@ def encode_vit_cls(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
             x = x + block.ls_1(_attend(block, x, None))
         else:  # only the class token's row is read after the last layer
             x = x[:, :1] + block.ls_1(_attend(block, x, 1))
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = x + block.ls_2(_mlp(block, block.ln_2(x)))
     pooled = visual.ln_post(x[:, 0])  # per-token norm: the same before or after pooling
     return pooled if visual.proj is None else pooled @ visual.proj
