@@ -15,11 +15,12 @@ Attention never pads a class. The packed own tokens are cut into chunks of R con
 queries see one key matrix: the prefix keys followed by a window of R + S - 1 own keys (their chunk and
 the S - 1 rows before it, S = the longest class), which holds every key any of them may attend to. A
 precomputed mask keeps each query to its own class and causal order. So a layer's attention is one
-batched product for the scores and one for the values whatever the class lengths (per-class products of
+batched product for the scores and one for the values whatever the class lengths: per-class products of
 a few tokens each are dominated by per-matrix overhead on CPU, and padding every class to the longest
-costs copies; measured in one process, 12-14% off a bf16 step at 100 classes against the padded layout). Attention is a plain matmul + softmax in float32 (PyTorch's fused CPU attention backward is
-slow for many short sequences, especially in bf16). In the last layer only the EOT rows are queries
-(keys and values are still needed for every token), each seeing the S rows that end at it.
+costs copies (measured in one process against the padded layout: about 10% off a bf16 step at 100
+classes, 30% at 1000). Attention is a plain matmul + softmax in float32 (PyTorch's fused CPU attention
+backward is slow for many short sequences, especially in bf16). In the last layer only the EOT rows are
+queries (keys and values are still needed for every token), each seeing the S rows that end at it.
 """
 
 from __future__ import annotations
