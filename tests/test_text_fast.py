@@ -82,3 +82,35 @@ def test_real_size_towers(arch):
     compare(big, shared, lambda: encode_shared_prefix(big, prefix(), shared.token_suffix, shared.eot_idx - 16))
     middle = vp.CoOp(big, names(24), n_ctx=8, csc=True, class_token_position="middle")
     compare(big, middle, lambda: encode_truncated(big, middle.prompt_embeddings(), middle.eot_idx))
+
+
+@pytest.mark.parametrize("p", [0, 3])
+@pytest.mark.parametrize("rows,longest", [(4, 5), (16, 20)])  # windows shorter and longer than a chunk
+def test_attention_plan_matches_its_definition(p, rows, longest):
+    """Each chunk query sees the prefix and exactly the earlier-or-same rows of its own class; padding
+    queries see everything; each EOT sees exactly its own class's rows."""
+    from vlprompt.text.fast import _Plan
+
+    g = torch.Generator().manual_seed(rows + p)
+    lengths = torch.randint(1, longest + 1, (11,), generator=g)
+    plan = _Plan(lengths, p, rows)
+    owner = [c for c, n in enumerate(lengths.tolist()) for _ in range(n)]  # class of each own row
+    r, lead = plan.rows, plan.s - 1
+    assert r >= lead
+    expected = torch.zeros_like(plan.chunk_mask)
+    for chunk in range(plan.n):
+        for i in range(r):
+            q = chunk * r + i
+            for j in range(p + plan.w):
+                k = chunk * r - lead + (j - p)  # own row held by key column j
+                if j < p or q >= plan.t:
+                    continue
+                same_class_before = 0 <= k <= q and owner[k] == owner[q]
+                expected[chunk, i, j] = not same_class_before
+    assert torch.equal(plan.chunk_mask, expected)
+    for c in range(len(lengths)):
+        eot = plan.eot[c].item()
+        assert owner[eot] == c and (eot + 1 == plan.t or owner[eot + 1] == c + 1)
+        rows_seen = [eot - lead + w for w in range(plan.s) if not plan.eot_mask[c, 0, p + w]]
+        assert rows_seen == [k for k in range(plan.t) if owner[k] == c]
+        assert not plan.eot_mask[c, 0, :p].any()
