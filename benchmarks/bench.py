@@ -6,7 +6,8 @@
 Every speed figure is a ratio against a reference measured in the same process, alternating the two so
 that this machine's drifting speed affects both alike (DESIGN.md, Performance):
 
-- machine:   matmul throughput (2048^3) in fp32 and bf16: the peak used for "fraction of the floor".
+- machine:   matmul throughput (2048^3) in fp32 and bf16; "floor %" figures use the highest throughput
+             seen in the process (measured again before each row: the machine's speed drifts).
 - text:      one text-side CoOp training step (ViT-B/16 text tower, unified context M=16, class at the end:
              text features, logits for a batch of 32 image features, cross-entropy, backward, SGD step) with
              vlprompt's fast encoder against the straightforward 77-token step of the official code, at 10 /
@@ -129,6 +130,16 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
+def best_peak(out: dict, precision: str) -> float:
+    """The highest 2048^3 matmul throughput seen in this process for ``precision``, measured once more now.
+    This machine's speed drifts by up to 1.7x, and the highest figure gives the most conservative
+    fraction of the floor."""
+    seen = out.setdefault("matmul_peaks_seen", {}).setdefault(precision, [])
+    seen.append(matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16}[precision]))
+    first = out.get("machine", {}).get("matmul_gflops", {}).get(precision)
+    return max(seen + ([first] if first else []))
+
+
 def alternate(fns: dict, repeats: int) -> dict:
     """Median seconds of each function, calls interleaved (one warm-up call each)."""
     for fn in fns.values():
@@ -211,8 +222,6 @@ def _text_step(learner, image_feats, labels, opt, reference: bool, chunk: int = 
 
 
 def section_text(out: dict, classes: list[int], repeats: int, chunk_above: int) -> None:
-    peak = out.get("machine", {}).get("matmul_gflops") or {"fp32": matmul_peak(torch.float32),
-                                                           "bf16": matmul_peak(torch.bfloat16)}
     rows = []
     print("\ntext-side training step, ViT-B/16 text tower, M=16 unified context, class at the end, batch 32")
     print(f"{'classes':>7} {'prec':>5} {'ref s':>8} {'fast s':>8} {'speedup':>8} {'vs fp32':>8} {'GFLOP/s':>8} "
@@ -256,7 +265,7 @@ def section_text(out: dict, classes: list[int], repeats: int, chunk_above: int) 
             row = {"classes": n_cls, "precision": precision, "ref_s": t["ref"], "fast_s": t["fast"],
                    "speedup": t["ref"] / t["fast"], "speedup_vs_fp32_ref": vs_fp32, "floor_gflop": flops / 1e9,
                    "ref_gflop": reference_step_flops(n_cls, bb) / 1e9, "achieved_gflops": gflops,
-                   "fraction_of_floor": gflops / peak[precision], "peak_gb": peak_gb, "step_gb": step_gb,
+                   "fraction_of_floor": gflops / best_peak(out, precision), "peak_gb": peak_gb, "step_gb": step_gb,
                    "ref_step_gb": ref_gb, "max_logit_diff": logit_diff, "grad_rel_err": grad_err,
                    "reference_chunked": bool(chunk)}
             rows.append(row)
@@ -268,7 +277,8 @@ def section_text(out: dict, classes: list[int], repeats: int, chunk_above: int) 
         del bb
     out["text"] = rows
     print("speedup: against the 77-token reference in the same precision; vs fp32: against the fp32 reference. "
-          "floor %: floor FLOPs at this process's 2048^3 matmul peak, over the fast step's time. peak GB: a "
+          "floor %: floor FLOPs at the highest 2048^3 matmul throughput this process has seen, over the fast "
+          "step's time. peak GB: a "
           "fresh process running the fast step (model included); +GB: the fast step's own peak; ref +GB: the "
           "77-token step's own peak. logit diff / grad err: fast against the reference, same precision.")
 
@@ -291,13 +301,13 @@ def image_forward_flops(bb, shortcut: bool) -> float:
 def section_image(out: dict, batch: int, repeats: int) -> None:
     """Image-tower throughput: vlprompt's encoder (class-token shortcut + fused attention for ViTs) against
     open_clip's own forward, alternated in one process, and how far apart their features are."""
-    print(f"\nimage tower, {ARCH}, batch {batch}: vlprompt's encoder against open_clip's encode_image")
-    print(f"{'prec':>5} {'open_clip img/s':>16} {'vlprompt img/s':>15} {'speedup':>8} {'GFLOP/s':>8} {'floor %':>8} "
-          f"{'rel diff':>9}")
+    print(f"\nimage tower, {ARCH}, batch {batch}: vlprompt's encoder against open_clip's encode_image "
+          "(GELU: the open_clip architecture; QuickGELU: the OpenAI weights' activation)")
+    print(f"{'prec':>5} {'activation':>10} {'open_clip img/s':>16} {'vlprompt img/s':>15} {'speedup':>8} "
+          f"{'GFLOP/s':>8} {'floor %':>8} {'rel diff':>9}")
     rows = []
-    peak = out.get("machine", {}).get("matmul_gflops") or {}
-    for precision in ("fp32", "bf16"):
-        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+    for precision, quick_gelu in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision, quick_gelu=quick_gelu)
         x = torch.randn(batch, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
 
         def reference(bb=bb, x=x):
@@ -310,13 +320,14 @@ def section_image(out: dict, batch: int, repeats: int) -> None:
         diff = ((fast() - reference()).abs().max() / reference().abs().max()).item()
         t = alternate({"ref": reference, "fast": fast}, repeats)
         flops = image_forward_flops(bb, bb.fast_image_unsupported is None)
-        row = {"precision": precision, "ref_img_s": batch / t["ref"], "fast_img_s": batch / t["fast"],
-               "speedup": t["ref"] / t["fast"], "gflops": batch * flops / t["fast"] / 1e9, "rel_diff": diff,
-               "gflop_per_image": flops / 1e9}
-        row["floor_pct"] = 100 * row["gflops"] / peak[precision] if precision in peak else float("nan")
+        row = {"precision": precision, "quick_gelu": quick_gelu, "ref_img_s": batch / t["ref"],
+               "fast_img_s": batch / t["fast"], "speedup": t["ref"] / t["fast"],
+               "gflops": batch * flops / t["fast"] / 1e9, "rel_diff": diff, "gflop_per_image": flops / 1e9}
+        row["floor_pct"] = 100 * row["gflops"] / best_peak(out, precision)
         rows.append(row)
-        print(f"{precision:>5} {row['ref_img_s']:16.2f} {row['fast_img_s']:15.2f} {row['speedup']:7.2f}x "
-              f"{row['gflops']:8.0f} {row['floor_pct']:7.0f}% {diff:9.1e}", flush=True)
+        print(f"{precision:>5} {'QuickGELU' if quick_gelu else 'GELU':>10} {row['ref_img_s']:16.2f} "
+              f"{row['fast_img_s']:15.2f} {row['speedup']:7.2f}x {row['gflops']:8.0f} {row['floor_pct']:7.0f}% "
+              f"{diff:9.1e}", flush=True)
     out["image"] = rows
 
 

@@ -51,6 +51,7 @@ def test_coop_learns_and_eval_reproduces(shapes, bb, tmp_path):
     assert any("RANDOM" in d for d in saved["deviations"])
     assert any("epochs=12" in d for d in saved["deviations"])
     assert {"torch", "open_clip", "vlprompt"} <= set(saved["versions"])
+    assert saved["backbone"]["image_encoder"] == bb.image_encoder_id != "open_clip"  # tiny ViT: the shortcut
     assert (out / "config.yaml").is_file() and (out / "prompt" / "prompt.safetensors").is_file()
     # Evaluating the saved prompt in a fresh backbone reproduces the reported accuracy exactly.
     again = evaluate_prompt(str(out), {}, output=str(tmp_path / "eval"))

@@ -210,7 +210,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
                     "subsample": cfg.subsample, "num_classes": ds.num_classes, "n_train": len(ds.train),
                     "n_val": len(ds.val), "n_test": len(ds.test), "classnames": ds.classnames},
         "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": bb.precision,
-                     "random": bb.source.is_random},
+                     "random": bb.source.is_random, "image_encoder": bb.image_encoder_id},
         "test": report,
         "recipe": {"epochs": epochs if method.trains else 0, "paper_epochs": paper_epochs,
                    **{k: getattr(cfg, k) for k in PAPER_RECIPE}, "preset": cfg.preset,
