@@ -43,7 +43,8 @@ def backbone_key(bb: Backbone) -> dict:
 
     src = bb.source
     key = {"name": src.name, "quick_gelu": src.quick_gelu, "precision": bb.precision,
-           "device": bb.device.type, "image_encoder": bb.image_encoder_id, "torch": torch.__version__, "open_clip": open_clip.__version__}
+           "device": bb.device.type, "image_encoder": bb.image_encoder_id, "torch": torch.__version__,
+           "open_clip": open_clip.__version__}
     if src.name.endswith(".json"):
         key["arch_file"] = hashlib.sha256(Path(src.name).read_bytes()).hexdigest()
     if src.weights:

@@ -65,6 +65,7 @@ class _Plan:
         starts = torch.cumsum(lengths, 0) - lengths
         self.eot = starts + lengths - 1  # each class's EOT among the own rows
         self.eot_window = (self.eot.unsqueeze(1) + j).flatten()  # its S rows, in the own rows padded by S-1
+        self.prefix_mask = torch.ones(p, p, dtype=torch.bool, device=dev).triu(1)  # causal among the prefix
         self.eot_mask = torch.cat([torch.zeros(self.n_cls, p, dtype=torch.bool, device=dev),
                                    j.unsqueeze(0) < (s - lengths).unsqueeze(1)], dim=-1).unsqueeze(1)
 
@@ -84,11 +85,9 @@ def _softmax_attend(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
     return scores.float().masked_fill(mask, float("-inf")).softmax(dim=-1).to(dtype)
 
 
-def _prefix_attention(q, k, v) -> torch.Tensor:
+def _prefix_attention(q, k, v, plan: _Plan) -> torch.Tensor:
     """Causal self-attention of the shared prefix: (H, P, hd) each -> (P, D)."""
-    p = q.shape[1]
-    mask = torch.ones(p, p, dtype=torch.bool, device=q.device).triu(1)
-    probs = _softmax_attend((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), mask, q.dtype)
+    probs = _softmax_attend((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), plan.prefix_mask, q.dtype)
     return (probs @ v).transpose(0, 1).flatten(1)
 
 
@@ -163,7 +162,7 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
         else:
             out = _own_attention(q[p:], k[p:], v[p:], k_pre, v_pre, plan, heads)
             if p:
-                out = torch.cat([_prefix_attention(_heads(q[:p], heads), k_pre, v_pre), out])
+                out = torch.cat([_prefix_attention(_heads(q[:p], heads), k_pre, v_pre, plan), out])
         x = x + block.ls_1(attn.out_proj(out))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return bb.text.project(bb.text.ln_final(x)).float()
