@@ -463,6 +463,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one step in a fresh process
     args = ap.parse_args(argv)
+    vp.keep_freed_memory()  # as the command line does: every figure is of the configuration users run
     if args.memory_probe:
         _memory_probe_child(args.memory_probe)
         return 0

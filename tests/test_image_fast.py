@@ -68,3 +68,16 @@ def test_direct_call_equals_visual_forward():
         ref = bb.model.visual(x)
         got = encode_vit_cls(bb.model.visual, x)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_per_image_attention_equals_float32_attention():
+    """The bf16 CPU attention (per image, float32 softmax) against fp32 attention on the same inputs:
+    only bf16 rounding of the probabilities and the output may differ."""
+    from vlprompt.image.fast import _attend_per_image
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 10, 16, generator=g).bfloat16() for _ in range(3))
+    got = _attend_per_image(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 10, 64)
+    assert (got.float() - ref.transpose(1, 2).flatten(2)).abs().max() <= 2e-2

@@ -87,30 +87,33 @@ def test_real_size_towers(arch):
 @pytest.mark.parametrize("p", [0, 3])
 @pytest.mark.parametrize("rows,longest", [(4, 5), (16, 20)])  # windows shorter and longer than a chunk
 def test_attention_plan_matches_its_definition(p, rows, longest):
-    """Each chunk query sees the prefix and exactly the earlier-or-same rows of its own class; padding
-    queries see everything; each EOT sees exactly its own class's rows."""
+    """Each prefix query sees the earlier-or-same prefix rows; each own query sees the whole prefix and
+    exactly the earlier-or-same rows of its own class, each key once; padding queries see everything; each
+    EOT sees exactly its own class's rows."""
     from vlprompt.text.fast import _Plan
 
     g = torch.Generator().manual_seed(rows + p)
     lengths = torch.randint(1, longest + 1, (11,), generator=g)
     plan = _Plan(lengths, p, rows)
-    owner = [c for c, n in enumerate(lengths.tolist()) for _ in range(n)]  # class of each own row
-    r, lead = plan.rows, plan.s - 1
-    assert r >= lead
-    expected = torch.zeros_like(plan.chunk_mask)
+    owner = [-1] * p + [c for c, n in enumerate(lengths.tolist()) for _ in range(n)]  # -1: prefix rows
+    total = p + plan.t
+    r = plan.rows
+    assert r >= plan.s - 1
+    keys = plan.key_index.view(plan.n, p + plan.w)
     for chunk in range(plan.n):
         for i in range(r):
             q = chunk * r + i
-            for j in range(p + plan.w):
-                k = chunk * r - lead + (j - p)  # own row held by key column j
-                if j < p or q >= plan.t:
-                    continue
-                same_class_before = 0 <= k <= q and owner[k] == owner[q]
-                expected[chunk, i, j] = not same_class_before
-    assert torch.equal(plan.chunk_mask, expected)
+            seen = [keys[chunk, j].item() for j in range(p + plan.w) if not plan.chunk_mask[chunk, i, j]]
+            if q >= total:
+                assert len(seen) == p + plan.w
+            elif owner[q] < 0:
+                assert seen == list(range(q + 1))
+            else:
+                assert seen == list(range(p)) + [k for k in range(p, q + 1) if owner[k] == owner[q]]
+    own = owner[p:]
     for c in range(len(lengths)):
         eot = plan.eot[c].item()
-        assert owner[eot] == c and (eot + 1 == plan.t or owner[eot + 1] == c + 1)
-        rows_seen = [eot - lead + w for w in range(plan.s) if not plan.eot_mask[c, 0, p + w]]
-        assert rows_seen == [k for k in range(plan.t) if owner[k] == c]
+        assert own[eot] == c and (eot + 1 == plan.t or own[eot + 1] == c + 1)
+        rows_seen = [eot - (plan.s - 1) + w for w in range(plan.s) if not plan.eot_mask[c, 0, p + w]]
+        assert rows_seen == [k for k in range(plan.t) if own[k] == c]
         assert not plan.eot_mask[c, 0, :p].any()

@@ -18,6 +18,7 @@ from .methods.kgcoop import KgCoOpOptions  # noqa: E402
 from .presets import PRESETS  # noqa: E402
 from .prompts import CoOp, ZeroShotCLIP  # noqa: E402
 from .prompts.guided import GuidedCoOp  # noqa: E402
+from .utils.allocator import keep_freed_memory  # noqa: E402
 
 
 def run(cfg: "RunConfig", backbone=None) -> dict:
@@ -29,4 +30,5 @@ def run(cfg: "RunConfig", backbone=None) -> dict:
 
 __all__ = ["Backbone", "CoOp", "CPTOptions", "DatasetSplits", "Datum", "DualViewOptions", "GuidedCoOp",
            "KgCoOpOptions", "METHODS", "PRESETS", "RunConfig", "VlpromptError", "ZeroShotCLIP", "get_method",
-           "list_datasets", "list_methods", "load_backbone", "load_dataset", "run", "__version__"]
+           "keep_freed_memory", "list_datasets", "list_methods", "load_backbone", "load_dataset", "run",
+           "__version__"]

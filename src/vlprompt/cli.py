@@ -13,6 +13,7 @@ import warnings
 from typing import Optional, Sequence
 
 from .errors import VlpromptError
+from .utils.allocator import keep_freed_memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -246,6 +247,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.showwarning = _show_warning  # one plain line, not the source line that raised it
+    keep_freed_memory()  # large activations reuse the heap instead of fresh, page-faulted mappings
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -11,20 +11,24 @@ Both run the tower's own weights on packed tokens: the shared prefix and every c
 class cut at its EOT, sit in one (T, D) matrix, so each layer's projections and MLP are a few large
 matrix products with no padding.
 
-Attention never pads a class. The packed own tokens are cut into chunks of R consecutive rows; a chunk's
-queries see one key matrix: the prefix keys followed by a window of R + S - 1 own keys (their chunk and
-the S - 1 rows before it, S = the longest class), which holds every key any of them may attend to. A
-precomputed mask keeps each query to its own class and causal order. So a layer's attention is one
-batched product for the scores and one for the values whatever the class lengths: per-class products of
-a few tokens each are dominated by per-matrix overhead on CPU, and padding every class to the longest
-costs copies (measured in one process against the padded layout: about 10% off a bf16 step at 100
-classes, 30% at 1000). Attention is a plain matmul + softmax in float32 (PyTorch's fused CPU attention
-backward is slow for many short sequences, especially in bf16). In the last layer only the EOT rows are
-queries (keys and values are still needed for every token), each seeing the S rows that end at it.
+Attention never pads a class. All rows (prefix, then own) are cut into chunks of R consecutive query
+rows; a chunk's queries see one key matrix: the prefix keys followed by a window of R + S - 1 own keys
+(their chunk and the S - 1 rows before it, S = the longest class), which holds every key any of them may
+attend to, gathered with one index_select. A precomputed additive mask keeps each query to its own class
+(or the prefix) and causal order. So a layer's attention is one batched product for the scores (with the
+mask and scale folded in) and one for the values, whatever the class lengths: per-class products of a few
+tokens each are dominated by per-matrix overhead on CPU, and padding every class to the longest costs
+copies (measured in one process against the padded layout: about 10% off a bf16 step at 100 classes, 30%
+at 1000; gathering the prefix keys into each chunk instead of concatenating expanded copies, and the
+prefix queries in the same product, about 5% more). The softmax is in float32 (PyTorch's fused CPU
+attention backward is slow for many short sequences, especially in bf16). In the last layer only the EOT
+rows are queries (keys and values are still needed for every token), each seeing the S rows that end at
+it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -36,11 +40,15 @@ CHUNK_ROWS = 16  # queries per attention chunk; 16-32 measured within 2% of each
 
 
 class _Plan:
-    """Where every class's tokens sit in the packed matrix and which keys each query may see.
+    """Where every token sits in the packed matrix and which keys each query may see.
 
-    Own rows (after the ``p`` prefix rows) are the classes' tokens back to back. ``chunk_mask``
-    (n, R, p + W) is True where a chunk query must not see a key; every row keeps at least one finite score
-    (a real query sees itself, a padding query sees every key), so the softmax never produces NaN."""
+    Rows are the ``p`` prefix rows, then the classes' own tokens back to back (``t`` rows). Query chunk g
+    holds rows [g R, (g + 1) R); its keys are the prefix rows followed by the window of own rows
+    [g R - (S - 1), (g + 1) R), gathered by ``key_index`` (n, p + W). ``chunk_mask`` (n, R, p + W) is True
+    where a query must not see a key: a prefix query sees the prefix causally, an own query sees the whole
+    prefix and the earlier-or-same rows of its own class. Window columns that fall outside the own rows
+    point at row 0 and are always hidden. Every row keeps at least one finite score (a real query sees
+    itself, a padding query sees every key), so the softmax never produces NaN."""
 
     def __init__(self, lengths: torch.Tensor, p: int, rows: int = CHUNK_ROWS):
         dev = lengths.device
@@ -48,26 +56,39 @@ class _Plan:
         self.s = s = int(lengths.max())
         self.rows = rows = max(rows, s - 1)  # a window reaches back at most one chunk
         self.t = t = int(lengths.sum())
-        self.n = n = -(-t // rows)
+        self.n = n = -(-(p + t) // rows)
         self.w = w = rows + s - 1
         j = torch.arange(s, device=dev)
         self.valid = (j.unsqueeze(0) < lengths.unsqueeze(1)).flatten().nonzero().squeeze(1)  # (C, S) slots -> rows
-        cls = torch.repeat_interleave(torch.arange(self.n_cls, device=dev), lengths)
-        pad = torch.full((s - 1 + n * rows,), -1, device=dev)
-        cls_q = pad[s - 1:].clone().index_copy_(0, torch.arange(t, device=dev), cls)  # -1: padding queries
-        cls_k = pad.clone().index_copy_(0, torch.arange(s - 1, s - 1 + t, device=dev), cls)
-        cls_k[cls_k < 0] = -2  # padding keys match no query
+        # Owner of every row: -1 for the prefix, the class for own rows, -2 past the end (padding queries).
+        owner = torch.cat([torch.full((p,), -1, device=dev),
+                           torch.repeat_interleave(torch.arange(self.n_cls, device=dev), lengths),
+                           torch.full((n * rows - p - t,), -2, device=dev)])
         q_row = torch.arange(n * rows, device=dev).view(n, rows, 1)
-        k_row = (torch.arange(n, device=dev) * rows).view(n, 1, 1) + torch.arange(w, device=dev) - (s - 1)
-        seen = (cls_q.view(n, rows, 1) == cls_k[k_row + s - 1]) & (k_row <= q_row)
-        seen |= (cls_q < 0).view(n, rows, 1)  # padding queries (outputs dropped) see everything: no all-masked row
-        self.chunk_mask = torch.cat([torch.zeros(n, rows, p, dtype=torch.bool, device=dev), ~seen], dim=-1)
+        q_own = owner.view(n, rows, 1)
+        k_row = (torch.arange(n, device=dev) * rows).view(n, 1) + torch.arange(w, device=dev) - (s - 1)  # (n, W)
+        k_ok = (k_row >= p) & (k_row < p + t)
+        k_own = torch.where(k_ok, owner[k_row.clamp(0, p + t - 1)], -3).unsqueeze(1)
+        pre = torch.arange(p, device=dev)
+        seen_pre = (q_own >= 0) | ((q_own == -1) & (pre <= q_row))  # (n, R, p)
+        seen_own = (q_own >= 0) & (k_own == q_own) & (k_row.unsqueeze(1) <= q_row)  # (n, R, W)
+        seen = torch.cat([seen_pre.expand(n, rows, p), seen_own], dim=-1) | (q_own == -2)
+        self.chunk_mask = ~seen
+        self.key_index = torch.cat([pre.expand(n, p), torch.where(k_ok, k_row, 0)], dim=1).flatten()
         starts = torch.cumsum(lengths, 0) - lengths
         self.eot = starts + lengths - 1  # each class's EOT among the own rows
         self.eot_window = (self.eot.unsqueeze(1) + j).flatten()  # its S rows, in the own rows padded by S-1
-        self.prefix_mask = torch.ones(p, p, dtype=torch.bool, device=dev).triu(1)  # causal among the prefix
         self.eot_mask = torch.cat([torch.zeros(self.n_cls, p, dtype=torch.bool, device=dev),
                                    j.unsqueeze(0) < (s - lengths).unsqueeze(1)], dim=-1).unsqueeze(1)
+        self._bias: dict = {}
+
+    def bias(self, heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """``chunk_mask`` as an additive (H n, R, p + W) score bias (0 or -inf), built once per plan and
+        dtype, shared by every layer."""
+        if (heads, dtype) not in self._bias:
+            m = self.chunk_mask.expand(heads, self.n, self.rows, -1).reshape(heads * self.n, self.rows, -1)
+            self._bias[heads, dtype] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, -math.inf)
+        return self._bias[heads, dtype]
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """(C, >=S, D) per-class rows -> (sum of lengths, D) packed rows (index_select: its backward is a
@@ -85,32 +106,17 @@ def _softmax_attend(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
     return scores.float().masked_fill(mask, float("-inf")).softmax(dim=-1).to(dtype)
 
 
-def _prefix_attention(q, k, v, plan: _Plan) -> torch.Tensor:
-    """Causal self-attention of the shared prefix: (H, P, hd) each -> (P, D)."""
-    probs = _softmax_attend((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), plan.prefix_mask, q.dtype)
-    return (probs @ v).transpose(0, 1).flatten(1)
-
-
-def _chunk_windows(x: torch.Tensor, plan: _Plan, heads: int) -> torch.Tensor:
-    """(T, D) own rows -> (n, H, W, hd): chunk g holds rows [g R - (S - 1), (g + 1) R), zeros outside."""
-    r, lead = plan.rows, plan.s - 1
-    xp = F.pad(x, (0, 0, r, plan.n * r - plan.t)).view(plan.n + 1, r, -1)  # chunk 0 is all zeros
-    windows = torch.cat([xp[:-1, r - lead:], xp[1:]], dim=1) if lead else xp[1:]
-    return windows.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-
-def _own_attention(q, k, v, k_pre: Optional[torch.Tensor], v_pre: Optional[torch.Tensor], plan: _Plan,
-                   heads: int) -> torch.Tensor:
-    """Every own row as a query: (T, D) q, k, v and optional prefix keys/values (H, P, hd) -> (T, D)."""
-    n, r = plan.n, plan.rows
+def _chunk_attention(q, k, v, plan: _Plan, heads: int) -> torch.Tensor:
+    """Every row as a query: (p + t, D) q, k, v -> (p + t, D). One gather per key/value matrix (its
+    backward accumulates the prefix rows' gradients over the chunks), one product for the scores and one
+    for the values."""
+    n, r, rows = plan.n, plan.rows, q.shape[0]
     hd = q.shape[-1] // heads
-    qc = F.pad(q * hd ** -0.5, (0, 0, 0, n * r - plan.t)).view(n, r, heads, hd).transpose(1, 2)  # (n, H, R, hd)
-    kc, vc = _chunk_windows(k, plan, heads), _chunk_windows(v, plan, heads)  # (n, H, W, hd)
-    if plan.p:  # every chunk also sees the prefix: one key matrix per chunk, one product
-        kc = torch.cat([k_pre.expand(n, -1, -1, -1), kc], dim=2)
-        vc = torch.cat([v_pre.expand(n, -1, -1, -1), vc], dim=2)
-    probs = _softmax_attend(qc @ kc.transpose(-1, -2), plan.chunk_mask.unsqueeze(1), q.dtype)  # (n, H, R, P+W)
-    return (probs @ vc).transpose(1, 2).reshape(n * r, -1)[:plan.t]
+    qc = _heads(F.pad(q, (0, 0, 0, n * r - rows)), heads).reshape(heads * n, r, hd)  # batch order (H, n)
+    kc, vc = (_heads(x, heads).index_select(1, plan.key_index).view(heads * n, -1, hd) for x in (k, v))
+    bias = plan.bias(heads, q.dtype)
+    probs = torch.baddbmm(bias, qc, kc.transpose(-1, -2), alpha=hd ** -0.5).float().softmax(dim=-1).to(q.dtype)
+    return torch.bmm(probs, vc).view(heads, n * r, hd).transpose(0, 1).reshape(n * r, -1)[:rows]
 
 
 def _eot_attention(q_eot, k, v, k_pre: Optional[torch.Tensor], v_pre: Optional[torch.Tensor], plan: _Plan,
@@ -153,16 +159,12 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
             q = F.linear(h[p:].index_select(0, plan.eot), w[:width], None if b is None else b[:width])
         else:
             q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
-        k_pre = v_pre = None
-        if p:
-            k_pre, v_pre = _heads(k[:p], heads), _heads(v[:p], heads)  # (H, P, hd)
         if last:
+            k_pre, v_pre = (_heads(k[:p], heads), _heads(v[:p], heads)) if p else (None, None)  # (H, P, hd)
             out = _eot_attention(q, k[p:], v[p:], k_pre, v_pre, plan, heads)
             x = x[p:].index_select(0, plan.eot)
         else:
-            out = _own_attention(q[p:], k[p:], v[p:], k_pre, v_pre, plan, heads)
-            if p:
-                out = torch.cat([_prefix_attention(_heads(q[:p], heads), k_pre, v_pre, plan), out])
+            out = _chunk_attention(q, k, v, plan, heads)
         x = x + block.ls_1(attn.out_proj(out))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return bb.text.project(bb.text.ln_final(x)).float()
