@@ -435,7 +435,7 @@ def section_e2e(out: dict, bank_views: int, precision: str, epochs: int | None) 
     res = {"wall_s": wall, "steps": m["train"]["steps"], "bank_views": bank_views, "precision": precision,
            "load_s": tm["load_dataset_s"] + tm["load_backbone_s"], "feature_bank_s": tm.get("feature_bank_s", 0.0),
            "train_s": tm["train_s"], "encode_test_s": tm["encode_test_s"], "evaluate_s": tm["evaluate_s"],
-           "n_train": m["dataset"]["n_train"], "n_test": m["dataset"]["n_test"]}
+           "n_train": m["data"]["n_train"], "n_test": m["data"]["n_test"]}
     res["train_step_s"] = res["train_s"] / max(res["steps"], 1)
     per_view = res["feature_bank_s"] / bank_views
     res["projected_wall_s_by_views"] = {k: wall + (k - bank_views) * per_view for k in (1, 2, 4, 10)}

@@ -39,7 +39,7 @@ def test_train_then_eval_reproduces_accuracy(shapes, tmp_path):
     assert f"{acc:6.2f}%" in r.stdout
     e = cli("eval", str(out), "--output", str(tmp_path / "ev"))
     assert e.returncode == 0, e.stderr
-    ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["test"]["accuracy"] == acc
 
 
@@ -124,7 +124,7 @@ def test_train_grid_shares_one_process(shapes, tmp_path, monkeypatch, capsys):
     assert folders == ["1shots_seed1", "1shots_seed2", "2shots_seed1", "2shots_seed2"]
     for name in folders:
         m = json.loads((out / name / "metrics.json").read_text())
-        assert f"{m['dataset']['shots']}shots_seed{m['dataset']['seed']}" == name
-        assert m["dataset"]["n_train"] == m["dataset"]["shots"] * m["dataset"]["num_classes"]
+        assert f"{m['data']['shots']}shots_seed{m['data']['seed']}" == name
+        assert m["data"]["n_train"] == m["data"]["shots"] * m["data"]["num_classes"]
     assert "mean top-1" in capsys.readouterr().out
     assert main(["train", "--dataset", shapes, "--seed", "1,x"]) == 2

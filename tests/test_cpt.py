@@ -290,7 +290,7 @@ def test_cli_train_then_eval_reproduces(shapes, tmp_path, mode):
     assert any(d.startswith("feature bank:") for d in m["deviations"]) == (mode == "feature_bank")
     assert json.loads((out / "prompt" / "prompt_config.json").read_text())["method"] == "cpt"
     assert main(["eval", str(out), "--output", str(tmp_path / "ev"), "--quiet"]) == 0
-    ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["method"] == "cpt"
     assert ev["test"]["accuracy"] == m["test"]["accuracy"]
     assert ev["test"]["per_class"] == m["test"]["per_class"]

@@ -334,7 +334,7 @@ def test_base_to_new_rebuilds_prompts_and_hand_features_for_new_classes(shapes, 
     assert again["test"]["accuracy"] == m["test"]["accuracy"]
     new = evaluate_prompt(str(out), {"subsample": "new"}, output=str(tmp_path / "ev"), backbone=bb)
     all_names = vp.load_dataset(shapes).classnames
-    assert m["dataset"]["classnames"] == all_names[:4] and new["dataset"]["classnames"] == all_names[4:]
+    assert m["data"]["classnames"] == all_names[:4] and new["data"]["classnames"] == all_names[4:]
     # The rebuilt learner: the trained context, the new names, hand-crafted features of the new names, the blend.
     lrn = vp.get_method("dualview_mi").load(str(out / "prompt"), bb, all_names[4:])
     trained = vp.GuidedCoOp.from_pretrained(out / "prompt", bb)
@@ -352,7 +352,7 @@ def test_base_to_new_rebuilds_prompts_and_hand_features_for_new_classes(shapes, 
                                      progress=False)
         acc = 100.0 * float((lrn.logits(feats, blend).argmax(-1) == labels).float().mean())
     assert new["test"]["accuracy"] == pytest.approx(acc, abs=1e-9)
-    assert (tmp_path / "ev" / "eval_metrics.json").is_file()
+    assert (tmp_path / "ev" / "metrics.json").is_file()
 
 
 def test_base_to_new_from_the_command_line(shapes, tmp_path, capsys):
@@ -365,9 +365,9 @@ def test_base_to_new_from_the_command_line(shapes, tmp_path, capsys):
     assert resolved["recipe"]["preset"] == "dualview_mi" and resolved["method_options"]["augmentation"] == \
         "mix_virtual_class"
     assert main(["eval", str(out), "--subsample", "new", "--output", str(tmp_path / "ev"), "--quiet"]) == 0
-    ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
-    assert ev["method"] == "dualview_mi" and ev["dataset"]["subsample"] == "new"
-    assert ev["dataset"]["num_classes"] == 4
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["method"] == "dualview_mi" and ev["data"]["subsample"] == "new"
+    assert ev["data"]["num_classes"] == 4
 
 
 # -- real images ---------------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def test_caltech101_base_classes_every_term_improves(caltech_root, bb, tmp_path)
                                     subsample="base", shots=4, seed=1, epochs=8, batch_size=32, ctx_init="", csc=True,
                                     train_mode="feature_bank", bank_views=2, output=str(tmp_path / "c"), **TINY)
     m = run(cfg, backbone=bb)
-    assert m["dataset"]["num_classes"] == 50 and m["dataset"]["n_train"] == 200
+    assert m["data"]["num_classes"] == 50 and m["data"]["n_train"] == 200
     first, last = m["train"]["epochs"][0], m["train"]["epochs"][-1]
     for term in ("loss", "ce", "mi", "aug"):
         assert last[term] < first[term], (term, first[term], last[term])

@@ -10,7 +10,8 @@ from support import tiny_backbone
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
-from vlprompt.engine.run import FeatureMemo, evaluate_prompt, run
+from vlprompt.engine.feature_store import FeatureStore
+from vlprompt.engine.run import evaluate_prompt, run
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,9 @@ def cfg(shapes, out, **kw):
 
 
 def test_coop_learns_and_eval_reproduces(shapes, bb, tmp_path):
-    memo = FeatureMemo()
-    zs = run(cfg(shapes, tmp_path / "zs", method="zeroshot"), backbone=bb, memo=memo)
-    m = run(cfg(shapes, tmp_path / "coop"), backbone=bb, memo=memo)
+    memo = FeatureStore()
+    zs = run(cfg(shapes, tmp_path / "zs", method="zeroshot"), backbone=bb, store=memo)
+    m = run(cfg(shapes, tmp_path / "coop"), backbone=bb, store=memo)
     epochs = m["train"]["epochs"]
     assert len(epochs) == 12 and m["train"]["steps"] == 12 * 4  # 128 images, batch 32
     assert epochs[0]["lr"] == 1e-5 and epochs[1]["lr"] == pytest.approx(0.002)
@@ -69,7 +70,7 @@ def test_same_seed_same_result(shapes, bb, tmp_path):
 
 
 def count_encodes(monkeypatch) -> list:
-    import vlprompt.engine.run as engine_run
+    import vlprompt.engine.feature_store as engine_run
 
     calls = []
     real = engine_run.encode_items
@@ -79,9 +80,9 @@ def count_encodes(monkeypatch) -> list:
 
 def test_memo_encodes_each_test_split_once(shapes, bb, tmp_path, monkeypatch):
     calls = count_encodes(monkeypatch)
-    memo = FeatureMemo()
+    memo = FeatureStore()
     for seed in (1, 2):
-        run(cfg(shapes, tmp_path / f"s{seed}", epochs=1, seed=seed, feature_cache=False), backbone=bb, memo=memo)
+        run(cfg(shapes, tmp_path / f"s{seed}", epochs=1, seed=seed, feature_cache=False), backbone=bb, store=memo)
     assert len(calls) == 1
 
 
@@ -89,19 +90,19 @@ def test_disk_cache_serves_a_later_process(shapes, bb, tmp_path, monkeypatch):
     calls = count_encodes(monkeypatch)
     cache_dir = str(tmp_path / "cache")
     # Two memos stand for two processes: the second reads the features the first wrote.
-    a = run(cfg(shapes, tmp_path / "a", epochs=1, cache_dir=cache_dir), backbone=bb, memo=FeatureMemo())
-    b = run(cfg(shapes, tmp_path / "b", epochs=1, cache_dir=cache_dir), backbone=bb, memo=FeatureMemo())
+    a = run(cfg(shapes, tmp_path / "a", epochs=1, cache_dir=cache_dir), backbone=bb, store=FeatureStore())
+    b = run(cfg(shapes, tmp_path / "b", epochs=1, cache_dir=cache_dir), backbone=bb, store=FeatureStore())
     assert len(calls) == 1
     assert a["test"] == b["test"]
 
 
 def test_base_to_new_on_generated_data(shapes, bb, tmp_path):
     m = run(cfg(shapes, tmp_path / "base", subsample="base", epochs=1, csc=False), backbone=bb)
-    base_names = m["dataset"]["classnames"]
+    base_names = m["data"]["classnames"]
     assert len(base_names) == 4
     new = evaluate_prompt(str(tmp_path / "base"), {"subsample": "new"})
-    assert new["dataset"]["subsample"] == "new"
-    new_names = new["dataset"]["classnames"]
+    assert new["data"]["subsample"] == "new"
+    new_names = new["data"]["classnames"]
     all_names = vp.load_dataset(shapes).classnames
     # Base = the first ceil(n/2) labels, new = the rest, each relabelled from 0 (SPEC 6.2).
     assert base_names == all_names[:4] and new_names == all_names[4:]

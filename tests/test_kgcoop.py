@@ -106,9 +106,9 @@ def test_base_to_new_on_the_command_line(shapes, tmp_path):
     cfg = json.loads((out / "prompt" / "prompt_config.json").read_text())
     assert cfg["method"] == "kgcoop" and cfg["templates"] == ["a photo of a {}."] and cfg["n_ctx"] == 4
     assert main(["eval", str(out), "--subsample", "new", "--output", str(tmp_path / "ev"), "--quiet"]) == 0
-    ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     all_names = vp.load_dataset(shapes).classnames
-    assert ev["method"] == "kgcoop" and ev["dataset"]["classnames"] == all_names[4:]
+    assert ev["method"] == "kgcoop" and ev["data"]["classnames"] == all_names[4:]
 
 
 def test_cross_dataset_hand_view_follows_the_target_template(shapes, bb, tmp_path):

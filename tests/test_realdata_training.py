@@ -36,12 +36,12 @@ def test_caltech101_coop_learns_and_eval_reproduces(caltech_root, bb, tmp_path):
                        pretrained="random", shots=4, seed=1, epochs=10, n_ctx=4, csc=True, output=str(out),
                        progress=False)
     m = run(cfg, backbone=bb)
-    assert m["dataset"]["num_classes"] == 100 and m["dataset"]["n_train"] == 400
-    assert m["dataset"]["n_test"] == 2465 and m["train"]["steps"] == 10 * 12  # floor(400 / 32) per epoch
+    assert m["data"]["num_classes"] == 100 and m["data"]["n_train"] == 400
+    assert m["data"]["n_test"] == 2465 and m["train"]["steps"] == 10 * 12  # floor(400 / 32) per epoch
     check_learning(m, chance=1.0, factor=2.5)  # measured: 3.1%
     # The command-line eval of the saved run gives the same accuracy, digit for digit.
     assert main(["eval", str(out), "--output", str(tmp_path / "eval"), "--quiet"]) == 0
-    ev = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    ev = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert ev["test"]["accuracy"] == m["test"]["accuracy"]
     assert ev["test"]["macro_accuracy"] == m["test"]["macro_accuracy"]
 
@@ -50,7 +50,7 @@ def test_cifar10_plain_folder_coop_learns(cifar10_dir, bb, tmp_path):
     cfg = vp.RunConfig(dataset=str(cifar10_dir), backbone="vlprompt-tiny-ViT", pretrained="random", shots=16,
                        seed=2, epochs=60, n_ctx=4, csc=True, output=str(tmp_path / "cifar"), progress=False)
     m = run(cfg, backbone=bb)
-    assert m["dataset"]["classnames"] == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+    assert m["data"]["classnames"] == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                           "horse", "ship", "truck"]
-    assert m["dataset"]["n_train"] == 160 and m["dataset"]["n_test"] == 10000
+    assert m["data"]["n_train"] == 160 and m["data"]["n_test"] == 10000
     check_learning(m, chance=10.0, factor=1.5)  # measured: 19.7% (seed 2), 22.4% (seed 1)

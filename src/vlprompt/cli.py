@@ -1,4 +1,4 @@
-"""The ``vlprompt`` command: zeroshot, train, eval, datasets, demo.
+"""The ``vlprompt`` command: zeroshot, train, eval, study, report, datasets, methods, demo.
 
 Every option maps to a `RunConfig` key (the same keys a ``--config`` YAML file may hold). Errors in the
 user's input are printed as one line and exit with status 2, never as a stack trace.
@@ -52,9 +52,10 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def _add_coop(p: argparse.ArgumentParser) -> None:
+def _add_coop(p: argparse.ArgumentParser, method: bool = True) -> None:
     g = p.add_argument_group("CoOp prompt and recipe (SPEC 2)")
-    g.add_argument("--method", help="training method: coop (default), cpt, kgcoop, dualview_mi (see `vlprompt methods`)")
+    if method:
+        g.add_argument("--method", help="training method: coop (default), cpt, kgcoop, dualview_mi (see `vlprompt methods`)")
     g.add_argument("--n-ctx", dest="n_ctx", type=str, help="number of context vectors (default 16)")
     g.add_argument("--ctx-init", dest="ctx_init", help="initialise the context from words, e.g. 'a photo of a'")
     g.add_argument("--csc", dest="csc", action="store_const", const=True, help="class-specific context")
@@ -91,6 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="a run folder written by `vlprompt train`, or its prompt/ folder")
     _add_data(p), _add_backbone(p), _add_run(p)
 
+    p = sub.add_parser("study", help="run a protocol (fewshot, base2new, xd, dg) as one resumable study")
+    studies = p.add_subparsers(dest="protocol", parser_class=_Parser, required=True)
+    for protocol, text in STUDY_HELP.items():
+        q = studies.add_parser(protocol, help=text)
+        if protocol in ("xd", "dg"):
+            q.add_argument("--source", help="the dataset prompts are trained on (default imagenet)")
+            q.add_argument("--targets", help="comma-separated datasets to evaluate on (default: "
+                           + ("the four ImageNet variants" if protocol == "dg" else "the other 10 CoOp datasets") + ")")
+        else:
+            q.add_argument("--datasets", required=True, help="comma-separated datasets (names or folders)")
+        q.add_argument("--methods", help="comma-separated methods (default zeroshot,coop; see `vlprompt methods`)")
+        q.add_argument("--shots", help="comma-separated shot counts (default "
+                       + ("1,2,4,8,16" if protocol == "fewshot" else "16") + ")")
+        q.add_argument("--seeds", help="comma-separated seeds (default 1,2,3)")
+        g = q.add_argument_group("data")
+        g.add_argument("--root", help="data root holding the dataset folders")
+        g.add_argument("--template", help="override the training dataset's hand-crafted template")
+        _add_backbone(q), _add_study_run(q), _add_coop(q, method=False)
+    q = studies.add_parser("run", help="a study from a YAML file (protocol, datasets, methods, shots, seeds, ...)")
+    q.add_argument("file", help="the study definition (YAML)")
+    _add_study_run(q)
+
+    p = sub.add_parser("report", help="tables, plots and an HTML page from a study folder or a folder of runs")
+    p.add_argument("folder", help="a study folder (with index.json) or any folder holding run folders")
+    p.add_argument("--format", default="md", help="md (default) | csv | latex | json, printed to the terminal")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="tables only, no figures")
+
     p = sub.add_parser("datasets", help="list the known datasets, or check one on disk")
     p.add_argument("name", nargs="?", help="a registered name or a folder to check")
     p.add_argument("--root", help="data root (for registered names)")
@@ -104,6 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="CoOp epochs (default: the paper's 200 for the tiny model, 20 for real-size models)")
     p.add_argument("--quiet", action="store_true")
     return parser
+
+
+STUDY_HELP = {
+    "fewshot": "few-shot curves: every dataset x method x shots x seed (zero-shot methods once per dataset)",
+    "base2new": "base-to-new: train on the base half, evaluate on base and on new classes, H per dataset",
+    "xd": "cross-dataset: train once on the source, evaluate on every target with its own classes",
+    "dg": "domain generalisation: train on ImageNet, evaluate on ImageNet-V2/-Sketch/-A/-R",
+}
+
+
+def _add_study_run(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("study")
+    g.add_argument("--output", help="study folder (default studies/<protocol>)")
+    g.add_argument("--retry-failed", dest="retry_failed", action="store_true", help="run failed runs again")
+    g.add_argument("--rerun", action="store_true", help="run everything again, finished runs included")
+    g.add_argument("--num-workers", dest="num_workers", type=str, help="image-loading worker processes")
+    g.add_argument("--test-batch-size", dest="test_batch_size", type=str)
+    g.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=False,
+                   help="do not read or write the on-disk cache of encoded test images")
+    g.add_argument("--cache-dir", dest="cache_dir", help="feature cache folder (default ~/.cache/vlprompt/features)")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 CONFIG_KEYS = ("dataset", "root", "shots", "seed", "subsample", "template", "backbone", "pretrained", "weights",
@@ -140,7 +189,7 @@ def _config(args: argparse.Namespace, **forced):
 
 def _print_result(metrics: dict) -> None:
     test = metrics["test"]
-    print(f"{metrics['method']:<18} {metrics['dataset']['name']:<16} top-1 {test['accuracy']:6.2f}%  "
+    print(f"{metrics['method']:<18} {metrics['dataset']:<16} top-1 {test['accuracy']:6.2f}%  "
           f"macro {test['macro_accuracy']:6.2f}%  ({test['n']} test images)")
 
 
@@ -163,8 +212,9 @@ def _int_list(name: str, text: Optional[str]) -> Optional[list[int]]:
 
 
 def cmd_train(args) -> int:
-    from .engine.run import run, run_grid
+    from .engine.run import run
     from .methods import get_method
+    from .protocols.grid import run_grid
 
     shots, seeds = _int_list("shots", args.shots), _int_list("seed", args.seed)
     if shots or seeds:  # a grid: one process, one model load, one feature cache
@@ -181,7 +231,7 @@ def cmd_train(args) -> int:
         _print_result(m)
     print(f"{'shots':>6} {'seeds':>6} {'mean top-1 %':>13} {'std':>6}")
     for k in shots or [cfg.shots]:
-        accs = [m["test"]["accuracy"] for m in results if m["dataset"]["shots"] == k]
+        accs = [m["test"]["accuracy"] for m in results if m["data"]["shots"] == k]
         mean = sum(accs) / len(accs)
         std = (sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5
         print(f"{k:>6} {len(accs):>6} {mean:13.2f} {std:6.2f}")
@@ -197,6 +247,7 @@ def cmd_eval(args) -> int:
     output = overrides.pop("output", None)
     metrics = evaluate_prompt(args.prompt, overrides, output=output)
     _print_result(metrics)
+    print(f"-> {metrics['output']}")
     return 0
 
 
@@ -237,8 +288,75 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _csv_list(name: str, text: Optional[str], kind=str) -> list:
+    if not text:
+        return []
+    try:
+        return [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise VlpromptError(f"--{name}: expected a comma-separated list of numbers, got {text!r}") from None
+
+
+def _study_spec(args):
+    """A StudySpec from a study subcommand's options: every train option becomes a shared setting, and each
+    ``--option KEY=VALUE`` goes to the methods that have that option."""
+    import dataclasses
+
+    from .methods import get_method
+    from .protocols.study import MethodSpec, StudySpec
+
+    settings = _overrides(args)
+    for key in ("output", "progress", "shots", "seed", "dataset"):  # the study's own, not shared settings
+        settings.pop(key, None)
+    options = settings.pop("method_options", {})
+    preset = settings.pop("preset", None)
+    methods = [MethodSpec(name, preset=preset if get_method(name).trains else None)
+               for name in _csv_list("methods", args.methods or "zeroshot,coop")]
+    for key, value in options.items():
+        takers = [m for m in methods if get_method(m.method).Options
+                  and key in {f.name for f in dataclasses.fields(get_method(m.method).Options)}]
+        if not takers:
+            raise VlpromptError(f"--option {key}: no method of this study has that option (see `vlprompt methods`)")
+        for m in takers:
+            m.options[key] = value
+    return StudySpec(protocol=args.protocol, methods=methods, datasets=_csv_list("datasets", getattr(args, "datasets", None)),
+                     source=getattr(args, "source", None), targets=_csv_list("targets", getattr(args, "targets", None)),
+                     shots=_csv_list("shots", args.shots, int), seeds=_csv_list("seeds", args.seeds, int) or [1, 2, 3],
+                     settings=settings)
+
+
+def cmd_study(args) -> int:
+    from .protocols.report import to_markdown, write_report
+    from .protocols.study import load_study_file, run_study
+
+    spec = load_study_file(args.file) if args.protocol == "run" else _study_spec(args)
+    if args.protocol == "run":
+        for key in ("num_workers", "test_batch_size", "feature_cache", "cache_dir"):
+            if getattr(args, key, None) is not None:
+                spec.settings[key] = getattr(args, key)
+    folder = args.output or spec.output or f"studies/{spec.protocol}"
+    result = run_study(spec, folder, retry_failed=args.retry_failed, rerun=args.rerun, progress=not args.quiet)
+    rows, out = write_report(folder)
+    print(to_markdown(rows))
+    print(f"report: {out / 'index.html'} (tables, figures); `vlprompt report {folder}` prints it again")
+    for uid, error in result.failed:
+        print(f"failed: {uid}: {error}")
+    return 1 if result.failed else 0
+
+
+def cmd_report(args) -> int:
+    from .protocols.report import FORMATS, RENDER, write_report
+
+    if args.format not in FORMATS:
+        raise VlpromptError(f"--format: '{args.format}' is not one of {list(FORMATS)}")
+    rows, out = write_report(args.folder, plots=args.plots)
+    sys.stdout.write(RENDER[args.format](rows))
+    print(f"report written to {out} (index.html, tables.*{', figures' if args.plots else ''})", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"methods": cmd_methods, "zeroshot": cmd_zeroshot, "train": cmd_train, "eval": cmd_eval, "datasets": cmd_datasets,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "study": cmd_study, "report": cmd_report}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

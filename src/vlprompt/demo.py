@@ -17,7 +17,8 @@ from .backbones import Backbone, load_backbone
 from .backbones.loader import hub_reachable
 from .config import RunConfig
 from .data.synthetic import make_synthetic_dataset
-from .engine.run import FeatureMemo, run
+from .engine.feature_store import FeatureStore
+from .engine.run import run
 from .errors import VlpromptError
 from .utils.progress import say
 
@@ -55,7 +56,7 @@ def run_demo(output: str = "runs/demo", backbone: Optional[str] = None, weights:
     # The tiny model runs the paper recipe (16 shots: 200 epochs) in well under a minute; a real-size
     # model trains for 20 epochs so the demo stays a few minutes on a CPU (recorded as a deviation).
     epochs = epochs or (200 if bb.source.name == TINY else 20)
-    memo = FeatureMemo()
+    store = FeatureStore()
     base = RunConfig(dataset=data_dir, shots=16, seed=1, backbone=bb.source.name, precision=bb.precision,
                      pretrained=bb.source.pretrained or ("random" if not bb.source.weights else None),
                      weights=bb.source.weights, n_ctx=4 if not bb.source.is_random else 16,
@@ -63,15 +64,15 @@ def run_demo(output: str = "runs/demo", backbone: Optional[str] = None, weights:
     results = []
     for method in ("zeroshot", "zeroshot_ensemble", "coop"):
         cfg = base.replace(method=method, output=str(out / method))
-        results.append(run(cfg, backbone=bb, memo=memo))
+        results.append(run(cfg, backbone=bb, store=store))
     print()
-    print(f"vlprompt demo: {len(results[0]['dataset']['classnames'])} classes, 16 shots, "
+    print(f"vlprompt demo: {len(results[0]['data']['classnames'])} classes, 16 shots, "
           f"backbone {bb.source.describe()}")
     print(f"{'method':<20} {'top-1 %':>8} {'macro %':>8} {'train s':>8}")
     for m in results:
         train_s = m["timings"].get("train_s", 0.0)
         print(f"{m['method']:<20} {m['test']['accuracy']:8.2f} {m['test']['macro_accuracy']:8.2f} {train_s:8.1f}")
-    chance = 100.0 / len(results[0]["dataset"]["classnames"])
+    chance = 100.0 / len(results[0]["data"]["classnames"])
     print(f"(chance: {chance:.1f}%; runs written under {out}; total {time.perf_counter() - t0:.0f}s)")
     if bb.source.is_random:
         print("NOTE: random model (no real weights available). CoOp here uses class-specific context, which can\n"

@@ -1,4 +1,4 @@
-"""Accuracy metrics (SPEC 6.5): top-1 over all images (micro), per class, and their mean (macro)."""
+"""Accuracy metrics (SPEC 6.5): top-1 over all images (micro), top-5, per class, and their mean (macro)."""
 
 from __future__ import annotations
 
@@ -6,24 +6,32 @@ from typing import Sequence
 
 import torch
 
+TOP_K = 5
+
 
 @torch.no_grad()
-def classify(learner, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """Predicted labels; class text features are computed once for the whole evaluation."""
+def classify(learner, features: torch.Tensor, batch_size: int = 4096, k: int = TOP_K) -> torch.Tensor:
+    """(N, min(k, C)) label indices, best first; class text features are computed once for the evaluation."""
     text = learner.text_features().detach()
-    preds = [learner.logits(features[i:i + batch_size], text).argmax(dim=-1)
+    k = min(k, text.shape[0])
+    preds = [learner.logits(features[i:i + batch_size], text).topk(k, dim=-1).indices
              for i in range(0, features.shape[0], batch_size)]
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    return torch.cat(preds) if preds else torch.empty(0, k, dtype=torch.long)
 
 
 def accuracy_report(preds: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> dict:
-    """``{"accuracy", "macro_accuracy", "per_class": {name: acc}, "n": N}`` in percent.
+    """``{"accuracy", "top5_accuracy", "macro_accuracy", "per_class": {name: acc}, "n", "top5_k"}`` in percent.
 
-    Macro accuracy averages over the classes that have test images.
+    ``preds`` is (N,) top-1 labels or (N, k) ranked labels (`classify`); top-5 counts an image as right when
+    its label is among the first min(5, k) (``top5_k``; fewer than 5 when there are fewer classes, and None
+    when only top-1 labels were given). Macro accuracy averages over the classes that have test images.
     """
     preds, labels = preds.cpu(), labels.cpu()
+    ranked = preds if preds.dim() == 2 else preds[:, None]
     n = int(labels.numel())
-    correct = (preds == labels)
+    correct = ranked[:, 0] == labels if n else torch.zeros(0, dtype=torch.bool)
+    top5_k = min(TOP_K, ranked.shape[1]) if preds.dim() == 2 else None
+    in_top5 = (ranked[:, :top5_k] == labels[:, None]).any(dim=1) if top5_k else None
     per_class = {}
     for c, name in enumerate(classnames):
         mask = labels == c
@@ -31,6 +39,8 @@ def accuracy_report(preds: torch.Tensor, labels: torch.Tensor, classnames: Seque
             per_class[name] = 100.0 * float(correct[mask].float().mean())
     return {
         "accuracy": 100.0 * float(correct.float().mean()) if n else float("nan"),
+        "top5_accuracy": 100.0 * float(in_top5.float().mean()) if n and top5_k else None,
+        "top5_k": top5_k,
         "macro_accuracy": sum(per_class.values()) / len(per_class) if per_class else float("nan"),
         "per_class": per_class,
         "n": n,

@@ -2,15 +2,23 @@
 
 A run folder holds ``config.yaml`` (the resolved configuration), ``prompt/`` (the learned prompt,
 for methods that train) and ``metrics.json`` (accuracies, per-epoch history, timings, versions and every
-deviation from the paper recipe). All files are written atomically.
+deviation from the paper recipe; schema `SCHEMA_VERSION`, the same for trained, zero-shot and evaluated
+runs). The folder is written as one unit: everything goes into a hidden staging folder beside it, which is
+renamed into place at the end, so a killed run never leaves a folder that mixes two runs.
+
+Grids and studies (several runs) live in `vlprompt.protocols`; this module runs one configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import platform
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,17 +30,16 @@ from .. import __version__
 from ..backbones import Backbone, load_backbone
 from ..config import RunConfig, load_yaml
 from ..data import load_dataset
-from ..data.transforms import test_transform
 from ..errors import VlpromptError
 from ..methods import get_method
 from ..methods.base import parse_options
 from ..presets import method_recipe
 from ..prompts.coop import read_prompt_artifact
+from ..utils.hardware import resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
 from .evaluate import accuracy_report, classify
-from .feature_cache import FeatureCache, split_key
-from .features import encode_items
+from .feature_store import FeatureStore
 from .schedule import default_epochs
 from .trainer import ExactFeatures, FeatureBank, TrainSettings, train_prompt
 
@@ -112,44 +119,161 @@ def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, tra
     return out
 
 
-class FeatureMemo:
-    """Encoded evaluation splits: in memory for this process, and on disk (`FeatureCache`) across runs."""
+SCHEMA_VERSION = 2
+# RunConfig keys that change how a run is carried out but never its result: left out of its identity.
+NON_RESULT_KEYS = ("output", "progress", "num_workers", "test_batch_size", "feature_cache", "cache_dir")
 
-    def __init__(self):
-        self._store: dict = {}
 
-    def get(self, bb: Backbone, items, cfg: RunConfig, desc: str, dataset: str = ""):
-        key = (bb, bb.precision, bb.image_size, tuple((d.path, d.label) for d in items))
-        if key in self._store:
-            return self._store[key]
-        disk = FeatureCache(cfg.cache_dir) if cfg.feature_cache else None
-        disk_key = split_key(bb, items, dataset) if disk else None
-        found = disk.load(disk_key) if disk else None
-        if found is None:
-            tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
-            found = encode_items(bb, items, tf, cfg.test_batch_size, cfg.num_workers, desc=desc,
-                                 progress=cfg.progress)
-            if disk:
-                disk.save(disk_key, *found)
+def config_key(values: dict) -> str:
+    """A run's identity: the hash of its resolved configuration without the keys in `NON_RESULT_KEYS`.
+    Studies recognise a finished run by it (never by its folder name)."""
+    kept = {k: v for k, v in values.items() if k not in NON_RESULT_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _arch_name(name: Optional[str]) -> str:
+    return str(name or "").replace("/", "-")
+
+
+def _pretrained_tag(pretrained: Optional[str]) -> Optional[str]:
+    return None if pretrained is None or str(pretrained).lower() in ("", "none", "random") else str(pretrained)
+
+
+def backbone_mismatch(cfg: RunConfig, bb: Backbone) -> Optional[str]:
+    """How backbone ``bb`` differs from the one ``cfg`` asks for, in words; None when it is that backbone."""
+    src = bb.source
+    if _arch_name(cfg.backbone) != _arch_name(src.name):
+        return f"backbone {cfg.backbone!r} was asked for, the model given is {src.name!r}"
+    if cfg.weights:
+        want = str(Path(cfg.weights).expanduser().resolve())
+        if want != src.weights:
+            return f"weights {want} were asked for, the model given has {src.describe()}"
+    elif _pretrained_tag(cfg.pretrained) != src.pretrained or src.weights:
+        return (f"pretrained={_pretrained_tag(cfg.pretrained) or 'random'} was asked for, the model given has "
+                f"{src.describe()}")
+    precision = resolve_precision(cfg.precision, cfg.device)
+    if precision != bb.precision:
+        return f"precision {precision} was asked for, the model given runs in {bb.precision}"
+    if torch.device(cfg.device) != bb.device:
+        return f"device {cfg.device} was asked for, the model given is on {bb.device}"
+    return None
+
+
+def backbone_for(cfg: RunConfig, backbone: Optional[Backbone]) -> Backbone:
+    """``backbone`` when it is the one ``cfg`` names (else one clear error), or a fresh load."""
+    if backbone is None:
+        return backbone_from_config(cfg)
+    why = backbone_mismatch(cfg, backbone)
+    if why:
+        raise VlpromptError(f"the backbone passed in does not match the configuration: {why}")
+    return backbone
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stage_run_folder(out: Path) -> Path:
+    """A fresh hidden staging folder beside ``out`` (``.<name>.partial-<pid>``), made before any work so
+    that an output that cannot be written fails at once; staging folders of dead processes are removed."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for old in out.parent.glob(f".{out.name}.partial-*"):
+            pid = old.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+        stage.mkdir()
+    except OSError as exc:
+        raise VlpromptError(f"cannot write the run folder {out}: {exc.strerror or exc}") from None
+    return stage
+
+
+def commit_run_folder(stage: Path, out: Path) -> None:
+    """Move the complete staged run into place; a finished run already there is replaced as a whole."""
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            say(f"{desc}: {len(items)} features from the cache", cfg.progress)
-        self._store[key] = found
-        return found
+            os.replace(stage, out)
+    except OSError as exc:
+        raise VlpromptError(f"cannot move the finished run into {out}: {exc.strerror or exc}") from None
 
 
-_MEMO = FeatureMemo()
+def write_run_files(folder: Path, cfg: RunConfig, metrics: dict) -> None:
+    import yaml
+
+    atomic_write_text(folder / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_json(folder / "metrics.json", metrics)
 
 
-def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[FeatureMemo] = None) -> dict:
-    """Run ``cfg`` and write its run folder; returns the metrics dictionary."""
-    memo = memo or _MEMO
+def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, trains: bool) -> dict:
+    """The fields every metrics.json starts with (one schema for trained, zero-shot and evaluated runs):
+    the CLIP_benchmark-style summary (dataset, model, pretrained, task, metrics as fractions), then the
+    dataset, backbone and test report in full (accuracies in percent)."""
+    src = bb.source
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,  # train | zeroshot | eval
+        "dataset": ds.name,
+        "model": src.name,
+        "pretrained": src.pretrained or src.weights or "random",
+        "task": "prompt_classification" if trains else "zeroshot_classification",
+        "language": "en",
+        "metrics": {"acc1": report["accuracy"] / 100.0,
+                    "acc5": None if report["top5_accuracy"] is None else report["top5_accuracy"] / 100.0,
+                    "mean_per_class_recall": report["macro_accuracy"] / 100.0},
+        "config_key": config_key(cfg.to_dict()),
+        "method": cfg.method,
+        "data": {"name": ds.name, "root": ds.info.get("root"), "shots": cfg.shots, "seed": cfg.seed,
+                 "subsample": cfg.subsample, "template": cfg.template or ds.template,
+                 "num_classes": ds.num_classes, "n_train": len(ds.train), "n_val": len(ds.val),
+                 "n_test": len(ds.test), "classnames": ds.classnames},
+        "backbone": {"name": src.name, "source": src.describe(), "precision": bb.precision,
+                     "random": src.is_random, "image_encoder": bb.image_encoder_id},
+        "test": report,
+    }
+
+
+def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[FeatureStore] = None) -> dict:
+    """Run ``cfg`` and write its run folder; returns the metrics dictionary.
+
+    ``backbone`` (checked against ``cfg``) and ``store`` let several runs share one model load and one set
+    of encoded test splits; without them this run loads its own and releases them when it returns.
+    """
+    store = store if store is not None else FeatureStore()
     t_total = time.perf_counter()
     timings = {}
     method = get_method(cfg.method)
     parse_options(method.name, method.Options, cfg.method_options)  # a bad option fails before any work
     out = Path(cfg.output or default_output(cfg))
-    set_seed(cfg.seed)
+    stage = stage_run_folder(out)
+    try:
+        metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    commit_run_folder(stage, out)
+    say(f"{cfg.method} on {metrics['dataset']}: top-1 {metrics['test']['accuracy']:.2f}%  "
+        f"macro {metrics['test']['macro_accuracy']:.2f}%  -> {out}", cfg.progress)
+    metrics["output"] = str(out)
+    return metrics
 
+
+def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, timings, t_total) -> dict:
+    if backbone is not None:
+        backbone_for(cfg, backbone)  # a mismatch fails before the dataset is read
+    set_seed(cfg.seed)
     t = time.perf_counter()
     ds = load_dataset(cfg.dataset, cfg.root, shots=cfg.shots, seed=cfg.seed, subsample=cfg.subsample,
                       template=cfg.template)
@@ -162,7 +286,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
         f"test {len(ds.test)}", cfg.progress)
 
     t = time.perf_counter()
-    bb = backbone or backbone_from_config(cfg)
+    bb = backbone_for(cfg, backbone)
     timings["load_backbone_s"] = time.perf_counter() - t
     say(f"backbone {bb.source.describe()} ({bb.precision})", cfg.progress)
 
@@ -193,10 +317,10 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
         extra_deviations.extend(option_deviations(method, objective.options))
         if source.deviation:
             extra_deviations.append(source.deviation)
-        learner.save_pretrained(out / "prompt")
+        learner.save_pretrained(stage / "prompt")
 
     t = time.perf_counter()
-    feats, labels = memo.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
+    feats, labels = store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
     timings["encode_test_s"] = time.perf_counter() - t
     t = time.perf_counter()
     report = accuracy_report(classify(learner, feats), labels, ds.classnames)
@@ -204,14 +328,8 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
     timings["total_s"] = time.perf_counter() - t_total
 
     metrics = {
-        "method": cfg.method,
+        **result_record("train" if method.trains else "zeroshot", cfg, ds, bb, report, method.trains),
         "method_options": options,
-        "dataset": {"name": ds.name, "root": ds.info.get("root"), "shots": cfg.shots, "seed": cfg.seed,
-                    "subsample": cfg.subsample, "num_classes": ds.num_classes, "n_train": len(ds.train),
-                    "n_val": len(ds.val), "n_test": len(ds.test), "classnames": ds.classnames},
-        "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": bb.precision,
-                     "random": bb.source.is_random, "image_encoder": bb.image_encoder_id},
-        "test": report,
         "recipe": {"epochs": epochs if method.trains else 0, "paper_epochs": paper_epochs,
                    **{k: getattr(cfg, k) for k in PAPER_RECIPE}, "preset": cfg.preset,
                    "reference": reference_recipe(cfg.method)[1]},
@@ -222,46 +340,25 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, memo: Optional[Feat
         + extra_deviations,
         "train_mode": cfg.train_mode if method.trains else None,
     }
-    write_run_folder(out, cfg, metrics)
-    say(f"{cfg.method} on {ds.name}: top-1 {report['accuracy']:.2f}%  macro {report['macro_accuracy']:.2f}%  "
-        f"-> {out}", cfg.progress)
-    metrics["output"] = str(out)
+    write_run_files(stage, cfg, metrics)
     return metrics
 
 
-def run_grid(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int],
-             backbone: Optional[Backbone] = None) -> list[dict]:
-    """Every (shots, seed) pair of one dataset in this process: one backbone load and one feature memo.
-
-    Each run writes its own folder: ``cfg.output/<shots>shots_seed<S>`` when ``cfg.output`` is set,
-    else the default layout. Returns the metrics of every run, shots-major.
-    """
-    bb = backbone or backbone_from_config(cfg)
-    memo = FeatureMemo()
-    results = []
-    for k in shots:
-        for seed in seeds:
-            one = cfg.replace(shots=k, seed=seed)
-            if cfg.output:
-                one = one.replace(output=str(Path(cfg.output) / Path(default_output(one)).name))
-            results.append(run(one, backbone=bb, memo=memo))
-    return results
+def default_eval_output(prompt: Path, cfg: RunConfig) -> Path:
+    """Beside the evaluated run: ``<run>_eval-<dataset>[-<subsample>]``."""
+    ds = Path(cfg.dataset).name if Path(cfg.dataset).is_dir() else cfg.dataset
+    sub = "" if cfg.subsample == "all" else f"-{cfg.subsample}"
+    run_dir = prompt.parent if prompt.name == "prompt" else prompt
+    return run_dir.parent / f"{run_dir.name}_eval-{ds}{sub}"
 
 
-def write_run_folder(out: Path, cfg: RunConfig, metrics: dict) -> None:
-    import yaml
+def eval_config(prompt: str | os.PathLike, cfg_overrides: dict) -> tuple[RunConfig, Path]:
+    """(the configuration `evaluate_prompt` evaluates with, the prompt folder).
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    atomic_write_json(out / "metrics.json", metrics)
-
-
-def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = None,
-                    backbone: Optional[Backbone] = None) -> dict:
-    """Evaluate a saved prompt (a run folder or a prompt folder) on a dataset's test split.
-
-    Dataset, backbone and subsample default to the run's own configuration; any key in
-    ``cfg_overrides`` (for example ``subsample="new"`` or another dataset) replaces it.
+    The dataset and its settings default to the run's own configuration and any key of ``cfg_overrides``
+    replaces them. On another dataset the prompt sees that dataset's classes and template: the run's
+    ``subsample`` and ``template`` are not inherited (pass them to ask for them). The backbone is the one the
+    prompt recorded; asking for another is an error (``weights`` may say where the recorded file lives now).
     """
     path = Path(prompt)
     run_cfg: dict = {}
@@ -270,30 +367,81 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
             run_cfg = load_yaml(str(path / "config.yaml"))
         path = path / "prompt"
     pcfg, _ = read_prompt_artifact(path)
-    bsrc = pcfg.get("backbone", {})
-    base = {"backbone": bsrc.get("name"), "weights": bsrc.get("weights"),
-            "pretrained": bsrc.get("pretrained") or ("random" if not bsrc.get("weights") else None)}
-    values = {**base, **run_cfg, **{k: v for k, v in cfg_overrides.items() if v is not None}}
+    recorded = pcfg.get("backbone", {})
+    overrides = {k: v for k, v in cfg_overrides.items() if v is not None}
+    overrides.pop("output", None)
+    asked = overrides.pop("backbone", None)
+    if asked is not None and _arch_name(asked) != _arch_name(recorded.get("name")):
+        raise VlpromptError(f"prompt {path} was trained on backbone {recorded.get('name')!r}; it cannot be "
+                            f"evaluated on {asked!r}")
+    if "pretrained" in overrides or "weights" in overrides:
+        recorded_random = not recorded.get("weights") and not recorded.get("pretrained")
+        asked_random = not overrides.get("weights") and _pretrained_tag(overrides.get("pretrained")) is None
+        if asked_random != recorded_random:
+            raise VlpromptError(f"prompt {path} was trained on {'random' if recorded_random else 'pretrained'} "
+                                f"weights of {recorded.get('name')!r}; it cannot be evaluated on "
+                                f"{'random' if asked_random else 'pretrained'} ones")
+    values = dict(run_cfg)
+    if "dataset" in overrides and overrides["dataset"] != run_cfg.get("dataset"):
+        for key in ("subsample", "template"):  # another dataset: its own classes and template
+            values.pop(key, None)
+    values.update(overrides)
+    values["backbone"] = recorded.get("name")
+    values.setdefault("weights", recorded.get("weights"))
+    if not values.get("weights"):
+        values["pretrained"] = recorded.get("pretrained") or "random"
     values["method"] = pcfg.get("method", "coop")
     values.pop("output", None)
-    cfg = RunConfig(**values)
+    return RunConfig(**values), path
+
+
+def eval_key(cfg: RunConfig, prompt_key: Optional[str]) -> str:
+    """The identity of an evaluation: its configuration plus the identity of the run that trained the prompt."""
+    return config_key({**cfg.to_dict(), "prompt_key": prompt_key})
+
+
+def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = None,
+                    backbone: Optional[Backbone] = None, store: Optional[FeatureStore] = None) -> dict:
+    """Evaluate a saved prompt (a run folder or a prompt folder) on a dataset's test split (configuration:
+    `eval_config`) and write a run folder (``config.yaml`` + ``metrics.json``, the schema of a training run)
+    at ``output`` (default: beside the evaluated run, `default_eval_output`)."""
+    cfg, path = eval_config(prompt, cfg_overrides)
+    out = Path(output) if output else default_eval_output(path, cfg)
+    stage = stage_run_folder(out)
+    try:
+        metrics = _evaluate_into(stage, path, cfg, backbone, store if store is not None else FeatureStore())
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    commit_run_folder(stage, out)
+    metrics["output"] = str(out)
+    return metrics
+
+
+def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: FeatureStore) -> dict:
     method = get_method(cfg.method)
+    if backbone is not None:
+        backbone_for(cfg, backbone)
     set_seed(cfg.seed)
     ds = load_dataset(cfg.dataset, cfg.root, shots=cfg.shots, seed=cfg.seed, subsample=cfg.subsample,
                       template=cfg.template)
-    bb = backbone or backbone_from_config(cfg)
+    if not ds.test:
+        raise VlpromptError(f"dataset {ds.name} has no test images")
+    bb = backbone_for(cfg, backbone)
     learner = method.load(str(path), bb, ds.classnames, dataset=ds, template=cfg.template)
     t = time.perf_counter()
-    feats, labels = _MEMO.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
+    feats, labels = store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
     report = accuracy_report(classify(learner, feats), labels, ds.classnames)
-    metrics = {"prompt": str(path), "method": cfg.method,
-               "dataset": {"name": ds.name, "subsample": cfg.subsample, "num_classes": ds.num_classes,
-                           "n_test": len(ds.test), "classnames": ds.classnames},
-               "backbone": {"name": cfg.backbone, "source": bb.source.describe(), "precision": bb.precision},
-               "test": report, "timings": {"evaluate_s": time.perf_counter() - t}, "versions": versions(),
-               "deviations": deviations(cfg, bb, 0, 0, False, ds.info.get("notes"))}
-    if output:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "eval_metrics.json", metrics)
+    source_metrics = path.parent / "metrics.json"
+    trained = json.loads(source_metrics.read_text()) if source_metrics.is_file() else {}
+    metrics = {
+        **result_record("eval", cfg, ds, bb, report, method.trains),
+        "prompt": {"path": str(path), "config_key": trained.get("config_key"),
+                   "trained_on": (trained.get("data") or trained.get("dataset") or {}).get("name")},
+        "timings": {"evaluate_s": time.perf_counter() - t},
+        "versions": versions(),
+        "deviations": deviations(cfg, bb, 0, 0, False, ds.info.get("notes")),
+    }
+    metrics["config_key"] = eval_key(cfg, metrics["prompt"]["config_key"])
+    write_run_files(stage, cfg, metrics)
     return metrics
