@@ -323,6 +323,8 @@ def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False
     """Carry out (or continue) a study in this process; see the module docstring for what is kept."""
     study = Study(spec, Path(study_dir), progress)
     study.dir.mkdir(parents=True, exist_ok=True)
+    for stale in study.dir.glob(".*.tmp"):  # an index write cut short by a kill
+        stale.unlink(missing_ok=True)
     todo = []
     for u in study.units:
         entry = study.entries[u.uid]
