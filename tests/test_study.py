@@ -306,3 +306,29 @@ def test_base2new_and_xd_studies_on_real_images(caltech_root, cifar10_dir, tmp_p
     target = json.loads((xd / "runs" / "coop" / "4shots_seed1" / "cifar10" / "metrics.json").read_text())
     assert target["data"]["num_classes"] == 10 and target["data"]["template"] == "a photo of a {}."
     assert target["data"]["n_test"] == 10000 and target["prompt"]["trained_on"] == "caltech101"
+
+
+def test_report_on_a_folder_of_loose_runs_in_every_format(shapes, tmp_path, capsys):
+    loose = tmp_path / "loose"
+    train = ["train", "--dataset", shapes, *TINY, "--shots", "2", "--epochs", "1", "--n-ctx", "2", "--quiet"]
+    assert main([*train, "--subsample", "base", "--output", str(loose / "coop_base")]) == 0
+    assert main(["eval", str(loose / "coop_base"), "--subsample", "new", "--quiet"]) == 0  # beside the run
+    assert main(["train", "--dataset", shapes, *TINY, "--shots", "2", "--epochs", "1", "--n-ctx", "2",
+                 "--quiet", "--output", str(loose / "coop_all")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(loose), "--format", "json", "--no-plots"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    base = json.loads((loose / "coop_base" / "metrics.json").read_text())["test"]["accuracy"]
+    new = json.loads((loose / f"coop_base_eval-{Path(shapes).name}-new" / "metrics.json").read_text())
+    assert new["kind"] == "eval" and new["data"]["subsample"] == "new"
+    h = by(rows, protocol="base2new", metric="h")
+    assert h["mean"] == pytest.approx(harmonic_mean(base, new["test"]["accuracy"]))
+    assert by(rows, protocol="fewshot")["shots"] == 2
+    assert main(["report", str(loose), "--format", "latex", "--no-plots"]) == 0
+    tex = capsys.readouterr().out
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "$\\pm$" not in tex.split("%")[0]
+    assert main(["report", str(loose), "--format", "csv", "--no-plots"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("protocol,dataset,source,method") and len(lines) == 1 + len(rows)
+    assert main(["report", str(loose), "--format", "yaml"]) == 2
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2

@@ -298,10 +298,8 @@ def _bars(ax, rows, datasets, methods, labels, colours, handles) -> None:
         highs.extend(y + e for y, e in zip(ys, errs))
     ax.set_xlim(-0.6, len(datasets) - 0.4)
     if lows:
-        # Accuracies of competing methods differ by a few points: start the axis at a multiple of 10 below the
-        # lowest bar (0 when anything is under 15 %), so the differences stay visible.
-        lo = min(lows)
-        bottom = 0.0 if lo < 15 else 10.0 * math.floor((lo - 5) / 10.0)
+        # Bars start at 0: a truncated axis would overstate the gaps between methods (the tables give digits).
+        bottom = min(0.0, min(lows))
         top = min(100.0, max(highs) + 0.08 * (max(highs) - bottom) + 1.0)
         if top <= bottom:
             top = bottom + 10.0

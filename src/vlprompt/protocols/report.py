@@ -180,7 +180,7 @@ def tables(rows: list[dict]) -> list[dict]:
         shots = sorted({r["shots"] for r in sel})
         body = []
         for ds in _datasets(sel):
-            for method in _unique(r["method"] for r in sel if r["dataset"] == ds):
+            for method in _methods([r for r in sel if r["dataset"] == ds]):
                 body.append([ds, method] + [cell(index.get(("fewshot", bb, ds, ds, method, k, "top1")))
                                             for k in shots])
         out.append({"title": f"Few-shot top-1 % ({bb})", "header": ["dataset", "method"]
@@ -190,7 +190,7 @@ def tables(rows: list[dict]) -> list[dict]:
         sel = [r for r in rows if r["protocol"] == "base2new" and r["backbone"] == bb]
         body = []
         for ds in _datasets(sel):
-            for method in _unique(r["method"] for r in sel if r["dataset"] == ds):
+            for method in _methods([r for r in sel if r["dataset"] == ds]):
                 shots = next(r["shots"] for r in sel if r["dataset"] == ds and r["method"] == method)
                 body.append([ds, method] + [cell(index.get(("base2new", bb, ds, ds, method, shots, m)))
                                             for m in ("base", "new", "h")])
@@ -204,13 +204,20 @@ def tables(rows: list[dict]) -> list[dict]:
             targets = [d for d in _datasets(sel) if d not in (src, "average")]
             cols = [src] + targets + ["average"]
             body = []
-            for method in _unique(r["method"] for r in sel):
+            for method in _methods(sel):
                 shots = next(r["shots"] for r in sel if r["method"] == method)
                 body.append([method] + [cell(index.get((protocol, bb, src, d, method, shots, "top1"))) for d in cols])
             out.append({"title": f"{name} top-1 % ({bb}; trained on {src}, average over the targets)",
                         "header": ["method", f"{src} (source)"] + targets + ["average"], "body": body,
                         "notes": notes(sel)})
     return out
+
+
+def _methods(rows) -> list[str]:
+    """Method labels in table order: zero-shot baselines first, then the others as they come."""
+    labels = _unique(r["method"] for r in rows)
+    zs = {r["method"] for r in rows if str(r["method_type"]).startswith("zeroshot")}
+    return [m for m in labels if m in zs] + [m for m in labels if m not in zs]
 
 
 def _unique(values) -> list:
