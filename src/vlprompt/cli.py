@@ -319,10 +319,12 @@ def _study_spec(args):
             raise VlpromptError(f"--option {key}: no method of this study has that option (see `vlprompt methods`)")
         for m in takers:
             m.options[key] = value
-    return StudySpec(protocol=args.protocol, methods=methods, datasets=_csv_list("datasets", getattr(args, "datasets", None)),
-                     source=getattr(args, "source", None), targets=_csv_list("targets", getattr(args, "targets", None)),
-                     shots=_csv_list("shots", args.shots, int), seeds=_csv_list("seeds", args.seeds, int) or [1, 2, 3],
-                     settings=settings)
+    return StudySpec(protocol=args.protocol, methods=methods,
+                     datasets=_csv_list("datasets", getattr(args, "datasets", None)),
+                     source=getattr(args, "source", None),
+                     targets=_csv_list("targets", getattr(args, "targets", None)),
+                     shots=_csv_list("shots", args.shots, int),
+                     seeds=_csv_list("seeds", args.seeds, int) or [1, 2, 3], settings=settings)
 
 
 def cmd_study(args) -> int:

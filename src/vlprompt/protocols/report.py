@@ -183,8 +183,9 @@ def tables(rows: list[dict]) -> list[dict]:
             for method in _methods([r for r in sel if r["dataset"] == ds]):
                 body.append([ds, method] + [cell(index.get(("fewshot", bb, ds, ds, method, k, "top1")))
                                             for k in shots])
-        out.append({"title": f"Few-shot top-1 % ({bb})", "header": ["dataset", "method"]
-                    + [("zero-shot" if k == 0 else f"{k} shots") for k in shots], "body": body, "notes": notes(sel)})
+        header = ["dataset", "method"] + [("zero-shot" if k == 0 else f"{k} shot{'s' if k > 1 else ''}")
+                                          for k in shots]
+        out.append({"title": f"Few-shot top-1 % ({bb})", "header": header, "body": body, "notes": notes(sel)})
 
     for bb in _unique(r["backbone"] for r in rows if r["protocol"] == "base2new"):
         sel = [r for r in rows if r["protocol"] == "base2new" and r["backbone"] == bb]
