@@ -319,6 +319,13 @@ def test_cross_dataset_coop_eval_records_the_targets_template(base_blurry_run, o
     assert ev["prompt"]["trained_on"] != ev["dataset"]
 
 
+def test_the_same_dataset_spelled_another_way_is_not_another_dataset(base_blurry_run, shapes):
+    for spelled in (shapes + os.sep, os.path.relpath(shapes)):
+        assert os.path.samefile(spelled, shapes)
+        cfg, _ = eval_config(str(base_blurry_run), {"dataset": spelled, "subsample": "new"})
+        assert cfg.subsample == "new" and cfg.template == BLURRY, (spelled, cfg.template)
+
+
 @pytest.fixture(scope="module")
 def kg_run(shapes, bb, tmp_path_factory):
     out = tmp_path_factory.mktemp("kg_parent") / "run"
@@ -471,6 +478,29 @@ def test_a_run_failing_while_writing_leaves_the_finished_run_intact(shapes, bb, 
     assert not no_hidden_leftovers(out.parent, "r")
 
 
+def test_a_run_failing_to_move_into_place_leaves_the_finished_run_intact(shapes, bb, tmp_path, monkeypatch):
+    out = tmp_path / "runs" / "r"
+    run(make_cfg(shapes, out), backbone=bb)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_replace = os.replace
+    failed = []
+
+    def replace(src, dst, *a, **k):
+        if Path(src).name.startswith(".r.partial-") and Path(dst) == out:
+            failed.append(src)
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(run_mod.os, "replace", replace)
+    with pytest.raises(vp.VlpromptError, match=re.escape(str(out))):
+        run(make_cfg(shapes, out, seed=5), backbone=bb)
+    monkeypatch.undo()
+    assert len(failed) == 1
+    assert out.is_dir(), f"the finished run is gone from {out}: {sorted(os.listdir(out.parent))}"
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not no_hidden_leftovers(out.parent, "r")
+
+
 @pytest.fixture
 def record_dataset_loads(monkeypatch) -> list:
     loads = []
@@ -547,3 +577,10 @@ def test_recorded_config_key_is_the_key_of_the_written_config(coop_run):
     assert m["config_key"] == config_key(written.to_dict())
     assert m["config_key"] == config_key(written.replace(output="moved/elsewhere", progress=True).to_dict())
     assert m["config_key"] != config_key(written.replace(seed=written.seed + 1).to_dict())
+
+
+def test_config_key_reads_method_options_as_the_method_does():
+    base = vp.RunConfig(dataset="shapes", method="kgcoop", epochs=3, **TINY)
+    spelled = [{}, {"weight": 8.0}, {"weight": "8"}, {"weight": 8, "hand_templates": "dataset"}]
+    assert len({config_key(base.replace(method_options=o).to_dict()) for o in spelled}) == 1
+    assert config_key(base.replace(method_options={"weight": "4"}).to_dict()) != config_key(base.to_dict())

@@ -125,9 +125,16 @@ NON_RESULT_KEYS = ("output", "progress", "num_workers", "test_batch_size", "feat
 
 
 def config_key(values: dict) -> str:
-    """A run's identity: the hash of its resolved configuration without the keys in `NON_RESULT_KEYS`.
-    Studies recognise a finished run by it (never by its folder name)."""
+    """A run's identity: the hash of its resolved configuration without the keys in `NON_RESULT_KEYS`, with
+    the method's options in full (parsed, defaults filled in, so ``weight: "4"`` and ``weight: 4.0`` are one
+    run). Studies recognise a finished run by it (never by its folder name)."""
     kept = {k: v for k, v in values.items() if k not in NON_RESULT_KEYS}
+    try:
+        method = get_method(kept["method"])
+        options = parse_options(method.name, method.Options, kept.get("method_options"))
+        kept["method_options"] = dataclasses.asdict(options) if options is not None else {}
+    except (KeyError, VlpromptError):
+        pass  # not a runnable configuration: hashed as written
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -198,14 +205,18 @@ def stage_run_folder(out: Path) -> Path:
 def commit_run_folder(stage: Path, out: Path) -> None:
     """Move the complete staged run into place; a finished run already there is replaced as a whole."""
     try:
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
+        if not out.exists():
             os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        try:
             os.replace(stage, out)
+        except OSError:
+            os.replace(old, out)  # the finished run stays where it was
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         raise VlpromptError(f"cannot move the finished run into {out}: {exc.strerror or exc}") from None
 
@@ -260,10 +271,9 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
     stage = stage_run_folder(out)
     try:
         metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    commit_run_folder(stage, out)
+        commit_run_folder(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
     say(f"{cfg.method} on {metrics['dataset']}: top-1 {metrics['test']['accuracy']:.2f}%  "
         f"macro {metrics['test']['macro_accuracy']:.2f}%  -> {out}", cfg.progress)
     metrics["output"] = str(out)
@@ -382,7 +392,7 @@ def eval_config(prompt: str | os.PathLike, cfg_overrides: dict) -> tuple[RunConf
                                 f"weights of {recorded.get('name')!r}; it cannot be evaluated on "
                                 f"{'random' if asked_random else 'pretrained'} ones")
     values = dict(run_cfg)
-    if "dataset" in overrides and overrides["dataset"] != run_cfg.get("dataset"):
+    if "dataset" in overrides and not _same_dataset(overrides["dataset"], run_cfg.get("dataset")):
         for key in ("subsample", "template"):  # another dataset: its own classes and template
             values.pop(key, None)
     values.update(overrides)
@@ -393,6 +403,16 @@ def eval_config(prompt: str | os.PathLike, cfg_overrides: dict) -> tuple[RunConf
     values["method"] = pcfg.get("method", "coop")
     values.pop("output", None)
     return RunConfig(**values), path
+
+
+def _same_dataset(a, b) -> bool:
+    """Whether two dataset arguments name one dataset: equal names, or folders that resolve to one path."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
 
 def eval_key(cfg: RunConfig, prompt_key: Optional[str]) -> str:
@@ -410,10 +430,9 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     stage = stage_run_folder(out)
     try:
         metrics = _evaluate_into(stage, path, cfg, backbone, store if store is not None else FeatureStore())
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    commit_run_folder(stage, out)
+        commit_run_folder(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
     metrics["output"] = str(out)
     return metrics
 
