@@ -332,3 +332,46 @@ def test_report_on_a_folder_of_loose_runs_in_every_format(shapes, tmp_path, caps
     assert lines[0].startswith("protocol,dataset,source,method") and len(lines) == 1 + len(rows)
     assert main(["report", str(loose), "--format", "yaml"]) == 2
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
+
+
+def imagenet_family(root: Path, shapes: str) -> dict:
+    """A small ImageNet family from the generated shapes: ImageNet (8 wnids), -V2 (folders 0..7) and -A with
+    3 of the 8 classes (as -A and -R use 200 of the 1000), each in its reader's layout."""
+    import shutil
+
+    src = Path(shapes)
+    names = sorted(p.name for p in (src / "train").iterdir())
+    wnids = {f"n{1000 + i:08d}": name for i, name in enumerate(names)}
+    inet = root / "imagenet"
+    inet.mkdir(parents=True)
+    (inet / "classnames.txt").write_text("".join(f"{w} {n.replace('_', ' ')}\n" for w, n in wnids.items()))
+    for k, (w, name) in enumerate(wnids.items()):
+        for split, folder in (("train", "train"), ("val", "test")):
+            shutil.copytree(src / folder / name, inet / "images" / split / w)
+        shutil.copytree(src / "test" / name, root / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / str(k))
+    subset = list(wnids)[5:]
+    for w in subset:
+        shutil.copytree(src / "test" / wnids[w], root / "imagenet-adversarial" / "imagenet-a" / w)
+    return {w: wnids[w].replace("_", " ") for w in subset}
+
+
+def test_dg_study_evaluates_each_variant_with_its_own_class_subset(shapes, tmp_path, capsys):
+    root = tmp_path / "data"
+    subset = imagenet_family(root, shapes)
+    out = tmp_path / "dg"
+    assert main(["study", "dg", "--root", str(root), "--targets", "imagenet_v2,imagenet_a,imagenet_sketch",
+                 "--methods", "zeroshot,coop", "--shots", "2", "--seeds", "1", *TINY, "--epochs", "1",
+                 "--output", str(out), "--quiet"]) == 1  # imagenet_sketch is not on disk: recorded, not fatal
+    capsys.readouterr()
+    a = json.loads((out / "runs" / "coop" / "2shots_seed1" / "imagenet_a" / "metrics.json").read_text())
+    assert a["data"]["classnames"] == list(subset.values()) and a["data"]["num_classes"] == 3
+    v2 = json.loads((out / "runs" / "coop" / "2shots_seed1" / "imagenet_v2" / "metrics.json").read_text())
+    assert v2["data"]["num_classes"] == 8 and v2["prompt"]["trained_on"] == "imagenet"
+    units = {u["uid"]: u for u in json.loads((out / "index.json").read_text())["units"]}
+    assert units["coop/2shots_seed1/imagenet_sketch"]["state"] == "failed"
+    assert "imagenet-sketch" in units["coop/2shots_seed1/imagenet_sketch"]["error"]
+    rows = [r for r in aggregate(collect(out)) if r["protocol"] == "dg"]
+    coop = {r["dataset"]: r["mean"] for r in rows if r["method"] == "coop"}
+    assert set(coop) == {"imagenet", "imagenet_v2", "imagenet_a", "average"}
+    assert coop["average"] == pytest.approx((coop["imagenet_v2"] + coop["imagenet_a"]) / 2)
+    assert {r["dataset"] for r in rows if r["method"] == "zeroshot"} == set(coop)

@@ -34,21 +34,11 @@ from ..methods.base import parse_options
 from ..presets import resolve_preset
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
+from . import base2new, dg, fewshot, xd
+from .units import Planner, Unit
 
-PROTOCOLS = ("fewshot", "base2new", "xd", "dg")
-COOP_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                 "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
-DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-
-# The protocol's own recipe (SPEC 6.2-6.4: ViT-B/16, M = 4 from "a photo of a"), below a method's preset,
-# the study's settings and a method's overrides. The few-shot protocol uses RunConfig's defaults (SPEC 6.1).
-PROTOCOL_DEFAULTS = {
-    "fewshot": {},
-    "base2new": {"backbone": "ViT-B-16", "n_ctx": 4, "ctx_init": "a photo of a"},
-    "xd": {"backbone": "ViT-B-16", "n_ctx": 4, "ctx_init": "a photo of a"},
-    "dg": {"backbone": "ViT-B-16", "n_ctx": 4, "ctx_init": "a photo of a"},
-}
-DEFAULT_SHOTS = {"fewshot": [1, 2, 4, 8, 16], "base2new": [16], "xd": [16], "dg": [16]}
+# The protocols, one module each (a registry, not import side effects).
+PROTOCOLS = {"fewshot": fewshot, "base2new": base2new, "xd": xd, "dg": dg}
 # Keys a study decides per unit; a study's settings may not set them.
 UNIT_KEYS = ("dataset", "shots", "seed", "subsample", "method", "method_options", "preset", "output")
 
@@ -86,6 +76,7 @@ class StudySpec:
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise VlpromptError(f"study: protocol '{self.protocol}' is not one of {list(PROTOCOLS)}")
+        module = PROTOCOLS[self.protocol]
         if not self.methods:
             raise VlpromptError("study: no methods")
         labels = [m.label for m in self.methods]
@@ -95,12 +86,11 @@ class StudySpec:
         for m in self.methods:
             get_method(m.method)
             parse_options(m.method, get_method(m.method).Options, m.options)
-        self.shots = [int(k) for k in (self.shots or DEFAULT_SHOTS[self.protocol])]
+        self.shots = [int(k) for k in (self.shots or module.SHOTS)]
         self.seeds = [int(s) for s in self.seeds]
-        if self.protocol in ("xd", "dg"):
+        if module.TRANSFER:
             self.source = self.source or "imagenet"
-            default_targets = DG_TARGETS if self.protocol == "dg" else [d for d in COOP_DATASETS if d != self.source]
-            self.targets = list(self.targets or default_targets)
+            self.targets = list(self.targets or module.default_targets(self.source))
             if self.datasets:
                 raise VlpromptError(f"study {self.protocol}: give --source and --targets, not datasets")
         else:
@@ -152,22 +142,6 @@ class StudySpec:
         return cls(methods=methods, settings=settings, **values)
 
 
-@dataclass
-class Unit:
-    """One run folder of a study: a training (or zero-shot) run, or an evaluation of a trained prompt."""
-
-    uid: str  # the folder under STUDY_DIR/runs, e.g. "caltech101/coop/16shots_seed1/base"
-    kind: str  # "run" | "eval"
-    cfg: Optional[RunConfig]  # the run's configuration (kind run)
-    eval_overrides: dict  # what an evaluation changes from the trained run (kind eval)
-    after: Optional[str]  # the training unit an evaluation needs
-    role: dict  # protocol, dataset (evaluated), source (trained on), method, method_type, shots, seed, split
-
-
-def _name(dataset: str) -> str:
-    return Path(dataset).name if ("/" in dataset or dataset.startswith(".")) else dataset
-
-
 def run_config(spec: StudySpec, m: MethodSpec, **unit_values) -> RunConfig:
     """A unit's RunConfig: protocol defaults < the method's preset < the study's settings < the method's
     overrides < what the unit decides (dataset, shots, seed, subsample, output)."""
@@ -175,7 +149,7 @@ def run_config(spec: StudySpec, m: MethodSpec, **unit_values) -> RunConfig:
     if m.preset:
         explicit["preset"] = m.preset
     preset = resolve_preset(explicit.get("preset"), m.method)
-    values = {**PROTOCOL_DEFAULTS[spec.protocol], **(preset.values if preset else {}), **explicit}
+    values = {**PROTOCOLS[spec.protocol].DEFAULTS, **(preset.values if preset else {}), **explicit}
     if preset:
         values["preset"] = preset.name
     return RunConfig(**values)
@@ -183,61 +157,11 @@ def run_config(spec: StudySpec, m: MethodSpec, **unit_values) -> RunConfig:
 
 def plan(spec: StudySpec, study_dir: Path, progress: bool = True) -> list[Unit]:
     """Every unit of the study in the order it runs (an evaluation right after its training run)."""
-    runs = study_dir / "runs"
-    units: list[Unit] = []
-
-    def add_run(uid, m, role, **values):
-        cfg = run_config(spec, m, output=str(runs / uid), progress=progress, **values)
-        units.append(Unit(uid, "run", cfg, {}, None, {**role, "method": m.label, "method_type": m.method}))
-
-    def add_eval(uid, after, m, role, **overrides):
-        units.append(Unit(uid, "eval", None, overrides, after, {**role, "method": m.label, "method_type": m.method}))
-
-    p = spec.protocol
+    planner = Planner(spec.protocol, study_dir / "runs", lambda m, **values: run_config(spec, m, **values),
+                      progress)
     for m in spec.methods:
-        if p == "fewshot":
-            for ds in spec.datasets:
-                base = {"protocol": p, "dataset": _name(ds), "source": _name(ds), "split": "all"}
-                if not m.trains:  # zero-shot: no shots, no seeds
-                    add_run(f"{_name(ds)}/{m.label}/zeroshot", m, {**base, "shots": 0, "seed": None}, dataset=ds)
-                    continue
-                for k in spec.shots:
-                    for s in spec.seeds:
-                        add_run(f"{_name(ds)}/{m.label}/{k}shots_seed{s}", m, {**base, "shots": k, "seed": s},
-                                dataset=ds, shots=k, seed=s)
-        elif p == "base2new":
-            for ds in spec.datasets:
-                base = {"protocol": p, "dataset": _name(ds), "source": _name(ds)}
-                if not m.trains:
-                    for split in ("base", "new"):
-                        add_run(f"{_name(ds)}/{m.label}/zeroshot/{split}", m,
-                                {**base, "shots": 0, "seed": None, "split": split}, dataset=ds, subsample=split)
-                    continue
-                for k in spec.shots:
-                    for s in spec.seeds:
-                        uid = f"{_name(ds)}/{m.label}/{k}shots_seed{s}"
-                        role = {**base, "shots": k, "seed": s}
-                        add_run(f"{uid}/base", m, {**role, "split": "base"}, dataset=ds, shots=k, seed=s,
-                                subsample="base")
-                        add_eval(f"{uid}/new", f"{uid}/base", m, {**role, "split": "new"}, subsample="new")
-        else:  # xd, dg: train once on the source, evaluate on every target with its own classes and template
-            src = _name(spec.source)
-            if not m.trains:
-                for ds in [spec.source, *spec.targets]:
-                    role = {"protocol": p, "dataset": _name(ds), "source": src, "shots": 0, "seed": None,
-                            "split": "all"}
-                    add_run(f"{m.label}/zeroshot/{_name(ds)}", m, role, dataset=ds)
-                continue
-            for k in spec.shots:
-                for s in spec.seeds:
-                    uid = f"{m.label}/{k}shots_seed{s}"
-                    role = {"protocol": p, "source": src, "shots": k, "seed": s, "split": "all"}
-                    add_run(f"{uid}/{src}", m, {**role, "dataset": src}, dataset=spec.source, shots=k, seed=s)
-                    for t in spec.targets:
-                        if _name(t) != src:
-                            add_eval(f"{uid}/{_name(t)}", f"{uid}/{src}", m, {**role, "dataset": _name(t)},
-                                     dataset=t, subsample="all")
-    return units
+        PROTOCOLS[spec.protocol].plan_method(spec, m, planner)
+    return planner.units
 
 
 # -- the study folder -----------------------------------------------------------------------------------------
