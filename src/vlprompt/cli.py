@@ -44,6 +44,11 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with any of these options (command-line options win)")
     p.add_argument("--output", help="run folder (default runs/<dataset>/<method>/<backbone>/<shots>_seed<S>)")
+    _add_execution(p)
+
+
+def _add_execution(p) -> None:
+    """How runs are carried out (never what they compute): workers, test batch size, cache, progress."""
     p.add_argument("--num-workers", dest="num_workers", type=str, help="image-loading worker processes")
     p.add_argument("--test-batch-size", dest="test_batch_size", type=str)
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=False,
@@ -147,12 +152,7 @@ def _add_study_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", help="study folder (default studies/<protocol>)")
     g.add_argument("--retry-failed", dest="retry_failed", action="store_true", help="run failed runs again")
     g.add_argument("--rerun", action="store_true", help="run everything again, finished runs included")
-    g.add_argument("--num-workers", dest="num_workers", type=str, help="image-loading worker processes")
-    g.add_argument("--test-batch-size", dest="test_batch_size", type=str)
-    g.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=False,
-                   help="do not read or write the on-disk cache of encoded test images")
-    g.add_argument("--cache-dir", dest="cache_dir", help="feature cache folder (default ~/.cache/vlprompt/features)")
-    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_execution(g)
 
 
 CONFIG_KEYS = ("dataset", "root", "shots", "seed", "subsample", "template", "backbone", "pretrained", "weights",
