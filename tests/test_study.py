@@ -3,14 +3,17 @@ direct computation over the run folders."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -137,7 +140,10 @@ def test_base2new_study_report_equals_the_run_folders(shapes, tmp_path, capsys):
     assert new["kind"] == "eval" and new["data"]["subsample"] == "new"
     assert not set(new["data"]["classnames"]) & set(base["data"]["classnames"])
     report = out / "report"
-    assert (report / "index.html").is_file() and list(report.glob("base2new_*.png"))
+    assert list(report.glob("base2new_*.png")) and list(report.glob("base2new_*.pdf"))
+    links = re.findall(r'(?:src|href)="([^"]+)"', (report / "index.html").read_text())
+    assert links and all((report / unquote(link)).is_file() for link in links)
+    assert not [link for link in links if "://" in link]
 
 
 def test_resume_skips_finished_runs_by_configuration(shapes, tmp_path):
@@ -375,3 +381,21 @@ def test_dg_study_evaluates_each_variant_with_its_own_class_subset(shapes, tmp_p
     assert set(coop) == {"imagenet", "imagenet_v2", "imagenet_a", "average"}
     assert coop["average"] == pytest.approx((coop["imagenet_v2"] + coop["imagenet_a"]) / 2)
     assert {r["dataset"] for r in rows if r["method"] == "zeroshot"} == set(coop)
+
+
+def test_a_published_average_is_shown_only_beside_an_average_over_the_same_datasets():
+    from vlprompt.protocols.xd import COOP_DATASETS
+
+    def zs(datasets):
+        return [rec("fewshot", d, "zeroshot", 60.0, shots=0, seed=None) for d in datasets]
+
+    full = by(aggregate(zs(COOP_DATASETS)), dataset="average")
+    assert full["published"] == 58.77 and full["n"] == 11  # SPEC 7.1's zero-shot RN50 average
+    part = by(aggregate(zs(COOP_DATASETS[:3])), dataset="average")
+    assert part["published"] is None and part["diff"] is None
+    # xd: the average over the 10 targets (the source excluded) meets the published one.
+    records = [rec("xd", d, "coop", 50.0, source="imagenet", method_type="coop") for d in COOP_DATASETS]
+    records = [dataclasses.replace(r, backbone="ViT-B-16", config={"n_ctx": 4, "ctx_init": "a photo of a"})
+               for r in records]
+    avg = by(aggregate(records), dataset="average")
+    assert avg["n"] == 10 and avg["published"] == 63.88

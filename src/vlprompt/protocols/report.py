@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
+from . import dg, xd
 from .published import lookup
 from .store import RunRecord, collect
 
@@ -40,11 +41,23 @@ def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
+def benchmark_datasets(protocol: str, source: str) -> set[str]:
+    """The datasets a published average is taken over: the 11 CoOp datasets (few-shot, base-to-new), the 10
+    other ones (xd), the 4 ImageNet variants (dg)."""
+    if protocol == "dg":
+        return set(dg.TARGETS)
+    return set(xd.COOP_DATASETS) - ({source} if protocol == "xd" else set())
+
+
 def _row(protocol, dataset, source, method, method_type, backbone, shots, metric, mean, std, n, random,
-         config) -> dict:
+         config, averaged: Optional[set] = None) -> dict:
+    """One result row; the published number is attached where one matches (for an ``average`` row, only when
+    ``averaged``, the datasets it averages, is the benchmark's own set)."""
     row = dict(protocol=protocol, dataset=dataset, source=source, method=method, method_type=method_type,
                backbone=backbone, shots=shots, metric=metric, mean=mean, std=std, n=n, random=random,
                published=None, published_source=None, diff=None)
+    if dataset == "average" and averaged != benchmark_datasets(protocol, source):
+        return row
     hits = lookup(protocol, dataset, method_type, backbone, shots, metric, config)
     if hits:
         row.update(published=hits[0].value, published_source=f"{hits[0].source} [{hits[0].confidence}]",
@@ -82,7 +95,8 @@ def _fewshot_rows(records: list[RunRecord]) -> list[dict]:
         if len(group) > 1:
             rows.append(_row("fewshot", "average", "average", method, mtype, bb, shots, "top1",
                              sum(x["mean"] for x in group) / len(group), None, len(group),
-                             any(x["random"] for x in group), config[(bb, method)]))
+                             any(x["random"] for x in group), config[(bb, method)],
+                             averaged={x["dataset"] for x in group}))
     return rows
 
 
@@ -107,7 +121,7 @@ def _base2new_rows(records: list[RunRecord]) -> list[dict]:
             b, n = mean_std(base)[0], mean_std(new)[0]
             rows.append(_row("base2new", ds, ds, method, mtype, bb, shots, "h", harmonic_mean(b, n), None,
                              min(len(base), len(new)), rnd, cfg))
-            per_ds.append((bb, method, mtype, shots, b, n, rnd, cfg))
+            per_ds.append((bb, method, mtype, shots, b, n, rnd, cfg, ds))
     for (bb, method, mtype, shots), group in _groups(per_ds, lambda x: x[:4]).items():
         if len(group) < 2:
             continue
@@ -116,7 +130,7 @@ def _base2new_rows(records: list[RunRecord]) -> list[dict]:
         rnd, cfg = any(x[6] for x in group), group[0][7]
         for metric, value in (("base", b), ("new", n), ("h", harmonic_mean(b, n))):
             rows.append(_row("base2new", "average", "average", method, mtype, bb, shots, metric, value, None,
-                             len(group), rnd, cfg))
+                             len(group), rnd, cfg, averaged={x[8] for x in group}))
     return rows
 
 
@@ -133,7 +147,8 @@ def _transfer_rows(protocol: str, records: list[RunRecord]) -> list[dict]:
             targets, lambda x: (x["backbone"], x["source"], x["method"], x["method_type"], x["shots"])).items():
         rows.append(_row(protocol, "average", src, method, mtype, bb, shots, "top1",
                          sum(x["mean"] for x in group) / len(group), None, len(group),
-                         any(x["random"] for x in group), config[(bb, method)]))
+                         any(x["random"] for x in group), config[(bb, method)],
+                         averaged={x["dataset"] for x in group}))
     return rows
 
 
