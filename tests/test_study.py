@@ -399,3 +399,13 @@ def test_a_published_average_is_shown_only_beside_an_average_over_the_same_datas
                for r in records]
     avg = by(aggregate(records), dataset="average")
     assert avg["n"] == 10 and avg["published"] == 63.88
+
+
+def test_a_wrong_weights_file_is_one_line_before_any_run(shapes, tmp_path, capsys):
+    out = tmp_path / "w"
+    args = ["study", "fewshot", "--datasets", shapes, "--methods", "coop", "--shots", "1", "--seeds", "1",
+            "--backbone", "vlprompt-tiny-ViT", "--weights", str(tmp_path / "missing.pt"), "--output", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"vlprompt: error: weights file not found: {tmp_path / 'missing.pt'}"
+    assert not (out / "runs").exists()

@@ -264,7 +264,12 @@ def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False
     kept_failed = sum(1 for e in study.entries.values() if e["state"] == "failed")
     say(f"study {spec.protocol}: {len(study.units)} runs, {skipped} finished, {kept_failed} failed before "
         f"{'(kept; --retry-failed to retry) ' if kept_failed else ''}-> {len(todo)} to run in {study.dir}", progress)
+    # Every backbone the remaining runs need is loaded now: a wrong architecture or weights file is one error
+    # line before any work, not a failure recorded for every run.
     backbones: dict = {}
+    for u in todo:
+        if u.kind == "run":
+            _backbone(backbones, u.cfg)
     store = FeatureStore()
     durations: list[float] = []
     done = 0
@@ -284,9 +289,9 @@ def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False
             if u.kind == "run":
                 metrics = run(u.cfg, backbone=_backbone(backbones, u.cfg), store=store)
             else:
-                cfg, _ = eval_config(study.folder(u.after), {**u.eval_overrides, "progress": progress})
-                metrics = evaluate_prompt(str(study.folder(u.after)), {**u.eval_overrides, "progress": progress},
-                                          output=str(study.folder(u.uid)), backbone=_backbone(backbones, cfg),
+                trained, overrides = study.folder(u.after), {**u.eval_overrides, "progress": progress}
+                bb = _backbone(backbones, eval_config(trained, overrides)[0])
+                metrics = evaluate_prompt(str(trained), overrides, output=str(study.folder(u.uid)), backbone=bb,
                                           store=store)
         except Exception as exc:  # one run's failure never stops the study
             entry.update(state="failed", error=_one_line(exc), seconds=time.perf_counter() - t)
