@@ -316,7 +316,8 @@ def write_report(folder: str | Path, plots: bool = True) -> tuple[list[dict], Pa
     if plots:
         from .plots import write_plots
 
-        images = [p for p in write_plots(rows, out) if p.suffix == ".png"]
+        zeroshot_first = sorted(rows, key=lambda r: not str(r["method_type"]).startswith("zeroshot"))  # as tables
+        images = [p for p in write_plots(zeroshot_first, out) if p.suffix == ".png"]
     sections = [(t["title"], table_html(t["header"], t["body"], caption="; ".join(t["notes"])))
                 for t in tables(rows)]
     write_html(out, f"vlprompt report: {Path(folder).resolve().name}", sections, images)
