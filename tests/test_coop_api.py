@@ -49,10 +49,13 @@ def test_transfer_to_other_class_names(bb, tmp_path):
     assert torch.equal(moved.text_features(), fresh.text_features())
 
 
-def test_class_specific_context_cannot_change_class_count(bb, tmp_path):
+def test_class_specific_context_cannot_move_to_other_classes(bb, tmp_path):
     vp.CoOp(bb, NAMES, n_ctx=2, csc=True).save_pretrained(tmp_path)
-    with pytest.raises(vp.VlpromptError, match="class-specific context for 4 classes"):
+    with pytest.raises(vp.VlpromptError, match="class-specific context belongs to its own 4 classes"):
         vp.CoOp.from_pretrained(tmp_path, bb, classnames=["a", "b"])
+    with pytest.raises(vp.VlpromptError, match="cannot be transferred"):  # same count, other names
+        vp.CoOp.from_pretrained(tmp_path, bb, classnames=["a", "b", "c", "d"])
+    assert vp.CoOp.from_pretrained(tmp_path, bb, classnames=list(NAMES)).classnames == list(NAMES)
 
 
 def test_checkpoint_that_does_not_fit_the_backbone(bb, tmp_path):

@@ -12,7 +12,7 @@ from .backbones import Backbone, load_backbone  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .data import DatasetSplits, Datum, list_datasets, load_dataset  # noqa: E402
 from .errors import VlpromptError  # noqa: E402
-from .methods import METHODS, CPTOptions, get_method, list_methods  # noqa: E402
+from .methods import METHODS, CPTOptions, get_method, list_methods, load_prompt  # noqa: E402
 from .methods.dualview import DualViewOptions  # noqa: E402
 from .methods.kgcoop import KgCoOpOptions  # noqa: E402
 from .presets import PRESETS  # noqa: E402
@@ -30,5 +30,5 @@ def run(cfg: "RunConfig", backbone=None) -> dict:
 
 __all__ = ["Backbone", "CoOp", "CPTOptions", "DatasetSplits", "Datum", "DualViewOptions", "GuidedCoOp",
            "KgCoOpOptions", "METHODS", "PRESETS", "RunConfig", "VlpromptError", "ZeroShotCLIP", "get_method",
-           "keep_freed_memory", "list_datasets", "list_methods", "load_backbone", "load_dataset", "run",
+           "keep_freed_memory", "list_datasets", "list_methods", "load_backbone", "load_dataset", "load_prompt", "run",
            "__version__"]

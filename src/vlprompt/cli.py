@@ -66,8 +66,9 @@ def _add_coop(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--csc", dest="csc", action="store_const", const=True, help="class-specific context")
     g.add_argument("--class-token-position", dest="class_token_position", help="end | middle | front")
     g.add_argument("--epochs", type=str, help="override the paper's epochs-by-shots")
-    g.add_argument("--batch-size", dest="batch_size", type=str, help="default 32")
-    g.add_argument("--lr", type=str, help="default 0.002")
+    g.add_argument("--batch-size", dest="batch_size", type=str,
+                   help="training batch size (CoOp's recipe: 32; a method's preset may set another)")
+    g.add_argument("--lr", type=str, help="learning rate (CoOp's recipe: 0.002)")
     g.add_argument("--weight-decay", dest="weight_decay", type=str)
     g.add_argument("--momentum", type=str)
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=str)
@@ -280,7 +281,7 @@ def cmd_methods(args) -> int:
 
     for name, method in METHODS.items():
         recipe = method_recipe(name)
-        print(f"{name}{'' if method.trains else '  (no training)'}"
+        print(f"{name}  ({method.needs.describe()})"
               f"{f'  (preset {recipe.name}: {recipe.values})' if recipe else ''}")
         for f in dataclasses.fields(method.Options) if method.Options else ():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

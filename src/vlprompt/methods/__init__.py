@@ -30,4 +30,26 @@ def list_methods() -> list[str]:
     return sorted(METHODS)
 
 
-__all__ = ["CPTOptions", "METHODS", "get_method", "list_methods"]
+def load_prompt(path, backbone, classnames=None, dataset=None, template=None):
+    """A saved prompt (a prompt folder or a run folder holding ``prompt/``) as the learner of the method it
+    was saved by, on ``backbone``; ``classnames`` rebuilds it for other classes (refused, in one line, where
+    the prompt cannot transfer). Prompts of every format version load."""
+    from pathlib import Path
+
+    from ..prompts.coop import read_prompt_artifact
+
+    folder = Path(path)
+    if (folder / "prompt").is_dir():
+        folder = folder / "prompt"
+    cfg, _ = read_prompt_artifact(folder)
+    kind = cfg.get("type") or cfg.get("method") or "coop"
+    if kind not in METHODS:
+        raise VlpromptError(f"prompt {folder} was saved by method '{kind}', which this vlprompt does not know "
+                            f"(known: {', '.join(sorted(METHODS))})")
+    method = METHODS[kind]
+    if not method.trains:
+        raise VlpromptError(f"prompt {folder}: method '{kind}' has no saved prompt to load")
+    return method.load(str(folder), backbone, classnames, dataset=dataset, template=template)
+
+
+__all__ = ["CPTOptions", "METHODS", "get_method", "list_methods", "load_prompt"]

@@ -8,6 +8,7 @@ line, ``method_options:`` in YAML) and validated in its ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, get_type_hints
 
 import torch
@@ -45,9 +46,39 @@ class Objective:
         return dataclasses.asdict(self.options) if self.options is not None else {}
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a method declares about itself; the engine, the studies and `vlprompt methods` read this."""
+
+    trains: bool = True  # False: a baseline with nothing to learn (zero-shot CLIP)
+    pixels: bool = False  # its loss needs the augmented images themselves, not only their features
+    cacheable_features: bool = True  # its image features may be cached or drawn from a feature bank
+    classifier: str = "text prompts"  # "text prompts" (classes are text) | "head" (a layer over image features)
+    transfers: bool = True  # can be rebuilt for other class names (new classes, other datasets)
+
+    def describe(self) -> str:
+        return (f"{'trains' if self.trains else 'no training'}; classifier: {self.classifier}; "
+                f"{'transfers to new class names' if self.transfers else 'tied to its classes'}"
+                f"{'; needs pixels' if self.pixels else ''}"
+                f"{'' if self.cacheable_features else '; image features not cacheable'}")
+
+
+class MethodBase:
+    """What every registered method shares: its declared `Needs`, read through ``trains``."""
+
+    name: str
+    needs: Needs = Needs()
+    Options: Optional[type] = None
+
+    @property
+    def trains(self) -> bool:
+        return self.needs.trains
+
+
 class Method(Protocol):
     name: str
-    trains: bool  # False for zero-shot baselines
+    needs: Needs
+    trains: bool  # needs.trains
     Options: Optional[type]  # dataclass of the method's settings, or None
 
     def build(self, backbone: Backbone, classnames: Sequence[str], cfg, dataset) -> torch.nn.Module:

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch.nn.functional as F
 
 from ..prompts.coop import CoOp
-from .base import Objective, parse_options
+from .base import MethodBase, Needs, Objective, parse_options
 
 
 class CoOpObjective(Objective):
@@ -17,10 +17,9 @@ class CoOpObjective(Objective):
         return loss, {"loss": loss.detach(), "logits": logits.detach()}
 
 
-class CoOpMethod:
+class CoOpMethod(MethodBase):
     name = "coop"
-    trains = True
-    Options = None
+    needs = Needs()  # a class-specific context (csc) is the exception: it cannot move to other class names
 
     def build(self, backbone, classnames: Sequence[str], cfg, dataset=None) -> CoOp:
         return CoOp(backbone, classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
@@ -29,5 +28,5 @@ class CoOpMethod:
     def objective(self, learner: CoOp, cfg, dataset=None) -> CoOpObjective:
         return CoOpObjective(parse_options(self.name, self.Options, cfg.method_options))
 
-    def load(self, path, backbone, classnames, dataset=None, template=None) -> CoOp:
+    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> CoOp:
         return CoOp.from_pretrained(path, backbone, classnames=classnames)

@@ -177,7 +177,7 @@ class CPTMethod(CoOpMethod):
                                 "the contrastive terms need at least 2 images per batch")
         return CPTObjective(options)
 
-    def load(self, path, backbone, classnames, dataset=None, template=None) -> CoOp:
+    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> CoOp:
         learner = super().load(path, backbone, classnames)
         learner.method = self.name
         return learner

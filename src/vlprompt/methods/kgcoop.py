@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..errors import VlpromptError
 from ..prompts.guided import GuidedCoOp
 from ..prompts.templates import ensemble_templates
-from .base import Objective, parse_options
+from .base import MethodBase, Objective, parse_options
 
 HAND_CHOICES = ("dataset", "ensemble")
 KGCOOP_DTD_TEMPLATE = "a photo of a {}, a type of texture."  # KgCoOp's DTD template (SPEC 5.4)
@@ -91,11 +91,10 @@ class KgCoOpObjective(Objective):
         return out
 
 
-class GuidedMethod:
+class GuidedMethod(MethodBase):
     """Building and loading for the methods whose learner carries a frozen hand-crafted view (kgcoop,
     dualview_mi); a subclass sets ``name`` and ``Options`` and builds its objective."""
 
-    trains = True
     name: str
     Options: type
 
@@ -103,7 +102,7 @@ class GuidedMethod:
         options = parse_options(self.name, self.Options, cfg.method_options)
         return build_guided(self.name, options, backbone, classnames, cfg, dataset)
 
-    def load(self, path, backbone, classnames, dataset=None, template: Optional[str] = None) -> GuidedCoOp:
+    def load(self, path, backbone, classnames=None, dataset=None, template: Optional[str] = None) -> GuidedCoOp:
         """The saved prompt for ``classnames``; given the evaluation ``dataset`` (cross-dataset transfer), its
         hand-crafted view follows that dataset's template as it did the training dataset's."""
         learner = GuidedCoOp.from_pretrained(path, backbone, classnames=classnames)

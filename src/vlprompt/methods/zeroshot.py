@@ -7,11 +7,11 @@ from typing import Sequence
 from ..errors import VlpromptError
 from ..prompts.templates import ensemble_templates
 from ..prompts.zeroshot import ZeroShotCLIP
+from .base import MethodBase, Needs
 
 
-class ZeroShotMethod:
-    trains = False
-    Options = None
+class ZeroShotMethod(MethodBase):
+    needs = Needs(trains=False)
 
     def __init__(self, ensemble: bool):
         self.ensemble = ensemble

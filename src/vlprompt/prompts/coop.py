@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,6 +29,9 @@ from .templates import prompt_text
 POSITIONS = ("end", "middle", "front")
 CONFIG_NAME = "prompt_config.json"
 WEIGHTS_NAME = "prompt.safetensors"
+# 1: CoOp-era prompts (the method under "method", no type); 2: "type", "learner", "format_version",
+# "vlprompt_version". Version 1 prompts still load.
+FORMAT_VERSION = 2
 
 
 def _layout_index(n_cls_tokens: int, n_ctx: int, name_len: int, position: str) -> list[int]:
@@ -154,9 +158,15 @@ class CoOp(TextClassifier):
 
     # -- artefacts -----------------------------------------------------------------------------
     def config(self) -> dict:
+        from .. import __version__
+
         src = self.backbone.source
         return {
-            "method": self.method,
+            "type": self.method,
+            "learner": type(self).__name__,
+            "format_version": FORMAT_VERSION,
+            "vlprompt_version": __version__,
+            "method": self.method,  # what format 1 readers look for
             "n_ctx": self.n_ctx,
             "ctx_init": self.ctx_init,
             "csc": self.csc,
@@ -180,19 +190,36 @@ class CoOp(TextClassifier):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backbone: Backbone,
                         classnames: Optional[Sequence[str]] = None) -> "CoOp":
-        """Load a saved context; ``classnames`` rebuilds the prompts for another label space."""
+        """Load a saved context; ``classnames`` rebuilds the prompts for another label space.
+
+        The prompt must be one this class writes (`stored_learner`); `vlprompt.load_prompt` picks the class
+        from the stored type. A class-specific context belongs to its own classes: other names are refused.
+        Config keys this version does not know (from a newer vlprompt) are warned about and ignored."""
         cfg, ctx = read_prompt_artifact(path)
+        stored = stored_learner(cfg)
+        if stored != cls.__name__:
+            raise VlpromptError(f"prompt {path} is a {cfg.get('type') or cfg.get('method')} prompt ({stored}); "
+                                f"{cls.__name__}.from_pretrained cannot load it: use vlprompt.load_prompt(path, "
+                                "backbone)")
+        unknown = sorted(set(cfg) - cls.CONFIG_KEYS)
+        if unknown:
+            warnings.warn(f"prompt {path}: ignoring config keys this vlprompt version does not know: "
+                          f"{', '.join(unknown)} (written by vlprompt {cfg.get('vlprompt_version', '?')})",
+                          stacklevel=2)
         if cfg.get("ctx_dim") != backbone.ctx_dim or ctx.shape[-1] != backbone.ctx_dim:
             raise VlpromptError(
                 f"prompt {path}: context width {ctx.shape[-1]} does not fit backbone "
                 f"{backbone.source.name} (token width {backbone.ctx_dim})"
             )
+        recorded = (cfg.get("backbone") or {}).get("name")
+        if recorded and recorded.replace("/", "-") != backbone.source.name.replace("/", "-"):
+            raise VlpromptError(f"prompt {path} was trained on backbone {recorded!r}, not {backbone.source.name!r}")
         names = list(classnames) if classnames is not None else list(cfg["classnames"])
         csc = bool(cfg.get("csc", False))
-        if csc and len(names) != ctx.shape[0]:
+        if csc and names != list(cfg["classnames"]):
             raise VlpromptError(
-                f"prompt {path}: class-specific context for {ctx.shape[0]} classes cannot be used with "
-                f"{len(names)} class names"
+                f"prompt {path}: a class-specific context belongs to its own {len(cfg['classnames'])} classes "
+                f"and cannot be transferred to other class names ({len(names)} given)"
             )
         learner = cls(backbone, names, n_ctx=int(cfg["n_ctx"]), ctx_init=cfg.get("ctx_init"), csc=csc,
                       class_token_position=cfg.get("class_token_position", "end"), **cls._init_kwargs(cfg, path))
@@ -207,6 +234,15 @@ class CoOp(TextClassifier):
     def _init_kwargs(cls, cfg: dict, path) -> dict:
         """Constructor arguments beyond CoOp's that a subclass reads from its saved config."""
         return {}
+
+    CONFIG_KEYS = frozenset({"type", "learner", "format_version", "vlprompt_version", "method", "n_ctx", "ctx_init",
+                             "csc", "class_token_position", "ctx_dim", "classnames", "backbone"})
+
+
+def stored_learner(cfg: dict) -> str:
+    """The learner class a saved prompt config was written by; format 1 configs did not say, and only
+    GuidedCoOp wrote hand-crafted templates."""
+    return cfg.get("learner") or ("GuidedCoOp" if cfg.get("templates") else "CoOp")
 
 
 def read_prompt_artifact(path: str | os.PathLike) -> tuple[dict, torch.Tensor]:

@@ -60,6 +60,8 @@ class GuidedCoOp(CoOp):
         return {**super().config(), "templates": self.templates, "ensemble_hand": self.ensemble_hand,
                 "hand_view": self.hand_view}
 
+    CONFIG_KEYS = CoOp.CONFIG_KEYS | {"templates", "ensemble_hand", "hand_view"}
+
     @classmethod
     def _init_kwargs(cls, cfg: dict, path) -> dict:
         if not cfg.get("templates"):
