@@ -22,11 +22,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def train_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> T.Compose:
+def train_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, scale=(0.08, 1.0)) -> T.Compose:
+    """Dassl's training augmentation (SPEC 1.4); Tip-Adapter's cache uses ``scale=(0.5, 1.0)``."""
     return T.Compose(
         [
             T.RandomResizedCrop(
-                image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                image_size, scale=tuple(scale), ratio=(3 / 4, 4 / 3),
                 interpolation=InterpolationMode.BICUBIC,
             ),
             T.RandomHorizontalFlip(p=0.5),

@@ -119,6 +119,11 @@ def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, tra
     return out
 
 
+@dataclasses.dataclass
+class _NoOptions:
+    pass
+
+
 SCHEMA_VERSION = 2
 # RunConfig keys that change how a run is carried out but never its result: left out of its identity.
 NON_RESULT_KEYS = ("output", "progress", "num_workers", "test_batch_size", "feature_cache", "cache_dir")
@@ -308,7 +313,16 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     history = None
     extra_deviations: list[str] = []
     options = {}
-    if method.trains:
+    fits = hasattr(method, "fit")  # fitted in closed form or by a search (linear probe, Tip-Adapter), not SGD
+    if fits:
+        t = time.perf_counter()
+        fitted = method.fit(learner, bb, ds, cfg, store)
+        timings["fit_s"] = time.perf_counter() - t
+        extra_deviations.extend(fitted.pop("deviations", []))
+        options = dataclasses.asdict(parse_options(method.name, method.Options, cfg.method_options) or _NoOptions())
+        history = {"fit": fitted}
+        learner.save_pretrained(stage / "prompt")
+    elif method.trains:
         objective = method.objective(learner, cfg, ds)
         options = objective.options_dict()
         settings = TrainSettings.from_config(cfg, epochs)
@@ -340,15 +354,15 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     metrics = {
         **result_record("train" if method.trains else "zeroshot", cfg, ds, bb, report, method.trains),
         "method_options": options,
-        "recipe": {"epochs": epochs if method.trains else 0, "paper_epochs": paper_epochs,
+        "recipe": {"epochs": epochs if method.trains and not fits else 0, "paper_epochs": paper_epochs,
                    **{k: getattr(cfg, k) for k in PAPER_RECIPE}, "preset": cfg.preset,
                    "reference": reference_recipe(cfg.method)[1]},
         "train": history,
         "timings": timings,
         "versions": versions(),
-        "deviations": deviations(cfg, bb, epochs, paper_epochs, method.trains, ds.info.get("notes"))
+        "deviations": deviations(cfg, bb, epochs, paper_epochs, method.trains and not fits, ds.info.get("notes"))
         + extra_deviations,
-        "train_mode": cfg.train_mode if method.trains else None,
+        "train_mode": cfg.train_mode if method.trains and not fits else None,
     }
     write_run_files(stage, cfg, metrics)
     return metrics

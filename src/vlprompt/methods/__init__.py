@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from ..errors import VlpromptError
+from .clip_adapter import ClipAdapterMethod
 from .coop import CoOpMethod
 from .cpt import CPTMethod, CPTOptions
 from .dualview import DualViewMethod
 from .kgcoop import KgCoOpMethod
+from .linear_probe import LinearProbeMethod
+from .tip_adapter import TipAdapterMethod
 from .zeroshot import ZeroShotMethod
 
 METHODS = {
@@ -16,6 +19,9 @@ METHODS = {
     "cpt": CPTMethod(),
     "kgcoop": KgCoOpMethod(),
     "dualview_mi": DualViewMethod(),
+    "linear_probe": LinearProbeMethod(),
+    "tip_adapter": TipAdapterMethod(),
+    "clip_adapter": ClipAdapterMethod(),
 }
 
 
@@ -36,12 +42,12 @@ def load_prompt(path, backbone, classnames=None, dataset=None, template=None):
     the prompt cannot transfer). Prompts of every format version load."""
     from pathlib import Path
 
-    from ..prompts.coop import read_prompt_artifact
+    from ..prompts.artifact import read_artifact
 
     folder = Path(path)
     if (folder / "prompt").is_dir():
         folder = folder / "prompt"
-    cfg, _ = read_prompt_artifact(folder)
+    cfg, _ = read_artifact(folder)
     kind = cfg.get("type") or cfg.get("method") or "coop"
     if kind not in METHODS:
         raise VlpromptError(f"prompt {folder} was saved by method '{kind}', which this vlprompt does not know "

@@ -9,9 +9,7 @@ is the one of the tokenized placeholder prompt.
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,16 +20,12 @@ from torch import nn
 from ..backbones.backbone import Backbone
 from ..errors import VlpromptError
 from ..text.fast import encode_shared_prefix, encode_truncated
-from ..utils.io import atomic_write_bytes, atomic_write_text
+from .artifact import (BASE_KEYS, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, base_config, check_backbone,  # noqa: F401
+                       check_learner, read_artifact, warn_unknown_keys, write_artifact)
 from .base import TextClassifier
 from .templates import prompt_text
 
 POSITIONS = ("end", "middle", "front")
-CONFIG_NAME = "prompt_config.json"
-WEIGHTS_NAME = "prompt.safetensors"
-# 1: CoOp-era prompts (the method under "method", no type); 2: "type", "learner", "format_version",
-# "vlprompt_version". Version 1 prompts still load.
-FORMAT_VERSION = 2
 
 
 def _layout_index(n_cls_tokens: int, n_ctx: int, name_len: int, position: str) -> list[int]:
@@ -158,34 +152,12 @@ class CoOp(TextClassifier):
 
     # -- artefacts -----------------------------------------------------------------------------
     def config(self) -> dict:
-        from .. import __version__
-
-        src = self.backbone.source
-        return {
-            "type": self.method,
-            "learner": type(self).__name__,
-            "format_version": FORMAT_VERSION,
-            "vlprompt_version": __version__,
-            "method": self.method,  # what format 1 readers look for
-            "n_ctx": self.n_ctx,
-            "ctx_init": self.ctx_init,
-            "csc": self.csc,
-            "class_token_position": self.class_token_position,
-            "ctx_dim": self.backbone.ctx_dim,
-            "classnames": self.classnames,
-            "backbone": {"name": src.name, "pretrained": src.pretrained, "weights": src.weights,
-                         "random_init_seed": src.random_init_seed, "quick_gelu": src.quick_gelu},
-        }
+        return {**base_config(self, self.method), "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "csc": self.csc,
+                "class_token_position": self.class_token_position, "ctx_dim": self.backbone.ctx_dim}
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write ``prompt_config.json`` and ``prompt.safetensors`` (the context only) atomically."""
-        from safetensors.torch import save
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / WEIGHTS_NAME, save({"ctx": self.ctx.detach().float().cpu().contiguous()}))
-        atomic_write_text(out / CONFIG_NAME, json.dumps(self.config(), indent=2))
-        return out
+        return write_artifact(out_dir, self.config(), {"ctx": self.ctx})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backbone: Backbone,
@@ -196,24 +168,14 @@ class CoOp(TextClassifier):
         from the stored type. A class-specific context belongs to its own classes: other names are refused.
         Config keys this version does not know (from a newer vlprompt) are warned about and ignored."""
         cfg, ctx = read_prompt_artifact(path)
-        stored = stored_learner(cfg)
-        if stored != cls.__name__:
-            raise VlpromptError(f"prompt {path} is a {cfg.get('type') or cfg.get('method')} prompt ({stored}); "
-                                f"{cls.__name__}.from_pretrained cannot load it: use vlprompt.load_prompt(path, "
-                                "backbone)")
-        unknown = sorted(set(cfg) - cls.CONFIG_KEYS)
-        if unknown:
-            warnings.warn(f"prompt {path}: ignoring config keys this vlprompt version does not know: "
-                          f"{', '.join(unknown)} (written by vlprompt {cfg.get('vlprompt_version', '?')})",
-                          stacklevel=2)
+        check_learner(cfg, path, cls)
+        warn_unknown_keys(cfg, path, cls.CONFIG_KEYS)
         if cfg.get("ctx_dim") != backbone.ctx_dim or ctx.shape[-1] != backbone.ctx_dim:
             raise VlpromptError(
                 f"prompt {path}: context width {ctx.shape[-1]} does not fit backbone "
                 f"{backbone.source.name} (token width {backbone.ctx_dim})"
             )
-        recorded = (cfg.get("backbone") or {}).get("name")
-        if recorded and recorded.replace("/", "-") != backbone.source.name.replace("/", "-"):
-            raise VlpromptError(f"prompt {path} was trained on backbone {recorded!r}, not {backbone.source.name!r}")
+        check_backbone(cfg, path, backbone)
         names = list(classnames) if classnames is not None else list(cfg["classnames"])
         csc = bool(cfg.get("csc", False))
         if csc and names != list(cfg["classnames"]):
@@ -235,38 +197,17 @@ class CoOp(TextClassifier):
         """Constructor arguments beyond CoOp's that a subclass reads from its saved config."""
         return {}
 
-    CONFIG_KEYS = frozenset({"type", "learner", "format_version", "vlprompt_version", "method", "n_ctx", "ctx_init",
-                             "csc", "class_token_position", "ctx_dim", "classnames", "backbone"})
-
-
-def stored_learner(cfg: dict) -> str:
-    """The learner class a saved prompt config was written by; format 1 configs did not say, and only
-    GuidedCoOp wrote hand-crafted templates."""
-    return cfg.get("learner") or ("GuidedCoOp" if cfg.get("templates") else "CoOp")
+    CONFIG_KEYS = BASE_KEYS | {"n_ctx", "ctx_init", "csc", "class_token_position", "ctx_dim"}
 
 
 def read_prompt_artifact(path: str | os.PathLike) -> tuple[dict, torch.Tensor]:
-    """(config, ctx) of a saved prompt folder, with one clear error line for each way it can be broken."""
-    from safetensors.torch import load_file
-
-    folder = Path(path)
-    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not folder.is_dir():
-        raise VlpromptError(f"prompt folder not found: {folder}")
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise VlpromptError(f"prompt folder {folder} has no {p.name}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VlpromptError(f"{cfg_path} is not valid JSON: {exc}") from None
-    for key in ("n_ctx", "classnames", "ctx_dim"):
+    """(config, ctx) of a saved CoOp-family prompt folder, with one clear error line for each way it can be
+    broken."""
+    cfg, tensors = read_artifact(path)
+    cfg_path, w_path = Path(path) / CONFIG_NAME, Path(path) / WEIGHTS_NAME
+    for key in ("n_ctx", "ctx_dim"):
         if key not in cfg:
             raise VlpromptError(f"{cfg_path}: missing field '{key}'")
-    try:
-        tensors = load_file(str(w_path))
-    except Exception as exc:
-        raise VlpromptError(f"cannot read {w_path}: {str(exc).splitlines()[0][:200]}") from None
     if "ctx" not in tensors:
         raise VlpromptError(f"{w_path} holds no 'ctx' tensor")
     return cfg, tensors["ctx"]

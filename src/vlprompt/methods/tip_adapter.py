@@ -1,0 +1,185 @@
+"""Tip-Adapter (SPEC-baselines 6): zero-shot CLIP plus a key-value cache of the few-shot training features.
+
+    logits = 100 f W^T + alpha * exp(-beta * (1 - f K^T)) L
+
+``f`` the normalised test feature, ``W`` the hand-crafted text features (the dataset's template), ``K`` the
+keys: each training image's raw features averaged over ``augment_passes`` augmented views (RandomResizedCrop
+scale (0.5, 1), flip) and then normalised; ``L`` their one-hot labels. alpha and beta are searched on the
+validation split: beta over 200 values 0.1 + i (S_beta - 0.1) / 200, alpha over 20 values 0.1 + i (S_alpha -
+0.1) / 20, starting from (init_beta, init_alpha) and keeping only strictly better accuracies. Deviations
+(recorded in each run): the search uses CoOp's few-shot validation subset (Tip's main.py uses the full val
+split; on ImageNet Tip searches on the test set, which vlprompt never does: the initial values are kept),
+and the few-shot training set is CoOp's (Tip samples its own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data.transforms import train_transform
+from ..engine.features import encode_items
+from ..errors import VlpromptError
+from ..prompts.artifact import BASE_KEYS, base_config, check_backbone, check_learner, read_artifact, warn_unknown_keys
+from ..prompts.artifact import write_artifact
+from ..prompts.base import TextClassifier
+from ..prompts.zeroshot import handcrafted_text_features
+from .base import MethodBase, Needs, parse_options
+
+# Tip's configs/*.yaml: [S_beta, S_alpha] and init_alpha per dataset (init_beta is 1 everywhere).
+SEARCH = {"imagenet": (7, 3, 1.17), "caltech101": (12, 5, 3.0), "dtd": (13, 13, 2.0), "eurosat": (12, 10, 2.0),
+          "fgvc_aircraft": (30, 30, 5.0), "food101": (10, 10, 1.17), "oxford_flowers": (50, 50, 10.0),
+          "oxford_pets": (7, 3, 1.17), "stanford_cars": (20, 10, 3.0), "sun397": (12, 10, 1.17),
+          "ucf101": (7, 3, 3.0)}
+DEFAULT_SEARCH = (7, 3, 1.17)  # datasets Tip has no config for: ImageNet's (its smallest ranges)
+TIP_SCALE = 100.0  # Tip's formula uses CLIP's 100, whatever the backbone's own logit scale
+
+
+@dataclass
+class TipAdapterOptions:
+    augment_passes: int = 10  # augmented views averaged per training image (Tip: augment_epoch = 10)
+    search_scale_beta: Optional[float] = None  # S_beta; default: Tip's value for the dataset (SEARCH)
+    search_scale_alpha: Optional[float] = None  # S_alpha; default: Tip's value for the dataset
+    init_alpha: Optional[float] = None  # default: Tip's value for the dataset
+    init_beta: float = 1.0
+    search: bool = True  # False: keep the initial alpha and beta
+
+    def __post_init__(self):
+        if self.augment_passes < 1:
+            raise VlpromptError(f"option augment_passes: must be >= 1, got {self.augment_passes}")
+        for key in ("search_scale_beta", "search_scale_alpha", "init_alpha"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise VlpromptError(f"option {key}: must be > 0, got {value}")
+
+    def resolved(self, dataset: str) -> tuple[float, float, float, float]:
+        s_beta, s_alpha, alpha = SEARCH.get(dataset, DEFAULT_SEARCH)
+        return (self.search_scale_beta or s_beta, self.search_scale_alpha or s_alpha,
+                self.init_alpha or alpha, self.init_beta)
+
+
+def tip_logits(f: torch.Tensor, text: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alpha: float,
+               beta: float) -> torch.Tensor:
+    """Tip-Adapter's logits for raw image features ``f`` (normalised here)."""
+    f = F.normalize(f.float(), dim=-1)
+    affinity = f @ keys.T
+    return TIP_SCALE * f @ text.T + alpha * torch.exp(-beta * (1.0 - affinity)) @ values
+
+
+def search_alpha_beta(f: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor, scale_beta: float, scale_alpha: float, init_alpha: float,
+                      init_beta: float) -> tuple[float, float, float]:
+    """Tip's exhaustive search: (alpha, beta, accuracy in %) of the best pair, strictly better only."""
+    f = F.normalize(f.float(), dim=-1)
+    clip_part = TIP_SCALE * f @ text.T
+    affinity = f @ keys.T
+
+    def acc(logits):
+        return 100.0 * float((logits.argmax(dim=-1) == labels).float().mean())
+
+    best_alpha, best_beta = init_alpha, init_beta
+    best = acc(clip_part + init_alpha * torch.exp(-init_beta * (1.0 - affinity)) @ values)
+    for i in range(200):
+        beta = 0.1 + i * (scale_beta - 0.1) / 200
+        cache = torch.exp(-beta * (1.0 - affinity)) @ values
+        for j in range(20):
+            alpha = 0.1 + j * (scale_alpha - 0.1) / 20
+            a = acc(clip_part + alpha * cache)
+            if a > best:
+                best, best_alpha, best_beta = a, alpha, beta
+    return best_alpha, best_beta, best
+
+
+class TipAdapter(TextClassifier):
+    method = "tip_adapter"
+    CONFIG_KEYS = BASE_KEYS | {"alpha", "beta", "templates"}
+
+    def __init__(self, backbone, classnames: Sequence[str], templates: Sequence[str], keys=None, values=None,
+                 alpha: float = 1.0, beta: float = 1.0):
+        super().__init__()
+        self.__dict__["backbone"] = backbone
+        self.classnames, self.templates = list(classnames), list(templates)
+        self.alpha, self.beta = float(alpha), float(beta)
+        text = handcrafted_text_features(backbone, self.classnames, self.templates).clone().float()
+        self.register_buffer("text", text, persistent=False)
+        d, n = backbone.embed_dim, len(self.classnames)
+        self.register_buffer("keys", torch.zeros(0, d) if keys is None else keys.float())
+        self.register_buffer("values", torch.zeros(0, n) if values is None else values.float())
+
+    def set_cache(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
+        self.keys = F.normalize(keys.float(), dim=-1)
+        self.values = F.one_hot(labels.long(), len(self.classnames)).float()
+
+    def text_features(self) -> torch.Tensor:
+        return self.text
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return tip_logits(image_features, text_features, self.keys, self.values, self.alpha, self.beta)
+
+    def config(self) -> dict:
+        return {**base_config(self, self.method), "alpha": self.alpha, "beta": self.beta,
+                "templates": self.templates}
+
+    def save_pretrained(self, out_dir):
+        return write_artifact(out_dir, self.config(), {"keys": self.keys, "values": self.values})
+
+    @classmethod
+    def from_pretrained(cls, path, backbone, classnames=None) -> "TipAdapter":
+        cfg, tensors = read_artifact(path)
+        check_learner(cfg, path, cls)
+        warn_unknown_keys(cfg, path, cls.CONFIG_KEYS)
+        check_backbone(cfg, path, backbone)
+        if classnames is not None and list(classnames) != cfg["classnames"]:
+            raise VlpromptError(f"prompt {path}: a Tip-Adapter cache holds labels of its own "
+                                f"{len(cfg['classnames'])} classes and cannot be transferred to other class names")
+        keys = tensors.get("keys")
+        if keys is None or keys.shape[-1] != backbone.embed_dim:
+            raise VlpromptError(f"prompt {path}: its cache does not fit backbone {backbone.source.name}")
+        dev = backbone.device
+        return cls(backbone, cfg["classnames"], cfg["templates"], keys.to(dev), tensors["values"].to(dev),
+                   cfg["alpha"], cfg["beta"])
+
+
+class TipAdapterMethod(MethodBase):
+    name = "tip_adapter"
+    needs = Needs(classifier="head", transfers=False)
+    Options = TipAdapterOptions
+
+    def build(self, backbone, classnames, cfg, dataset) -> TipAdapter:
+        return TipAdapter(backbone, classnames, [cfg.template or dataset.template])
+
+    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> TipAdapter:
+        return TipAdapter.from_pretrained(path, backbone, classnames)
+
+    def fit(self, learner: TipAdapter, bb, ds, cfg, store) -> dict:
+        options = parse_options(self.name, self.Options, cfg.method_options)
+        s_beta, s_alpha, init_alpha, init_beta = options.resolved(ds.name)
+        tf = train_transform(bb.image_size, bb.image_mean, bb.image_std, scale=(0.5, 1.0))
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.seed)  # the augmented passes are part of the run's seed
+        passes = [encode_items(bb, ds.train, tf, cfg.test_batch_size, 0, desc=f"cache pass {i + 1}",
+                               progress=cfg.progress)[0] for i in range(options.augment_passes)]
+        torch.random.set_rng_state(gen_state)
+        labels = torch.tensor([d.label for d in ds.train], device=bb.device)
+        learner.set_cache(torch.stack(passes).mean(dim=0), labels)
+        learner.alpha, learner.beta = init_alpha, init_beta
+        deviations = ["tip_adapter: CoOp's few-shot training subset (Tip samples its own)"]
+        selected = {"alpha": init_alpha, "beta": init_beta, "val_accuracy": None}
+        if options.search and ds.val and ds.name != "imagenet":
+            vf, vy = store.get(bb, ds.val, cfg, desc="encoding validation images", dataset=ds.name)
+            alpha, beta, acc = search_alpha_beta(vf, vy.to(vf.device), learner.text, learner.keys, learner.values,
+                                                 s_beta, s_alpha, init_alpha, init_beta)
+            learner.alpha, learner.beta = alpha, beta
+            selected = {"alpha": alpha, "beta": beta, "val_accuracy": acc}
+            deviations.append("tip_adapter: alpha/beta searched on CoOp's few-shot val subset (Tip's main.py: the "
+                              "full val split)")
+        elif options.search:
+            deviations.append(f"tip_adapter: no validation split to search alpha/beta on ({ds.name}"
+                              + ("; Tip searches on ImageNet's test set, vlprompt never does" if ds.name == "imagenet"
+                                 else "") + f"); the initial alpha={init_alpha}, beta={init_beta} are kept")
+        return {"selected": selected, "deviations": deviations,
+                "options": {"search_scale": [s_beta, s_alpha], "init_alpha": init_alpha, "init_beta": init_beta,
+                            "augment_passes": options.augment_passes}}

@@ -1,0 +1,100 @@
+"""The one artefact format of every method: ``prompt_config.json`` (the method's ``type``, the ``learner``
+class, ``format_version``, ``vlprompt_version``, the class names, the backbone it was trained on, and the
+learner's own settings) plus ``prompt.safetensors`` holding every trained tensor. The frozen backbone is
+never inside. Both files are written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import VlpromptError
+from ..utils.io import atomic_write_bytes, atomic_write_text
+
+CONFIG_NAME = "prompt_config.json"
+WEIGHTS_NAME = "prompt.safetensors"
+# 1: CoOp-era prompts (the method under "method", no type); 2: "type", "learner", "format_version",
+# "vlprompt_version". Version 1 prompts still load.
+FORMAT_VERSION = 2
+
+
+def base_config(learner, method: str) -> dict:
+    """The fields every artefact config starts with."""
+    from .. import __version__
+
+    src = learner.backbone.source
+    return {"type": method, "learner": type(learner).__name__, "format_version": FORMAT_VERSION,
+            "vlprompt_version": __version__, "method": method, "classnames": list(learner.classnames),
+            "backbone": {"name": src.name, "pretrained": src.pretrained, "weights": src.weights,
+                         "random_init_seed": src.random_init_seed, "quick_gelu": src.quick_gelu}}
+
+
+def write_artifact(out_dir: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    blob = save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(out / WEIGHTS_NAME, blob)
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2))
+    return out
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a saved artefact folder, with one clear error line for each way it can be broken."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not folder.is_dir():
+        raise VlpromptError(f"prompt folder not found: {folder}")
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise VlpromptError(f"prompt folder {folder} has no {p.name}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VlpromptError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise VlpromptError(f"{cfg_path}: expected a JSON object")
+    if not isinstance(cfg.get("classnames"), list):
+        raise VlpromptError(f"{cfg_path}: missing field 'classnames'")
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as exc:
+        raise VlpromptError(f"cannot read {w_path}: {str(exc).splitlines()[0][:200]}") from None
+    return cfg, tensors
+
+
+def check_learner(cfg: dict, path, cls) -> None:
+    """One line when a prompt is loaded into a class that did not write it (`vlprompt.load_prompt` picks the
+    right one); format 1 configs did not record it, and only GuidedCoOp wrote hand-crafted templates."""
+    stored = stored_learner(cfg)
+    if stored != cls.__name__:
+        raise VlpromptError(f"prompt {path} is a {cfg.get('type') or cfg.get('method')} prompt ({stored}); "
+                            f"{cls.__name__}.from_pretrained cannot load it: use vlprompt.load_prompt(path, backbone)")
+
+
+def stored_learner(cfg: dict) -> str:
+    return cfg.get("learner") or ("GuidedCoOp" if cfg.get("templates") else "CoOp")
+
+
+def check_backbone(cfg: dict, path, backbone) -> None:
+    recorded = (cfg.get("backbone") or {}).get("name")
+    if recorded and recorded.replace("/", "-") != backbone.source.name.replace("/", "-"):
+        raise VlpromptError(f"prompt {path} was trained on backbone {recorded!r}, not {backbone.source.name!r}")
+
+
+def warn_unknown_keys(cfg: dict, path, known) -> None:
+    import warnings
+
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        warnings.warn(f"prompt {path}: ignoring config keys this vlprompt version does not know: "
+                      f"{', '.join(unknown)} (written by vlprompt {cfg.get('vlprompt_version', '?')})", stacklevel=3)
+
+
+BASE_KEYS = frozenset({"type", "learner", "format_version", "vlprompt_version", "method", "classnames", "backbone"})
