@@ -16,7 +16,7 @@ from vlprompt.data import make_synthetic_dataset
 from vlprompt.data.transforms import test_transform
 from vlprompt.engine.evaluate import accuracy_report, classify
 from vlprompt.engine.features import encode_items
-from vlprompt.engine.run import run
+from vlprompt.engine.run import evaluate_prompt, run
 from vlprompt.methods import METHODS
 from vlprompt.prompts.coop import CONFIG_NAME, FORMAT_VERSION
 
@@ -64,6 +64,8 @@ def test_every_registered_method_sweep(name, shapes, bb, test_features, tmp_path
     assert learner.method == name
     again = accuracy_report(classify(learner, feats), labels, ds.classnames)
     assert again["accuracy"] == m["test"]["accuracy"] and again["per_class"] == m["test"]["per_class"]
+    evaluated = evaluate_prompt(str(tmp_path / name), {}, output=str(tmp_path / f"{name}_eval"), backbone=bb)
+    assert evaluated["test"]["accuracy"] == m["test"]["accuracy"] and evaluated["kind"] == "eval"
     new_names = ["teapot", "violin", "zebra"]
     if method.needs.transfers:
         moved = vp.load_prompt(tmp_path / name, bb, classnames=new_names)

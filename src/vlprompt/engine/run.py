@@ -34,7 +34,7 @@ from ..errors import VlpromptError
 from ..methods import get_method
 from ..methods.base import parse_options
 from ..presets import method_recipe
-from ..prompts.coop import read_prompt_artifact
+from ..prompts.artifact import read_artifact
 from ..utils.hardware import resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
@@ -390,7 +390,7 @@ def eval_config(prompt: str | os.PathLike, cfg_overrides: dict) -> tuple[RunConf
         if (path / "config.yaml").is_file():
             run_cfg = load_yaml(str(path / "config.yaml"))
         path = path / "prompt"
-    pcfg, _ = read_prompt_artifact(path)
+    pcfg, _ = read_artifact(path)
     recorded = pcfg.get("backbone", {})
     overrides = {k: v for k, v in cfg_overrides.items() if v is not None}
     overrides.pop("output", None)

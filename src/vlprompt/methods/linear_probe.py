@@ -67,9 +67,16 @@ def search_c(accuracy: Callable[[float], float], steps: int) -> tuple[float, lis
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
+    """lpclip's classifier (L-BFGS, L2 penalty, the default of scikit-learn). Not converging within
+    ``max_iter`` is what lpclip accepts too; the run records it (``converged``) instead of warning per fit."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(solver="lbfgs", max_iter=max_iter, C=c).fit(x, y)  # L2, as lpclip's penalty="l2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return LogisticRegression(solver="lbfgs", max_iter=max_iter, C=c).fit(x, y)
 
 
 class LinearProbe(TextClassifier):
@@ -162,6 +169,8 @@ class LinearProbeMethod(MethodBase):
             deviations.append(f"linear_probe: no validation split to select C on ({ds.name}); C = {c}"
                               + (" (ImageNet's val is its test split; lpclip selects C on it)"
                                  if ds.name == "imagenet" else ""))
-        learner.set_from_sklearn(fit_logistic(x, y, c, options.max_iter), c)
-        return {"selected": {"c": c}, "search": log, "deviations": deviations,
+        model = fit_logistic(x, y, c, options.max_iter)
+        learner.set_from_sklearn(model, c)
+        converged = bool(np.max(model.n_iter_) < options.max_iter)
+        return {"selected": {"c": c, "converged": converged}, "search": log, "deviations": deviations,
                 "options": {"search_steps": options.search_steps, "max_iter": options.max_iter}}

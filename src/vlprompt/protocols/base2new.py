@@ -1,7 +1,8 @@
 """Base-to-new generalisation (SPEC 6.2, CoCoOp's protocol): train on the base half of the classes, then
 evaluate the last-epoch prompt on the base test images among the base classes, and on the new test images
 among the new classes with prompts rebuilt from the new names. H comes from the seed-averaged base and new
-accuracies (`report`). Zero-shot methods run once on each half."""
+accuracies (`report`). Zero-shot methods run once on each half; methods that cannot transfer to other
+class names (a linear probe, Tip-Adapter's cache) get their base accuracy only."""
 
 from __future__ import annotations
 
@@ -26,4 +27,5 @@ def plan_method(spec, m, planner: Planner) -> None:
                 uid, one = f"{name}/{m.label}/{k}shots_seed{s}", {**role, "shots": k, "seed": s}
                 planner.add_run(f"{uid}/base", m, {**one, "split": "base"}, dataset=ds, shots=k, seed=s,
                                 subsample="base")
-                planner.add_eval(f"{uid}/new", f"{uid}/base", m, {**one, "split": "new"}, subsample="new")
+                if m.transfers:  # a head over the base classes has no new-class accuracy (nor H)
+                    planner.add_eval(f"{uid}/new", f"{uid}/base", m, {**one, "split": "new"}, subsample="new")

@@ -60,6 +60,11 @@ class MethodSpec:
     def trains(self) -> bool:
         return get_method(self.method).trains
 
+    @property
+    def transfers(self) -> bool:
+        """Whether its prompts can be rebuilt for other classes (a head over its own classes cannot)."""
+        return get_method(self.method).needs.transfers
+
 
 @dataclass
 class StudySpec:

@@ -29,7 +29,7 @@ def plan_method(spec, m, planner: Planner) -> None:
         for s in spec.seeds:
             uid, role = f"{m.label}/{k}shots_seed{s}", {"source": src, "shots": k, "seed": s}
             planner.add_run(f"{uid}/{src}", m, {**role, "dataset": src}, dataset=spec.source, shots=k, seed=s)
-            for t in spec.targets:
+            for t in spec.targets if m.transfers else ():  # a head over the source's classes: source only
                 if dataset_label(t) != src:
                     planner.add_eval(f"{uid}/{dataset_label(t)}", f"{uid}/{src}", m,
                                      {**role, "dataset": dataset_label(t)}, dataset=t, subsample="all")
