@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from support import tiny_backbone
 
 import vlprompt as vp
 from vlprompt.data.transforms import test_transform
-from vlprompt.engine.evaluate import accuracy_report, classify
+from vlprompt.engine.evaluate import classify
 from vlprompt.engine.features import encode_items
 from vlprompt.engine.run import run
 from vlprompt.methods.linear_probe import C_GRID, search_c
@@ -157,3 +156,50 @@ def test_clip_adapter_residual_any_width_and_transfer(tmp_path):
         ad.save_pretrained(tmp_path / arch)
         moved = vp.load_prompt(tmp_path / arch, bb, classnames=["owl", "bee", "ant"])
         assert moved.text.shape == (3, bb.embed_dim) and torch.equal(moved.up.weight, ad.up.weight)
+
+
+# -- ProGrad -----------------------------------------------------------------------------------------------------
+
+def test_prograd_projection_rule_with_and_without_conflict():
+    from vlprompt.methods.prograd import project
+
+    g_ce, conflicting, agreeing = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), torch.tensor([1.0, 1.0])
+    assert torch.allclose(project(g_ce, conflicting, 1.0), torch.tensor([0.5, 0.5]))  # orthogonal to G_kd
+    assert float(project(g_ce, conflicting, 1.0) @ conflicting) == pytest.approx(0.0)
+    assert torch.allclose(project(g_ce, conflicting, 0.5), torch.tensor([0.75, 0.25]))
+    assert torch.equal(project(g_ce, agreeing, 1.0), g_ce)  # no conflict: CE's gradient as it is
+
+
+def test_prograd_step_sets_the_projected_gradient(bb):
+    from vlprompt.engine.trainer import TrainBatch
+    from vlprompt.methods.prograd import ProGradObjective, ProGradOptions
+    from vlprompt.prompts.zeroshot import handcrafted_text_features
+
+    torch.manual_seed(3)
+    names = ["cat", "dog", "owl", "bee"]
+    teacher = handcrafted_text_features(bb, names, ["a photo of a {}."]).clone()
+    objective = ProGradObjective(ProGradOptions(lam=1.0, temperature=2.0), teacher, "a photo of a {}.")
+    f = torch.randn(6, bb.embed_dim)
+    zero_shot = vp.CoOp(bb, names, n_ctx=2).logits(f, teacher)
+    signs = []
+    # Labels the teacher agrees with, then labels it ranks last: the second case makes the gradients conflict.
+    for y in (zero_shot.argmax(-1), zero_shot.argmin(-1)):
+        torch.manual_seed(4)
+        learner = vp.CoOp(bb, names, n_ctx=2)
+        loss, terms = objective.loss(learner, TrainBatch({"weak": f}, y, torch.arange(6)))
+        objective.backward([learner.ctx], loss, terms)
+        got = learner.ctx.grad.clone()
+        # Reference: each gradient from its own forward pass, the rule written with cosines.
+        learner.ctx.grad = None
+        F.cross_entropy(learner(f), y).backward()
+        g_ce = learner.ctx.grad.clone()
+        learner.ctx.grad = None
+        p = F.softmax(learner.logits(f, teacher).detach() / 2.0, dim=-1)
+        (4.0 * -(p * F.log_softmax(learner(f) / 2.0, dim=-1)).sum(-1).mean()).backward()
+        g_kd = learner.ctx.grad.clone()
+        cos = float(F.cosine_similarity(g_ce.flatten(), g_kd.flatten(), dim=0))
+        unit = g_kd / g_kd.norm()
+        want = g_ce - (g_ce * unit).sum() * unit if cos < 0 else g_ce
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+        signs.append(cos > 0)
+    assert signs == [True, False], "one case without and one with conflicting gradients"

@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -335,7 +335,8 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
             source = ExactFeatures(bb, ds.train, views, settings, cfg.progress)
         objective.prepare(bb, ds.train, source)
         t = time.perf_counter()
-        history = train_prompt(learner, objective.loss, source, len(ds.train), settings, progress=cfg.progress)
+        history = train_prompt(learner, objective.loss, source, len(ds.train), settings, progress=cfg.progress,
+                               backward=getattr(objective, "backward", None))
         timings["train_s"] = time.perf_counter() - t
         extra_deviations.extend(objective.deviations)  # read after prepare(), which may add to them
         extra_deviations.extend(option_deviations(method, objective.options))

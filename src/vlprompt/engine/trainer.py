@@ -173,12 +173,13 @@ def epoch_batches(n_items: int, batch_size: int, generator: torch.Generator) -> 
 
 
 def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: int, settings: TrainSettings,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, backward: Optional[Callable] = None) -> dict:
     """Train ``learner`` in place on batches from ``source`` (`ExactFeatures` or `FeatureBank`).
 
     ``loss_fn(learner, batch: TrainBatch) -> (loss, {term: value})``; a ``logits`` term (B, C) gives the
-    training accuracy. Returns the per-epoch history: lr, mean of each logged term, training accuracy,
-    seconds.
+    training accuracy. ``backward(params, loss, terms)`` sets the parameters' gradients where a method
+    does more than ``loss.backward()`` (ProGrad's projection). Returns the per-epoch history: lr, mean of
+    each logged term, training accuracy, seconds.
     """
     params = [p for p in learner.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
@@ -200,7 +201,10 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: i
             y = batch.labels
             loss, terms = loss_fn(learner, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if backward is None:
+                loss.backward()
+            else:
+                backward(params, loss, terms)
             opt.step()
             for k, v in terms.items():
                 if k != "logits":

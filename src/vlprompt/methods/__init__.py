@@ -9,6 +9,7 @@ from .cpt import CPTMethod, CPTOptions
 from .dualview import DualViewMethod
 from .kgcoop import KgCoOpMethod
 from .linear_probe import LinearProbeMethod
+from .prograd import ProGradMethod
 from .tip_adapter import TipAdapterMethod
 from .zeroshot import ZeroShotMethod
 
@@ -19,6 +20,7 @@ METHODS = {
     "cpt": CPTMethod(),
     "kgcoop": KgCoOpMethod(),
     "dualview_mi": DualViewMethod(),
+    "prograd": ProGradMethod(),
     "linear_probe": LinearProbeMethod(),
     "tip_adapter": TipAdapterMethod(),
     "clip_adapter": ClipAdapterMethod(),

@@ -22,11 +22,15 @@ class CoOpMethod(MethodBase):
     needs = Needs()  # a class-specific context (csc) is the exception: it cannot move to other class names
 
     def build(self, backbone, classnames: Sequence[str], cfg, dataset=None) -> CoOp:
-        return CoOp(backbone, classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
-                    class_token_position=cfg.class_token_position)
+        learner = CoOp(backbone, classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
+                       class_token_position=cfg.class_token_position)
+        learner.method = self.name  # CoOp-learner methods (cpt, prograd) record their own name as the type
+        return learner
 
     def objective(self, learner: CoOp, cfg, dataset=None) -> CoOpObjective:
         return CoOpObjective(parse_options(self.name, self.Options, cfg.method_options))
 
     def load(self, path, backbone, classnames=None, dataset=None, template=None) -> CoOp:
-        return CoOp.from_pretrained(path, backbone, classnames=classnames)
+        learner = CoOp.from_pretrained(path, backbone, classnames=classnames)
+        learner.method = self.name
+        return learner

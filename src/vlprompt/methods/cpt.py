@@ -11,7 +11,6 @@ option of `CPTOptions`. Inference is CoOp's, and a CPT prompt is a CoOp prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -162,11 +161,6 @@ class CPTMethod(CoOpMethod):
     name = "cpt"
     Options = CPTOptions
 
-    def build(self, backbone, classnames: Sequence[str], cfg, dataset=None) -> CoOp:
-        learner = super().build(backbone, classnames, cfg, dataset)
-        learner.method = self.name  # recorded in prompt_config.json so `vlprompt eval` finds this method
-        return learner
-
     def objective(self, learner: CoOp, cfg, dataset=None) -> CPTObjective:
         options = parse_options(self.name, self.Options, cfg.method_options)
         if cfg.batch_size < 2:
@@ -176,8 +170,3 @@ class CPTMethod(CoOpMethod):
             raise VlpromptError(f"method cpt: dataset {dataset.name} has {len(dataset.train)} training image; "
                                 "the contrastive terms need at least 2 images per batch")
         return CPTObjective(options)
-
-    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> CoOp:
-        learner = super().load(path, backbone, classnames)
-        learner.method = self.name
-        return learner
