@@ -203,3 +203,21 @@ def test_prograd_step_sets_the_projected_gradient(bb):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
         signs.append(cos > 0)
     assert signs == [True, False], "one case without and one with conflicting gradients"
+
+
+def test_tip_adapter_f_fine_tunes_the_keys(caltech_root, bb, tmp_path):
+    from vlprompt.methods.tip_adapter import augmented_passes
+
+    cfg = vp.RunConfig(dataset="caltech101", root=str(caltech_root), method="tip_adapter_f", shots=2, seed=1,
+                       backbone="vlprompt-tiny-ViT", pretrained="random", output=str(tmp_path / "tipf"),
+                       method_options={"augment_passes": 2, "train_epochs": 8, "train_batch_size": 64},
+                       progress=False)
+    m = run(cfg, backbone=bb)
+    epochs = m["train"]["fit"]["epochs"]
+    assert len(epochs) == 8 and epochs[-1]["loss"] < epochs[0]["loss"]
+    tuned = vp.load_prompt(tmp_path / "tipf", bb)
+    assert tuned.method == "tip_adapter_f" and type(tuned).__name__ == "TipAdapter"
+    ds = vp.load_dataset("caltech101", str(caltech_root), shots=2, seed=1)
+    initial = F.normalize(augmented_passes(bb, ds.train, 2, cfg).mean(dim=1), dim=-1)
+    assert tuned.keys.shape == initial.shape and not torch.allclose(tuned.keys, initial, atol=1e-4)
+    assert any("TEST set" in d for d in m["deviations"])

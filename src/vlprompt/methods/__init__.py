@@ -11,6 +11,7 @@ from .kgcoop import KgCoOpMethod
 from .linear_probe import LinearProbeMethod
 from .prograd import ProGradMethod
 from .tip_adapter import TipAdapterMethod
+from .tip_adapter_f import TipAdapterFMethod
 from .zeroshot import ZeroShotMethod
 
 METHODS = {
@@ -23,6 +24,7 @@ METHODS = {
     "prograd": ProGradMethod(),
     "linear_probe": LinearProbeMethod(),
     "tip_adapter": TipAdapterMethod(),
+    "tip_adapter_f": TipAdapterFMethod(),
     "clip_adapter": ClipAdapterMethod(),
 }
 

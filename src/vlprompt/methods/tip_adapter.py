@@ -119,6 +119,10 @@ class TipAdapter(TextClassifier):
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return tip_logits(image_features, text_features, self.keys, self.values, self.alpha, self.beta)
 
+    def logits_with(self, image_features: torch.Tensor, keys: torch.Tensor, alpha: float, beta: float):
+        """The logits with other keys, alpha and beta (Tip-Adapter-F trains the keys)."""
+        return tip_logits(image_features, self.text, keys, self.values, alpha, beta)
+
     def config(self) -> dict:
         return {**base_config(self, self.method), "alpha": self.alpha, "beta": self.beta,
                 "templates": self.templates}
@@ -157,29 +161,42 @@ class TipAdapterMethod(MethodBase):
     def fit(self, learner: TipAdapter, bb, ds, cfg, store) -> dict:
         options = parse_options(self.name, self.Options, cfg.method_options)
         s_beta, s_alpha, init_alpha, init_beta = options.resolved(ds.name)
-        tf = train_transform(bb.image_size, bb.image_mean, bb.image_std, scale=(0.5, 1.0))
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(cfg.seed)  # the augmented passes are part of the run's seed
-        passes = [encode_items(bb, ds.train, tf, cfg.test_batch_size, 0, desc=f"cache pass {i + 1}",
-                               progress=cfg.progress)[0] for i in range(options.augment_passes)]
-        torch.random.set_rng_state(gen_state)
-        labels = torch.tensor([d.label for d in ds.train], device=bb.device)
-        learner.set_cache(torch.stack(passes).mean(dim=0), labels)
+        views = augmented_passes(bb, ds.train, options.augment_passes, cfg)
+        learner.set_cache(views.mean(dim=1), torch.tensor([d.label for d in ds.train], device=bb.device))
         learner.alpha, learner.beta = init_alpha, init_beta
-        deviations = ["tip_adapter: CoOp's few-shot training subset (Tip samples its own)"]
-        selected = {"alpha": init_alpha, "beta": init_beta, "val_accuracy": None}
-        if options.search and ds.val and ds.name != "imagenet":
-            vf, vy = store.get(bb, ds.val, cfg, desc="encoding validation images", dataset=ds.name)
-            alpha, beta, acc = search_alpha_beta(vf, vy.to(vf.device), learner.text, learner.keys, learner.values,
-                                                 s_beta, s_alpha, init_alpha, init_beta)
-            learner.alpha, learner.beta = alpha, beta
-            selected = {"alpha": alpha, "beta": beta, "val_accuracy": acc}
-            deviations.append("tip_adapter: alpha/beta searched on CoOp's few-shot val subset (Tip's main.py: the "
-                              "full val split)")
-        elif options.search:
-            deviations.append(f"tip_adapter: no validation split to search alpha/beta on ({ds.name}"
-                              + ("; Tip searches on ImageNet's test set, vlprompt never does" if ds.name == "imagenet"
-                                 else "") + f"); the initial alpha={init_alpha}, beta={init_beta} are kept")
+        selected, deviations = search_on_val(learner, bb, ds, cfg, store, options, s_beta, s_alpha, init_alpha,
+                                             init_beta, self.name)
         return {"selected": selected, "deviations": deviations,
                 "options": {"search_scale": [s_beta, s_alpha], "init_alpha": init_alpha, "init_beta": init_beta,
                             "augment_passes": options.augment_passes}}
+
+
+def augmented_passes(bb, items, passes: int, cfg) -> torch.Tensor:
+    """(N, passes, d) raw features of ``items`` under Tip's augmentation (RandomResizedCrop scale (0.5, 1),
+    flip), one pass after the other in list order; the draws follow the run's seed."""
+    tf = train_transform(bb.image_size, bb.image_mean, bb.image_std, scale=(0.5, 1.0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        out = [encode_items(bb, items, tf, cfg.test_batch_size, 0, desc=f"cache pass {i + 1}/{passes}",
+                            progress=cfg.progress)[0] for i in range(passes)]
+    return torch.stack(out, dim=1)
+
+
+def search_on_val(learner: TipAdapter, bb, ds, cfg, store, options, s_beta, s_alpha, init_alpha, init_beta,
+                  name: str) -> tuple[dict, list[str]]:
+    """Tip's alpha/beta search on the few-shot val split (never on test); sets them on ``learner``."""
+    deviations = [f"{name}: CoOp's few-shot training subset (Tip samples its own)"]
+    selected = {"alpha": init_alpha, "beta": init_beta, "val_accuracy": None}
+    if options.search and ds.val and ds.name != "imagenet":
+        vf, vy = store.get(bb, ds.val, cfg, desc="encoding validation images", dataset=ds.name)
+        alpha, beta, acc = search_alpha_beta(vf, vy.to(vf.device), learner.text, learner.keys, learner.values,
+                                             s_beta, s_alpha, init_alpha, init_beta)
+        learner.alpha, learner.beta = alpha, beta
+        selected = {"alpha": alpha, "beta": beta, "val_accuracy": acc}
+        deviations.append(f"{name}: alpha/beta searched on CoOp's few-shot val subset (Tip's main.py: the full "
+                          "val split)")
+    elif options.search:
+        deviations.append(f"{name}: no validation split to search alpha/beta on ({ds.name}"
+                          + ("; Tip searches on ImageNet's test set, vlprompt never does" if ds.name == "imagenet"
+                             else "") + f"); the initial alpha={init_alpha}, beta={init_beta} are kept")
+    return selected, deviations
