@@ -60,7 +60,10 @@ def _add_execution(p) -> None:
 def _add_coop(p: argparse.ArgumentParser, method: bool = True) -> None:
     g = p.add_argument_group("CoOp prompt and recipe (SPEC 2)")
     if method:
-        g.add_argument("--method", help="training method: coop (default), cpt, kgcoop, dualview_mi (see `vlprompt methods`)")
+        from .methods import METHODS
+
+        trained = ", ".join(name for name, m in METHODS.items() if m.trains)
+        g.add_argument("--method", help=f"training method (default coop): {trained} (see `vlprompt methods`)")
     g.add_argument("--n-ctx", dest="n_ctx", type=str, help="number of context vectors (default 16)")
     g.add_argument("--ctx-init", dest="ctx_init", help="initialise the context from words, e.g. 'a photo of a'")
     g.add_argument("--csc", dest="csc", action="store_const", const=True, help="class-specific context")

@@ -313,7 +313,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     history = None
     extra_deviations: list[str] = []
     options = {}
-    fits = hasattr(method, "fit")  # fitted in closed form or by a search (linear probe, Tip-Adapter), not SGD
+    fits = method.needs.fitted  # fitted in closed form or by a search (linear probe, Tip-Adapter), not SGD
     if fits:
         t = time.perf_counter()
         fitted = method.fit(learner, bb, ds, cfg, store)

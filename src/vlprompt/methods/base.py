@@ -51,13 +51,15 @@ class Needs:
     """What a method declares about itself; the engine, the studies and `vlprompt methods` read this."""
 
     trains: bool = True  # False: a baseline with nothing to learn (zero-shot CLIP)
+    fitted: bool = False  # learned by the method's own fit() (a closed form or a search), not by SGD epochs
     pixels: bool = False  # its loss needs the augmented images themselves, not only their features
     cacheable_features: bool = True  # its image features may be cached or drawn from a feature bank
     classifier: str = "text prompts"  # "text prompts" (classes are text) | "head" (a layer over image features)
     transfers: bool = True  # can be rebuilt for other class names (new classes, other datasets)
 
     def describe(self) -> str:
-        return (f"{'trains' if self.trains else 'no training'}; classifier: {self.classifier}; "
+        learns = "fitted" if self.fitted else "trains" if self.trains else "no training"
+        return (f"{learns}; classifier: {self.classifier}; "
                 f"{'transfers to new class names' if self.transfers else 'tied to its classes'}"
                 f"{'; needs pixels' if self.pixels else ''}"
                 f"{'' if self.cacheable_features else '; image features not cacheable'}")

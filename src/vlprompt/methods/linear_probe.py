@@ -140,7 +140,7 @@ class LinearProbe(TextClassifier):
 
 class LinearProbeMethod(MethodBase):
     name = "linear_probe"
-    needs = Needs(classifier="head", transfers=False)
+    needs = Needs(fitted=True, classifier="head", transfers=False)
     Options = LinearProbeOptions
 
     def build(self, backbone, classnames, cfg, dataset=None) -> LinearProbe:

@@ -149,7 +149,7 @@ class TipAdapter(TextClassifier):
 
 class TipAdapterMethod(MethodBase):
     name = "tip_adapter"
-    needs = Needs(classifier="head", transfers=False)
+    needs = Needs(fitted=True, classifier="head", transfers=False)
     Options = TipAdapterOptions
 
     def build(self, backbone, classnames, cfg, dataset) -> TipAdapter:
