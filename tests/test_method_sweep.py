@@ -69,7 +69,8 @@ def test_every_registered_method_sweep(name, shapes, bb, test_features, tmp_path
     new_names = ["teapot", "violin", "zebra"]
     if method.needs.transfers:
         moved = vp.load_prompt(tmp_path / name, bb, classnames=new_names)
-        assert moved.classnames == new_names and moved.text_features().shape[0] == 3
+        ranked = classify(moved, feats[:6])  # classified among the 3 new classes
+        assert moved.classnames == new_names and ranked.shape == (6, 3) and int(ranked.max()) == 2
         assert type(moved) is type(learner)
     else:
         with pytest.raises(vp.VlpromptError):

@@ -34,10 +34,14 @@ PRESETS: dict[str, Preset] = {
     "dualview_mi": Preset("dualview_mi", dict(_KGCOOP_RECIPE),
                           "our reconstruction of the dual-view MI recipe (SPEC 4.2 [A]: KgCoOp's recipe; the "
                           "paper's own recipe is not known)"),
+    # CoCoOp's base-to-new config (KaiyangZhou/CoOp vit_b16_c4_ep10_batch1_ctxv1.yaml; SPEC-baselines 2).
+    "cocoop": Preset("cocoop", {"backbone": "ViT-B-16", "n_ctx": 4, "ctx_init": "a photo of a", "batch_size": 1,
+                                "epochs": 10},
+                     "CoCoOp's published recipe (KaiyangZhou/CoOp vit_b16_c4_ep10_batch1_ctxv1; SPEC-baselines 2)"),
 }
 
 # Methods whose runs start from a preset unless told otherwise.
-METHOD_PRESETS = {"kgcoop": "kgcoop", "dualview_mi": "dualview_mi"}
+METHOD_PRESETS = {"kgcoop": "kgcoop", "dualview_mi": "dualview_mi", "cocoop": "cocoop"}
 
 
 def check_preset(name: Optional[str]) -> None:

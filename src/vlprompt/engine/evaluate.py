@@ -11,11 +11,15 @@ TOP_K = 5
 
 @torch.no_grad()
 def classify(learner, features: torch.Tensor, batch_size: int = 4096, k: int = TOP_K) -> torch.Tensor:
-    """(N, min(k, C)) label indices, best first; class text features are computed once for the evaluation."""
-    text = learner.text_features().detach()
-    k = min(k, text.shape[0])
-    preds = [learner.logits(features[i:i + batch_size], text).topk(k, dim=-1).indices
-             for i in range(0, features.shape[0], batch_size)]
+    """(N, min(k, C)) label indices, best first; class text features are computed once for the evaluation
+    (per image for a learner whose class features depend on the image, such as CoCoOp)."""
+    k = min(k, len(learner.classnames))
+    if getattr(learner, "conditional", False):
+        preds = [learner(features[i:i + 16]).topk(k, dim=-1).indices for i in range(0, features.shape[0], 16)]
+    else:
+        text = learner.text_features().detach()
+        preds = [learner.logits(features[i:i + batch_size], text).topk(k, dim=-1).indices
+                 for i in range(0, features.shape[0], batch_size)]
     return torch.cat(preds) if preds else torch.empty(0, k, dtype=torch.long)
 
 

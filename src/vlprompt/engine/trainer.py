@@ -208,7 +208,7 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: i
             opt.step()
             for k, v in terms.items():
                 if k != "logits":
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(y)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * len(y)
             if "logits" in terms:
                 correct += int((terms["logits"].argmax(-1) == y).sum())
             seen += len(y)

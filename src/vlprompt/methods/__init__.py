@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import VlpromptError
 from .clip_adapter import ClipAdapterMethod
+from .cocoop import CoCoOpMethod
 from .coop import CoOpMethod
 from .cpt import CPTMethod, CPTOptions
 from .dualview import DualViewMethod
@@ -22,6 +23,7 @@ METHODS = {
     "kgcoop": KgCoOpMethod(),
     "dualview_mi": DualViewMethod(),
     "prograd": ProGradMethod(),
+    "cocoop": CoCoOpMethod(),
     "linear_probe": LinearProbeMethod(),
     "tip_adapter": TipAdapterMethod(),
     "tip_adapter_f": TipAdapterFMethod(),

@@ -190,3 +190,11 @@ def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tenso
     p = prefix.shape[0]
     s = int(suffix_len.max())
     return _run(bb, prefix.to(bb.dtype) + pos[:p], suffix[:, :s].to(bb.dtype) + pos[p:p + s], suffix_len)
+
+
+def encode_per_image_prefix(bb: Backbone, prefixes: torch.Tensor, suffix: torch.Tensor,
+                            suffix_len: torch.Tensor) -> torch.Tensor:
+    """(B, C, d) float32 features when each of B images has its own shared prefix (CoCoOp: SOS + context +
+    the image's bias): for image b, prompts ``[prefixes[b], suffix_c[:suffix_len_c]]``. Exact: each image is
+    `encode_shared_prefix` (its classes' own tokens attend to its prefix), one image after the other."""
+    return torch.stack([encode_shared_prefix(bb, prefix, suffix, suffix_len) for prefix in prefixes])
