@@ -19,6 +19,10 @@ that this machine's drifting speed affects both alike (DESIGN.md, Performance):
 - precision: how far bf16 moves image+text logits and predictions from fp32 (same random weights).
 - methods:   step time of every training method as a ratio of CoOp's (feature-bank mode: the step is the
              text pass plus the method's loss; image features are stored).
+- cocoop:    one CoCoOp training step (per-image prompts for every class; batch 1 as its recipe) and its
+             test evaluation (16 images), vlprompt's fast path against the 77-token construction, fp32 and
+             bf16: seconds, images/s, speedups, max logit difference.
+- fits:      fit time of the fitted baselines: the linear probe's C search, Tip-Adapter's alpha/beta search.
 - e2e:       a full 16-shot Caltech-101 CoOp run (paper recipe: 200 epochs, 10,000 steps) with ViT-B/16
              in feature-bank mode, then its test evaluation; wall time split into feature extraction,
              training and evaluation. Needs the Caltech-101 images (VLPROMPT_DATA, see README).
@@ -385,7 +389,7 @@ def section_methods(out: dict, n_cls: int, repeats: int) -> None:
     print(f"\nmethod step time in feature-bank mode, {ARCH} bf16, {n_cls} classes, batch 32 (ratio to CoOp)")
     steps, rows = {}, []
     for name, method in METHODS.items():
-        if not method.trains:
+        if not method.trains or method.needs.fitted:  # fitted methods: the fits section
             continue
         cfg = vp.RunConfig(method=name, backbone=ARCH, pretrained="random", precision="bf16", progress=False)
         try:
@@ -415,6 +419,83 @@ def section_methods(out: dict, n_cls: int, repeats: int) -> None:
         else:
             print(f"  {row['method']:<14} {row['step_s']:7.3f} s  {row['ratio_to_coop']:5.2f}x CoOp")
     out["methods"] = rows
+
+
+def _cocoop_reference(learner, feats):
+    """CoCoOp's official construction: every image's full 77-token prompts for all classes."""
+    f = F.normalize(feats.float(), dim=-1)
+    pi = learner.meta_net(f)
+    rows = []
+    for b in range(f.shape[0]):
+        ctx = (learner.ctx + pi[b]).unsqueeze(0).expand(len(learner.classnames), -1, -1)
+        g = reference_encode(learner.backbone, torch.cat([learner.token_prefix, ctx, learner.token_suffix], 1),
+                             learner.eot_idx)
+        rows.append(learner.backbone.logit_scale * F.normalize(g, dim=-1) @ f[b])
+    return torch.stack(rows)
+
+
+def section_cocoop(out: dict, n_cls: int, batch: int, test_images: int, repeats: int) -> None:
+    from vlprompt.methods.cocoop import CoCoOp
+
+    rows = []
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        torch.manual_seed(0)
+        learner = CoCoOp(bb, class_names(n_cls))
+        gen = torch.Generator().manual_seed(0)
+        feats = torch.randn(batch, bb.embed_dim, generator=gen)
+        test = torch.randn(test_images, bb.embed_dim, generator=gen)
+        y = torch.arange(batch) % n_cls
+
+        def step(fn):
+            learner.zero_grad(set_to_none=True)
+            F.cross_entropy(fn(learner, feats), y).backward()
+
+        def evaluate(fn):
+            with torch.no_grad():
+                fn(learner, test)
+
+        fast, ref = (lambda m, x: m(x)), _cocoop_reference
+        t = alternate({"fast": lambda: step(fast), "ref": lambda: step(ref)}, repeats)
+        e = alternate({"fast": lambda: evaluate(fast), "ref": lambda: evaluate(ref)}, repeats)
+        with torch.no_grad():
+            diff = float((fast(learner, feats) - ref(learner, feats)).abs().max())
+        row = {"precision": precision, "classes": n_cls, "batch": batch, "step_fast_s": t["fast"],
+               "step_ref_s": t["ref"], "step_speedup": t["ref"] / t["fast"], "test_images": test_images,
+               "eval_fast_img_s": test_images / e["fast"], "eval_ref_img_s": test_images / e["ref"],
+               "eval_speedup": e["ref"] / e["fast"], "max_logit_diff": diff}
+        rows.append(row)
+        print(f"cocoop {precision}: step (batch {batch}, {n_cls} classes) {t['fast']:.3f} s vs {t['ref']:.3f} s "
+              f"77-token = {row['step_speedup']:.1f}x; test {row['eval_fast_img_s']:.1f} vs "
+              f"{row['eval_ref_img_s']:.2f} img/s = {row['eval_speedup']:.1f}x; max logit diff {diff:.1e}")
+    out["cocoop"] = rows
+
+
+def section_fits(out: dict, n_cls: int, shots: int) -> None:
+    """Fit time of the methods that are fitted rather than trained, on random features of the size of a
+    ``shots``-shot training set (lpclip's 23 L-BFGS fits; Tip-Adapter's 4000-pair search)."""
+    import torch.nn.functional as F2
+
+    from vlprompt.methods.linear_probe import fit_logistic, search_c
+    from vlprompt.methods.tip_adapter import search_alpha_beta
+
+    d = 512
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n_cls * shots, d, generator=gen).numpy()
+    y = (torch.arange(n_cls * shots) % n_cls).numpy()
+    vx, vy = x[: n_cls * 4], y[: n_cls * 4]
+    t = time.perf_counter()
+    search_c(lambda c: float((fit_logistic(x, y, c, 1000).predict(vx) == vy).mean()), 8)
+    probe_s = time.perf_counter() - t
+    keys = F2.normalize(torch.from_numpy(x), dim=-1)
+    values = F2.one_hot(torch.from_numpy(y), n_cls).float()
+    text = F2.normalize(torch.randn(n_cls, d, generator=gen), dim=-1)
+    t = time.perf_counter()
+    search_alpha_beta(torch.from_numpy(vx), torch.from_numpy(vy), text, keys, values, 12, 5, 3.0, 1.0)
+    tip_s = time.perf_counter() - t
+    print(f"fits, {n_cls} classes x {shots} shots, d={d}: linear probe C search {probe_s:.1f} s; "
+          f"Tip-Adapter alpha/beta search {tip_s:.1f} s")
+    out["fits"] = {"classes": n_cls, "shots": shots, "linear_probe_s": probe_s, "tip_adapter_search_s": tip_s}
 
 
 def section_e2e(out: dict, bank_views: int, precision: str, epochs: int | None) -> None:
@@ -450,7 +531,8 @@ def section_e2e(out: dict, bank_views: int, precision: str, epochs: int | None) 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="machine,text,image,precision,methods,e2e")
+    ap.add_argument("--sections", default="machine,text,image,precision,methods,cocoop,fits,e2e")
+    ap.add_argument("--cocoop-batch", type=int, default=1, help="images per CoCoOp step (its recipe: 1)")
     ap.add_argument("--classes", default="10,100,1000", help="class counts for the text section")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-above", type=int, default=200,
@@ -479,6 +561,10 @@ def main(argv=None) -> int:
         section_precision(out, args.precision_images)
     if "methods" in sections:
         section_methods(out, args.method_classes, args.repeats)
+    if "cocoop" in sections:
+        section_cocoop(out, args.method_classes, args.cocoop_batch, 16, args.repeats)
+    if "fits" in sections:
+        section_fits(out, args.method_classes, 16)
     if "e2e" in sections:
         section_e2e(out, args.bank_views, args.e2e_precision, args.e2e_epochs)
     if args.json:
