@@ -409,3 +409,19 @@ def test_a_wrong_weights_file_is_one_line_before_any_run(shapes, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"vlprompt: error: weights file not found: {tmp_path / 'missing.pt'}"
     assert not (out / "runs").exists()
+
+
+def test_base2new_study_with_the_baselines_on_real_images(caltech_root, tmp_path, capsys):
+    out = tmp_path / "b2n-baselines"
+    assert main(["study", "base2new", "--datasets", "caltech101", "--root", str(caltech_root), "--methods",
+                 "cocoop,linear_probe,tip_adapter", "--seeds", "1", "--shots", "1", *TINY, "--epochs", "1",
+                 "--option", "augment_passes=2", "--output", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = aggregate(collect(out))
+    assert {(r["method"], r["metric"]) for r in rows} == {
+        ("cocoop", "base"), ("cocoop", "new"), ("cocoop", "h"), ("linear_probe", "base"), ("tip_adapter", "base")}
+    for method in ("cocoop", "linear_probe", "tip_adapter"):
+        assert f"| caltech101 | {method} |" in printed
+    cocoop = json.loads((out / "runs" / "caltech101" / "cocoop" / "1shots_seed1" / "base" / "metrics.json").read_text())
+    assert cocoop["recipe"]["batch_size"] == 1 and cocoop["recipe"]["preset"] == "cocoop"
+    assert cocoop["train"]["steps"] == 50  # 50 base classes x 1 shot, batch 1, one epoch
