@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VlpromptError
-from ..prompts.artifact import BASE_KEYS, base_config, check_backbone, check_learner, read_artifact, warn_unknown_keys
-from ..prompts.artifact import write_artifact
+from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..prompts.zeroshot import handcrafted_text_features
 from .base import MethodBase, Needs, Objective, parse_options
@@ -79,10 +78,7 @@ class ClipAdapter(TextClassifier):
 
     @classmethod
     def from_pretrained(cls, path, backbone, classnames=None, templates: Optional[Sequence[str]] = None):
-        cfg, tensors = read_artifact(path)
-        check_learner(cfg, path, cls)
-        warn_unknown_keys(cfg, path, cls.CONFIG_KEYS)
-        check_backbone(cfg, path, backbone)
+        cfg, tensors = read_for(cls, path, backbone)
         if cfg.get("embed_dim") != backbone.embed_dim:
             raise VlpromptError(f"prompt {path}: adapter width {cfg.get('embed_dim')} does not fit backbone "
                                 f"{backbone.source.name} (embedding width {backbone.embed_dim})")

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import VlpromptError
-from ..prompts.artifact import BASE_KEYS, base_config, check_backbone, check_learner, read_artifact, warn_unknown_keys
-from ..prompts.artifact import write_artifact
+from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from .base import MethodBase, Needs, parse_options
 
@@ -122,13 +121,7 @@ class LinearProbe(TextClassifier):
 
     @classmethod
     def from_pretrained(cls, path, backbone, classnames=None) -> "LinearProbe":
-        cfg, tensors = read_artifact(path)
-        check_learner(cfg, path, cls)
-        warn_unknown_keys(cfg, path, cls.CONFIG_KEYS)
-        check_backbone(cfg, path, backbone)
-        if classnames is not None and list(classnames) != cfg["classnames"]:
-            raise VlpromptError(f"prompt {path}: a linear probe is a head over its own {len(cfg['classnames'])} "
-                                "classes and cannot be transferred to other class names")
+        cfg, tensors = read_for(cls, path, backbone, classnames, tied_to_classes="a linear probe is a head over")
         if tensors.get("weight") is None or tuple(tensors["weight"].shape) != (len(cfg["classnames"]),
                                                                              backbone.embed_dim):
             raise VlpromptError(f"prompt {path}: its weights do not fit backbone {backbone.source.name} "

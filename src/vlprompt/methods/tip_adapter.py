@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from ..data.transforms import train_transform
 from ..engine.features import encode_items
 from ..errors import VlpromptError
-from ..prompts.artifact import BASE_KEYS, base_config, check_backbone, check_learner, read_artifact, warn_unknown_keys
-from ..prompts.artifact import write_artifact
+from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..prompts.zeroshot import handcrafted_text_features
 from .base import MethodBase, Needs, parse_options
@@ -132,13 +131,7 @@ class TipAdapter(TextClassifier):
 
     @classmethod
     def from_pretrained(cls, path, backbone, classnames=None) -> "TipAdapter":
-        cfg, tensors = read_artifact(path)
-        check_learner(cfg, path, cls)
-        warn_unknown_keys(cfg, path, cls.CONFIG_KEYS)
-        check_backbone(cfg, path, backbone)
-        if classnames is not None and list(classnames) != cfg["classnames"]:
-            raise VlpromptError(f"prompt {path}: a Tip-Adapter cache holds labels of its own "
-                                f"{len(cfg['classnames'])} classes and cannot be transferred to other class names")
+        cfg, tensors = read_for(cls, path, backbone, classnames, tied_to_classes="a Tip-Adapter cache holds labels")
         keys = tensors.get("keys")
         if keys is None or keys.shape[-1] != backbone.embed_dim:
             raise VlpromptError(f"prompt {path}: its cache does not fit backbone {backbone.source.name}")

@@ -98,3 +98,16 @@ def warn_unknown_keys(cfg: dict, path, known) -> None:
 
 
 BASE_KEYS = frozenset({"type", "learner", "format_version", "vlprompt_version", "method", "classnames", "backbone"})
+
+
+def read_for(cls, path, backbone, classnames=None, tied_to_classes: str = "") -> tuple[dict, dict]:
+    """(config, tensors) of an artefact that ``cls`` wrote for ``backbone`` (one error line otherwise). With
+    ``tied_to_classes`` (what the learner is, in words), other class names than the stored ones are refused."""
+    cfg, tensors = read_artifact(path)
+    check_learner(cfg, path, cls)
+    warn_unknown_keys(cfg, path, cls.CONFIG_KEYS)
+    check_backbone(cfg, path, backbone)
+    if tied_to_classes and classnames is not None and list(classnames) != cfg["classnames"]:
+        raise VlpromptError(f"prompt {path}: {tied_to_classes} of its own {len(cfg['classnames'])} classes and "
+                            "cannot be transferred to other class names")
+    return cfg, tensors
