@@ -584,3 +584,20 @@ def test_config_key_reads_method_options_as_the_method_does():
     spelled = [{}, {"weight": 8.0}, {"weight": "8"}, {"weight": 8, "hand_templates": "dataset"}]
     assert len({config_key(base.replace(method_options=o).to_dict()) for o in spelled}) == 1
     assert config_key(base.replace(method_options={"weight": "4"}).to_dict()) != config_key(base.to_dict())
+
+
+def test_training_sources_expose_stored_features_through_their_protocol(shapes, bb):
+    from vlprompt.data.transforms import train_transform
+    from vlprompt.engine.trainer import ExactFeatures, FeatureBank, TrainSettings
+
+    ds = vp.load_dataset(shapes, shots=2, seed=1)
+    settings = TrainSettings(epochs=1, batch_size=4, lr=0.002, momentum=0.9, weight_decay=5e-4, warmup_epochs=1,
+                             warmup_lr=1e-5, seed=1)
+    views = {"weak": train_transform(bb.image_size, bb.image_mean, bb.image_std)}
+    bank = FeatureBank(bb, ds.train, views, settings, False, bank_views=3)
+    feats, labels = bank.stored_features("weak")
+    assert feats.shape == (3 * len(ds.train), bb.embed_dim)
+    for i, item in enumerate(ds.train):
+        for k in range(3):
+            assert torch.equal(feats[3 * i + k], bank.bank[i, k]) and int(labels[3 * i + k]) == item.label
+    assert ExactFeatures(bb, ds.train, views, settings, False).stored_features("weak") is None

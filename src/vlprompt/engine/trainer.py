@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 
@@ -90,11 +90,31 @@ class ViewsDataset(torch.utils.data.Dataset):
         return tuple(tf(image) for tf in self.views.values()), self.items[index].label, index
 
 
+class TrainingSource(Protocol):
+    """What a training objective may use of where its image features come from (and nothing else):
+
+    - ``epoch(batches, generator)``: the `TrainBatch` of each list of training-set positions, in order;
+    - ``stored_features(view)``: (features (N x K, d), labels (N x K,)) of every stored draw of a view, or
+      None when the source stores none (exact mode augments afresh);
+    - ``deviation``: how the source departs from the paper's protocol, in words, or None.
+    Pixels, where a method needs them, come with each batch (``TrainBatch.pixels``, exact mode only).
+    """
+
+    deviation: Optional[str]
+
+    def epoch(self, batches: list[list[int]], generator: torch.Generator) -> Iterator[TrainBatch]: ...
+
+    def stored_features(self, view: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 class ExactFeatures:
     """Exact mode: every step augments afresh (images decoded once and kept in memory) and encodes its
     batch, all views in one image-tower call."""
 
     deviation = None
+
+    def stored_features(self, view: str) -> None:
+        return None
 
     def __init__(self, bb: Backbone, items: Sequence[Datum], views: dict[str, Callable], settings: TrainSettings,
                  progress: bool):
@@ -149,6 +169,11 @@ class FeatureBank:
     def bank(self) -> torch.Tensor:
         """The bank of the first view's transform, (N, K, d)."""
         return self.banks[next(iter(self.view_kind.values()))]
+
+    def stored_features(self, view: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored draw of ``view``'s transform, (N x K, d), image-major, with its labels."""
+        bank = self.banks[self.view_kind[view]]
+        return bank.reshape(-1, bank.shape[-1]), self.labels.repeat_interleave(bank.shape[1])
 
     def epoch(self, batches: list[list[int]], generator: torch.Generator):
         dev = self.labels.device

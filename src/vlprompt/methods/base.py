@@ -31,7 +31,8 @@ class Objective:
 
     def prepare(self, bb: Backbone, items: Sequence, source) -> None:
         """Once per run, before training: precompute what the loss needs from the frozen training
-        features (``source`` is the run's `ExactFeatures` or `FeatureBank`). Default: nothing."""
+        features; ``source`` is a `engine.trainer.TrainingSource`, of which only its documented protocol
+        may be used. Default: nothing."""
 
     def loss(self, learner: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
         """(scalar loss, logged terms) for a `TrainBatch`; a ``logits`` term gives the training accuracy."""

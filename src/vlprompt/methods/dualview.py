@@ -185,12 +185,10 @@ class DualViewObjective(Objective):
         if not self.needs_stats:
             return
         n_classes = 1 + max(it.label for it in items)
-        banks = getattr(source, "banks", None)
-        if banks is not None:
-            bank = banks[source.view_kind["weak"]]  # (N, K, d)
-            feats = bank.reshape(-1, bank.shape[-1])
-            labels = source.labels.repeat_interleave(bank.shape[1])
-            self.stats_note = f"all {bank.shape[1]} stored feature-bank draws per training image"
+        stored = source.stored_features("weak")
+        if stored is not None:
+            feats, labels = stored
+            self.stats_note = f"all {feats.shape[0] // len(items)} stored feature-bank draws per training image"
         else:
             from ..data.transforms import test_transform
             from ..engine.features import encode_items
