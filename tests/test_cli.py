@@ -106,8 +106,16 @@ def test_methods_lists_every_registered_method(capsys):
     from vlprompt.methods import METHODS
 
     assert main(["methods"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines if not line.startswith(" ")]
     assert listed == list(METHODS)
+    # Every option is declared once, with its help text, and printed from that declaration.
+    import dataclasses
+
+    for name, method in METHODS.items():
+        for f in dataclasses.fields(method.Options) if method.Options else ():
+            assert f.metadata.get("help"), f"{name} option {f.name} has no help text"
+            assert any(line.strip().startswith(f"{f.name} = ") and f.metadata["help"] in line for line in lines)
 
 
 def test_train_grid_shares_one_process(shapes, tmp_path, monkeypatch, capsys):

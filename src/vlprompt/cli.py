@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -288,7 +289,8 @@ def cmd_methods(args) -> int:
               f"{f'  (preset {recipe.name}: {recipe.values})' if recipe else ''}")
         for f in dataclasses.fields(method.Options) if method.Options else ():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            print(f"    {f.name} = {default!r}")
+            text = f.metadata.get("help", "")
+            print(f"    {f.name} = {default!r}" + (f"  # {text}" if text else ""))
     return 0
 
 
@@ -385,6 +387,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("vlprompt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`vlprompt methods | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

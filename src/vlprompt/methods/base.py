@@ -47,6 +47,11 @@ class Objective:
         return dataclasses.asdict(self.options) if self.options is not None else {}
 
 
+def option(default, help: str):
+    """One method setting: its default and the help text `vlprompt methods` prints (declared once)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Needs:
     """What a method declares about itself; the engine, the studies and `vlprompt methods` read this."""

@@ -24,13 +24,13 @@ from ..errors import VlpromptError
 from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..prompts.zeroshot import handcrafted_text_features
-from .base import MethodBase, Needs, Objective, parse_options
+from .base import MethodBase, Needs, Objective, option, parse_options
 
 
 @dataclass
 class ClipAdapterOptions:
-    reduction: int = 4  # bottleneck width d / reduction (official: 4)
-    ratio: float = 0.2  # residual ratio of the adapter's output (official: 0.2)
+    reduction: int = option(4, "bottleneck width d / reduction (official: 4)")
+    ratio: float = option(0.2, "residual ratio of the adapter's output (official: 0.2)")
 
     def __post_init__(self):
         if self.reduction < 1:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..data.transforms import strong_transform, train_transform
 from ..errors import VlpromptError
 from ..prompts.coop import CoOp
-from .base import Objective, parse_options
+from .base import Objective, option, parse_options
 from .coop import CoOpMethod
 
 INSCON_NEGATIVES = ("all", "cross_view")
@@ -29,19 +29,19 @@ KL_DIRECTIONS = ("p||q", "q||p")
 class CPTOptions:
     """CPT's settings; every default is an assumption of SPEC 3.2 [A]."""
 
-    lambda_ins: float = 1.0  # weight of InsCon
-    lambda_rel: float = 1.0  # weight of RelCon
-    tau_ins: float = 0.1  # InsCon temperature
-    tau_m: float = 0.1  # temperature of the logit-similarity rows p_i
-    tau_f: float = 0.04  # temperature of the feature-similarity rows q_i (sharper than tau_m)
-    inscon_negatives: str = "all"  # all: SimCLR NT-Xent, 2b-2 negatives | cross_view: symmetric CE over b x b
-    kl_direction: str = "p||q"  # p||q as in the paper's figure, or q||p
+    lambda_ins: float = option(1.0, "weight of InsCon")
+    lambda_rel: float = option(1.0, "weight of RelCon")
+    tau_ins: float = option(0.1, "InsCon temperature")
+    tau_m: float = option(0.1, "temperature of the logit-similarity rows p_i")
+    tau_f: float = option(0.04, "temperature of the feature-similarity rows q_i (sharper than tau_m)")
+    inscon_negatives: str = option("all", "all: SimCLR NT-Xent, 2b-2 negatives | cross_view: symmetric CE over b x b")
+    kl_direction: str = option("p||q", "p||q as in the paper's figure, or q||p")
     # strong augmentation of views 2 and 3 (SimCLR-style)
-    jitter: float = 0.4  # ColorJitter brightness, contrast and saturation
-    hue: float = 0.1  # ColorJitter hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0  # GaussianBlur probability (off by default)
+    jitter: float = option(0.4, "ColorJitter brightness, contrast and saturation")
+    hue: float = option(0.1, "ColorJitter hue")
+    jitter_p: float = option(0.8, "probability of the colour jitter")
+    grayscale_p: float = option(0.2, "probability of grayscale")
+    blur_p: float = option(0.0, "GaussianBlur probability (off by default)")
 
     def __post_init__(self):
         for key in ("lambda_ins", "lambda_rel", "jitter"):

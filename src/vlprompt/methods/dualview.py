@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpromptError
 from ..prompts.guided import GuidedCoOp
-from .base import Objective, parse_options
+from .base import Objective, option, parse_options
 from .kgcoop import GuidedMethod, HandViewOptions
 
 AUGMENTATIONS = ("mix_softlabel", "mix_virtual_class", "feat_gauss", "proto_mix")
@@ -34,14 +34,14 @@ COVARIANCES = ("shared", "diagonal")
 
 @dataclass
 class DualViewOptions(HandViewOptions):
-    lambda_mi: float = 1.0  # weight of the InfoNCE term
-    tau: float = 0.07  # InfoNCE temperature (0.01 = CLIP's scale of 100)
-    lambda_aug: float = 1.0  # weight of the augmentation term (0 switches it off)
-    augmentation: str = "mix_softlabel"  # mix_softlabel | mix_virtual_class | feat_gauss | proto_mix
-    mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha) for the two mixing readings
-    gauss_cov: str = "shared"  # feat_gauss: shared full within-class covariance | its diagonal
-    proto_min: float = 0.5  # proto_mix: a ~ U(proto_min, 1) in normalize(a w_c^s + (1 - a) p_c)
-    proto_ce: bool = False  # proto_mix: also classify the batch with the augmented soft features
+    lambda_mi: float = option(1.0, "weight of the InfoNCE term")
+    tau: float = option(0.07, "InfoNCE temperature (0.01 = CLIP's scale of 100)")
+    lambda_aug: float = option(1.0, "weight of the augmentation term (0 switches it off)")
+    augmentation: str = option("mix_softlabel", "mix_softlabel | mix_virtual_class | feat_gauss | proto_mix")
+    mix_alpha: float = option(1.0, "lambda ~ Beta(alpha, alpha) for the two mixing readings")
+    gauss_cov: str = option("shared", "feat_gauss: shared full within-class covariance | its diagonal")
+    proto_min: float = option(0.5, "proto_mix: a ~ U(proto_min, 1) in normalize(a w_c^s + (1 - a) p_c)")
+    proto_ce: bool = option(False, "proto_mix: also classify the batch with the augmented soft features")
 
     def __post_init__(self):
         self.check_hand()

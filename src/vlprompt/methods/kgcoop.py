@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..errors import VlpromptError
 from ..prompts.guided import GuidedCoOp
 from ..prompts.templates import ensemble_templates
-from .base import MethodBase, Objective, parse_options
+from .base import MethodBase, Objective, option, parse_options
 
 HAND_CHOICES = ("dataset", "ensemble")
 KGCOOP_DTD_TEMPLATE = "a photo of a {}, a type of texture."  # KgCoOp's DTD template (SPEC 5.4)
@@ -26,8 +26,10 @@ KGCOOP_DTD_TEMPLATE = "a photo of a {}, a type of texture."  # KgCoOp's DTD temp
 class HandViewOptions:
     """Settings of the hand-crafted view, shared by KgCoOp and dual-view MI."""
 
-    hand_templates: str = "dataset"  # dataset: the dataset's template (or --template) | ensemble: SPEC 2.7's 7 (+1)
-    ensemble_hand: float = 0.0  # inference blend beta: normalize((1-beta) w^s + beta w^h); 0 = soft prompts only
+    hand_templates: str = option("dataset", "dataset: the dataset's template (or --template) | "
+                                            "ensemble: SPEC 2.7's 7 (+1)")
+    ensemble_hand: float = option(0.0, "inference blend beta: normalize((1-beta) w^s + beta w^h); "
+                                       "0 = soft prompts only")
 
     def check_hand(self) -> None:
         if self.hand_templates not in HAND_CHOICES:
@@ -56,7 +58,7 @@ def kg_term(soft: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KgCoOpOptions(HandViewOptions):
-    weight: float = 8.0  # w, the weight of the knowledge-guided term (KgCoOp: 8.0)
+    weight: float = option(8.0, "w, the weight of the knowledge-guided term (KgCoOp: 8.0)")
 
     def __post_init__(self):
         self.check_hand()

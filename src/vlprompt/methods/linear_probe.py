@@ -23,16 +23,16 @@ import torch
 from ..errors import VlpromptError
 from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
-from .base import MethodBase, Needs, parse_options
+from .base import MethodBase, Needs, option, parse_options
 
 C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 
 
 @dataclass
 class LinearProbeOptions:
-    search_steps: int = 8  # bisection steps after the grid (lpclip: 8)
-    max_iter: int = 1000  # L-BFGS iterations (lpclip: 1000)
-    default_c: float = 1.0  # C when there is no validation split to select it on (sklearn's default)
+    search_steps: int = option(8, "bisection steps after the grid (lpclip: 8)")
+    max_iter: int = option(1000, "L-BFGS iterations (lpclip: 1000)")
+    default_c: float = option(1.0, "C when there is no validation split to select it on (sklearn's default)")
 
     def __post_init__(self):
         if self.search_steps < 0 or self.max_iter < 1 or not self.default_c > 0:

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 
 from ..errors import VlpromptError
 from ..prompts.zeroshot import handcrafted_text_features
-from .base import Objective, parse_options
+from .base import Objective, option, parse_options
 from .coop import CoOpMethod
 
 
 @dataclass
 class ProGradOptions:
-    lam: float = 1.0  # lambda: 1 = full projection (ProGrad's default; its README: 0.8 for some 8/16-shot runs)
-    temperature: float = 1.0  # T of the distillation term (ProGrad: 1.0)
+    lam: float = option(1.0, "lambda: 1 = full projection (ProGrad's default; its README: 0.8 for some 8/16-shot runs)")
+    temperature: float = option(1.0, "T of the distillation term (ProGrad: 1.0)")
 
     def __post_init__(self):
         if not 0.0 <= self.lam <= 1.0:

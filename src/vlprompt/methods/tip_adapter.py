@@ -26,7 +26,7 @@ from ..errors import VlpromptError
 from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..prompts.zeroshot import handcrafted_text_features
-from .base import MethodBase, Needs, parse_options
+from .base import MethodBase, Needs, option, parse_options
 
 # Tip's configs/*.yaml: [S_beta, S_alpha] and init_alpha per dataset (init_beta is 1 everywhere).
 SEARCH = {"imagenet": (7, 3, 1.17), "caltech101": (12, 5, 3.0), "dtd": (13, 13, 2.0), "eurosat": (12, 10, 2.0),
@@ -39,12 +39,12 @@ TIP_SCALE = 100.0  # Tip's formula uses CLIP's 100, whatever the backbone's own 
 
 @dataclass
 class TipAdapterOptions:
-    augment_passes: int = 10  # augmented views averaged per training image (Tip: augment_epoch = 10)
-    search_scale_beta: Optional[float] = None  # S_beta; default: Tip's value for the dataset (SEARCH)
-    search_scale_alpha: Optional[float] = None  # S_alpha; default: Tip's value for the dataset
-    init_alpha: Optional[float] = None  # default: Tip's value for the dataset
-    init_beta: float = 1.0
-    search: bool = True  # False: keep the initial alpha and beta
+    augment_passes: int = option(10, "augmented views averaged per training image (Tip: augment_epoch = 10)")
+    search_scale_beta: Optional[float] = option(None, "S_beta; default: Tip's value for the dataset (SEARCH)")
+    search_scale_alpha: Optional[float] = option(None, "S_alpha; default: Tip's value for the dataset")
+    init_alpha: Optional[float] = option(None, "default: Tip's value for the dataset")
+    init_beta: float = option(1.0, "the starting beta (Tip: 1 everywhere)")
+    search: bool = option(True, "False: keep the initial alpha and beta")
 
     def __post_init__(self):
         if self.augment_passes < 1:

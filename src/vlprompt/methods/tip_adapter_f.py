@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VlpromptError
-from .base import parse_options
+from .base import option, parse_options
 from .tip_adapter import TipAdapter, TipAdapterMethod, TipAdapterOptions, augmented_passes, search_on_val
 
 DEFAULT_EPOCHS = {"eurosat": 100}  # Tip's configs: 20 elsewhere
@@ -28,9 +28,9 @@ DEFAULT_EPOCHS = {"eurosat": 100}  # Tip's configs: 20 elsewhere
 
 @dataclass
 class TipAdapterFOptions(TipAdapterOptions):
-    train_epochs: Optional[int] = None  # default: Tip's (20; EuroSAT 100)
-    lr: float = 0.001  # AdamW learning rate (Tip: 0.001)
-    train_batch_size: int = 256  # (Tip: 256)
+    train_epochs: Optional[int] = option(None, "default: Tip's (20; EuroSAT 100)")
+    lr: float = option(0.001, "AdamW learning rate (Tip: 0.001)")
+    train_batch_size: int = option(256, "(Tip: 256)")
 
     def __post_init__(self):
         super().__post_init__()
