@@ -13,6 +13,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from .config import RunConfig
 from .errors import VlpromptError
 from .utils.allocator import keep_freed_memory
 
@@ -160,11 +161,8 @@ def _add_study_run(p: argparse.ArgumentParser) -> None:
     _add_execution(g)
 
 
-CONFIG_KEYS = ("dataset", "root", "shots", "seed", "subsample", "template", "backbone", "pretrained", "weights",
-               "precision", "device", "method", "n_ctx", "ctx_init", "csc", "class_token_position", "epochs",
-               "batch_size", "lr", "weight_decay", "momentum", "warmup_epochs", "output", "num_workers",
-               "test_batch_size", "feature_cache", "cache_dir", "train_mode", "bank_views", "method_options",
-               "preset")
+# Every RunConfig key is an option of the same name where a command defines one (``progress`` is --quiet).
+CONFIG_KEYS = tuple(k for k in RunConfig.keys() if k != "progress")
 
 
 def _key_values(pairs: list[str]) -> dict:
@@ -187,8 +185,6 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _config(args: argparse.Namespace, **forced):
-    from .config import RunConfig
-
     return RunConfig.from_sources(getattr(args, "config", None), **{**_overrides(args), **forced})
 
 
