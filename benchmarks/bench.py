@@ -383,6 +383,7 @@ def section_precision(out: dict, n_images: int) -> None:
 def section_methods(out: dict, n_cls: int, repeats: int) -> None:
     from vlprompt.engine.trainer import TrainBatch
     from vlprompt.methods import METHODS
+    from vlprompt.methods.base import method_config
 
     ds, _ = _test_subset(1)
     bb = vp.load_backbone(ARCH, pretrained=None, precision="bf16")
@@ -394,8 +395,9 @@ def section_methods(out: dict, n_cls: int, repeats: int) -> None:
         cfg = vp.RunConfig(method=name, backbone=ARCH, pretrained="random", precision="bf16", progress=False)
         try:
             torch.manual_seed(0)
-            learner = method.build(bb, class_names(n_cls), cfg, ds)
-            objective = method.objective(learner, cfg, ds)
+            config = method_config(method, cfg, ds)
+            learner = method.build(bb, class_names(n_cls), config)
+            objective = method.objective(learner, config)
             views = objective.view_transforms(bb)
             gen = torch.Generator().manual_seed(0)
             batch = TrainBatch({v: torch.randn(32, bb.embed_dim, generator=gen) for v in views},

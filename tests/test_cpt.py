@@ -17,7 +17,7 @@ from vlprompt.cli import main
 from vlprompt.data import make_synthetic_dataset
 from vlprompt.engine.trainer import ExactFeatures, FeatureBank, TrainSettings, train_prompt
 from vlprompt.methods import get_method
-from vlprompt.methods.base import parse_options
+from vlprompt.methods.base import method_config, parse_options
 from vlprompt.methods.cpt import CPTObjective, CPTOptions, inscon_loss, relcon_loss
 
 TINY = ["--backbone", "vlprompt-tiny-ViT", "--pretrained", "random"]
@@ -155,8 +155,9 @@ def cpt_learner(bb, ds, csc: bool = False, **options):
     cfg = vp.RunConfig(method="cpt", n_ctx=4, csc=csc, method_options=options)
     method = get_method("cpt")
     torch.manual_seed(0)
-    learner = method.build(bb, ds.classnames, cfg, ds)
-    return learner, method.objective(learner, cfg, ds)
+    config = method_config(method, cfg, ds)
+    learner = method.build(bb, ds.classnames, config)
+    return learner, method.objective(learner, config)
 
 
 def test_views_are_weak_plus_two_draws_of_one_strong_transform(bb):
@@ -262,9 +263,9 @@ def test_batch_of_one_is_refused_before_training(shapes, bb, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     # A training set of one image gives a batch of one whatever the batch size.
     ds = vp.load_dataset(shapes, shots=1)
-    one = SimpleNamespace(name="one", train=ds.train[:1])
+    one = SimpleNamespace(name="one", train=ds.train[:1], template=ds.template)
     with pytest.raises(vp.VlpromptError, match="dataset one has 1 training image; the contrastive terms need"):
-        get_method("cpt").objective(None, vp.RunConfig(method="cpt"), one)
+        get_method("cpt").objective(None, method_config(get_method("cpt"), vp.RunConfig(method="cpt"), one))
 
 
 # ----------------------------------------------------------------------------------------------

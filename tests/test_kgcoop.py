@@ -12,6 +12,7 @@ from support import tiny_backbone
 import vlprompt as vp
 from vlprompt.cli import main
 from vlprompt.data import make_synthetic_dataset
+from vlprompt.methods.base import method_config
 from vlprompt.engine.run import run
 from vlprompt.engine.trainer import TrainBatch
 from vlprompt.methods.kgcoop import KgCoOpObjective, KgCoOpOptions, kg_term
@@ -75,7 +76,7 @@ def test_preset_is_kgcoops_recipe_and_values_override_it():
     cfg = vp.RunConfig.from_sources(method="kgcoop", batch_size=32, ctx_init="a picture of")
     assert (cfg.batch_size, cfg.ctx_init, cfg.epochs) == (32, "a picture of", 100)
     with pytest.raises(vp.VlpromptError, match="option weight: must be >= 0"):
-        vp.get_method("kgcoop").objective(None, vp.RunConfig(method="kgcoop", method_options={"weight": -1}), None)
+        method_config(vp.get_method("kgcoop"), vp.RunConfig(method="kgcoop", method_options={"weight": -1}))
 
 
 def test_run_is_checked_against_kgcoops_recipe_and_coop_is_unchanged(shapes, bb, tmp_path):

@@ -32,7 +32,7 @@ from ..config import RunConfig, load_yaml
 from ..data import load_dataset
 from ..errors import VlpromptError
 from ..methods import get_method
-from ..methods.base import parse_options
+from ..methods.base import method_config, parse_options
 from ..presets import method_recipe
 from ..prompts.artifact import read_artifact
 from ..utils.hardware import resolve_precision
@@ -306,7 +306,8 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     say(f"backbone {bb.source.describe()} ({bb.precision})", cfg.progress)
 
     torch.manual_seed(cfg.seed)  # prompt initialisation does not depend on how the backbone was obtained
-    learner = method.build(bb, ds.classnames, cfg, ds)
+    mcfg = method_config(method, cfg, ds)
+    learner = method.build(bb, ds.classnames, mcfg)
     # A method with its own recipe (KgCoOp, dual-view MI) has fixed epochs; CoOp's depend on the shots.
     paper_epochs = reference_recipe(cfg.method)[0].get("epochs") or default_epochs(cfg.shots, ds.name)
     epochs = cfg.epochs or paper_epochs
@@ -323,7 +324,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
         history = {"fit": fitted}
         learner.save_pretrained(stage / "prompt")
     elif method.trains:
-        objective = method.objective(learner, cfg, ds)
+        objective = method.objective(learner, mcfg)
         options = objective.options_dict()
         settings = TrainSettings.from_config(cfg, epochs)
         views = objective.view_transforms(bb)

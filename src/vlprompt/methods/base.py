@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence, get_type_hints
+from typing import Any, Callable, Optional, Protocol, Sequence, get_type_hints
 
 import torch
 
@@ -71,6 +71,42 @@ class Needs:
                 f"{'' if self.cacheable_features else '; image features not cacheable'}")
 
 
+@dataclass(frozen=True)
+class PromptLayout:
+    """The CoOp prompt layout (SPEC 2.1-2.2) of the methods whose classes are text prompts."""
+
+    n_ctx: int = 16
+    ctx_init: Optional[str] = None
+    csc: bool = False
+    class_token_position: str = "end"
+
+
+@dataclass
+class MethodConfig:
+    """Everything a method's learner and objective are built from, resolved once per run by `method_config`:
+    a method is built from ``(backbone, classnames, MethodConfig)`` and reads nothing else of the run."""
+
+    method: str
+    options: Any  # the method's own Options instance (None when it has none)
+    layout: PromptLayout
+    template: str  # the hand-crafted template in use: the dataset's, or the run's override
+    dataset: str  # the name of the dataset the classes come from (per-dataset recipes, templates)
+    batch_size: int
+    seed: int
+    train_mode: str
+    n_train: int  # training images (a contrastive loss needs two per batch)
+
+
+def method_config(method, cfg, dataset=None) -> "MethodConfig":
+    """The `MethodConfig` of ``method`` for a run (``cfg``, a RunConfig) on ``dataset`` (DatasetSplits); a bad
+    option is one error line here, before anything is built."""
+    options = parse_options(method.name, method.Options, cfg.method_options)
+    layout = PromptLayout(cfg.n_ctx, cfg.ctx_init, cfg.csc, cfg.class_token_position)
+    template = cfg.template or (dataset.template if dataset is not None else "a photo of a {}.")
+    return MethodConfig(method.name, options, layout, template, dataset.name if dataset is not None else "",
+                        cfg.batch_size, cfg.seed, cfg.train_mode, len(dataset.train) if dataset is not None else 0)
+
+
 class MethodBase:
     """What every registered method shares: its declared `Needs`, read through ``trains``."""
 
@@ -89,11 +125,11 @@ class Method(Protocol):
     trains: bool  # needs.trains
     Options: Optional[type]  # dataclass of the method's settings, or None
 
-    def build(self, backbone: Backbone, classnames: Sequence[str], cfg, dataset) -> torch.nn.Module:
-        """The learner for ``classnames`` (``cfg`` is a RunConfig, ``dataset`` the DatasetSplits)."""
+    def build(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig) -> torch.nn.Module:
+        """The learner for ``classnames``."""
 
-    def objective(self, learner: torch.nn.Module, cfg, dataset) -> Objective:
-        """The training objective of a run (only for methods that train)."""
+    def objective(self, learner: torch.nn.Module, config: MethodConfig) -> Objective:
+        """The training objective of a run (only for methods trained by SGD epochs)."""
 
     def load(self, path: str, backbone: Backbone, classnames: Sequence[str], dataset=None,
              template: Optional[str] = None) -> torch.nn.Module:

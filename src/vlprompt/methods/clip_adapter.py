@@ -24,7 +24,7 @@ from ..errors import VlpromptError
 from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..prompts.zeroshot import handcrafted_text_features
-from .base import MethodBase, Needs, Objective, option, parse_options
+from .base import MethodBase, Needs, Objective, option
 
 
 @dataclass
@@ -106,12 +106,11 @@ class ClipAdapterMethod(MethodBase):
     needs = Needs(classifier="head")  # a head over image features; the classes stay text, so it transfers
     Options = ClipAdapterOptions
 
-    def build(self, backbone, classnames, cfg, dataset) -> ClipAdapter:
-        options = parse_options(self.name, self.Options, cfg.method_options)
-        return ClipAdapter(backbone, classnames, [cfg.template or dataset.template], options.reduction, options.ratio)
+    def build(self, backbone, classnames, config) -> ClipAdapter:
+        return ClipAdapter(backbone, classnames, [config.template], config.options.reduction, config.options.ratio)
 
-    def objective(self, learner, cfg, dataset=None) -> ClipAdapterObjective:
-        return ClipAdapterObjective(parse_options(self.name, self.Options, cfg.method_options))
+    def objective(self, learner, config) -> ClipAdapterObjective:
+        return ClipAdapterObjective(config.options)
 
     def load(self, path, backbone, classnames=None, dataset=None, template=None) -> ClipAdapter:
         templates = [template or dataset.template] if dataset is not None else None

@@ -80,9 +80,10 @@ class CoCoOp(CoOp):
 class CoCoOpMethod(CoOpMethod):
     name = "cocoop"
 
-    def build(self, backbone, classnames, cfg, dataset=None) -> CoCoOp:
-        return CoCoOp(backbone, classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
-                      class_token_position=cfg.class_token_position)
+    def build(self, backbone, classnames, config) -> CoCoOp:
+        lay = config.layout
+        return CoCoOp(backbone, classnames, n_ctx=lay.n_ctx, ctx_init=lay.ctx_init, csc=lay.csc,
+                      class_token_position=lay.class_token_position)
 
     def load(self, path, backbone, classnames=None, dataset=None, template=None) -> CoCoOp:
         return CoCoOp.from_pretrained(path, backbone, classnames)

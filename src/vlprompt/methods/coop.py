@@ -7,7 +7,7 @@ from typing import Sequence
 import torch.nn.functional as F
 
 from ..prompts.coop import CoOp
-from .base import MethodBase, Needs, Objective, parse_options
+from .base import MethodBase, MethodConfig, Needs, Objective
 
 
 class CoOpObjective(Objective):
@@ -21,14 +21,15 @@ class CoOpMethod(MethodBase):
     name = "coop"
     needs = Needs()  # a class-specific context (csc) is the exception: it cannot move to other class names
 
-    def build(self, backbone, classnames: Sequence[str], cfg, dataset=None) -> CoOp:
-        learner = CoOp(backbone, classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, csc=cfg.csc,
-                       class_token_position=cfg.class_token_position)
+    def build(self, backbone, classnames: Sequence[str], config: MethodConfig) -> CoOp:
+        lay = config.layout
+        learner = CoOp(backbone, classnames, n_ctx=lay.n_ctx, ctx_init=lay.ctx_init, csc=lay.csc,
+                       class_token_position=lay.class_token_position)
         learner.method = self.name  # CoOp-learner methods (cpt, prograd) record their own name as the type
         return learner
 
-    def objective(self, learner: CoOp, cfg, dataset=None) -> CoOpObjective:
-        return CoOpObjective(parse_options(self.name, self.Options, cfg.method_options))
+    def objective(self, learner: CoOp, config: MethodConfig) -> CoOpObjective:
+        return CoOpObjective(config.options)
 
     def load(self, path, backbone, classnames=None, dataset=None, template=None) -> CoOp:
         learner = CoOp.from_pretrained(path, backbone, classnames=classnames)

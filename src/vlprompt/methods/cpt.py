@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..data.transforms import strong_transform, train_transform
 from ..errors import VlpromptError
 from ..prompts.coop import CoOp
-from .base import Objective, option, parse_options
+from .base import Objective, option
 from .coop import CoOpMethod
 
 INSCON_NEGATIVES = ("all", "cross_view")
@@ -161,12 +161,11 @@ class CPTMethod(CoOpMethod):
     name = "cpt"
     Options = CPTOptions
 
-    def objective(self, learner: CoOp, cfg, dataset=None) -> CPTObjective:
-        options = parse_options(self.name, self.Options, cfg.method_options)
-        if cfg.batch_size < 2:
-            raise VlpromptError(f"method cpt: batch_size={cfg.batch_size} is too small: the contrastive terms need "
-                                "at least 2 images per batch")
-        if dataset is not None and len(dataset.train) < 2:
-            raise VlpromptError(f"method cpt: dataset {dataset.name} has {len(dataset.train)} training image; "
+    def objective(self, learner: CoOp, config) -> CPTObjective:
+        if config.batch_size < 2:
+            raise VlpromptError(f"method cpt: batch_size={config.batch_size} is too small: the contrastive terms "
+                                "need at least 2 images per batch")
+        if config.n_train < 2:
+            raise VlpromptError(f"method cpt: dataset {config.dataset} has {config.n_train} training image; "
                                 "the contrastive terms need at least 2 images per batch")
-        return CPTObjective(options)
+        return CPTObjective(config.options)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpromptError
 from ..prompts.guided import GuidedCoOp
-from .base import Objective, option, parse_options
+from .base import Objective, option
 from .kgcoop import GuidedMethod, HandViewOptions
 
 AUGMENTATIONS = ("mix_softlabel", "mix_virtual_class", "feat_gauss", "proto_mix")
@@ -288,6 +288,5 @@ class DualViewMethod(GuidedMethod):
     name = "dualview_mi"
     Options = DualViewOptions
 
-    def objective(self, learner: GuidedCoOp, cfg, dataset) -> DualViewObjective:
-        options = parse_options(self.name, self.Options, cfg.method_options)
-        return DualViewObjective(options, seed=cfg.seed, train_mode=cfg.train_mode)
+    def objective(self, learner: GuidedCoOp, config) -> DualViewObjective:
+        return DualViewObjective(config.options, seed=config.seed, train_mode=config.train_mode)

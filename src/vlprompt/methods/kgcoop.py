@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..errors import VlpromptError
 from ..prompts.guided import GuidedCoOp
 from ..prompts.templates import ensemble_templates
-from .base import MethodBase, Objective, option, parse_options
+from .base import MethodBase, Objective, option
 
 HAND_CHOICES = ("dataset", "ensemble")
 KGCOOP_DTD_TEMPLATE = "a photo of a {}, a type of texture."  # KgCoOp's DTD template (SPEC 5.4)
@@ -38,17 +38,17 @@ class HandViewOptions:
             raise VlpromptError(f"option ensemble_hand: must be in [0, 1], got {self.ensemble_hand}")
 
 
-def hand_templates(view: str, template: Optional[str], dataset) -> list[str]:
-    """The hand-crafted view's templates on ``dataset``: its template (or ``template``), or the ensemble."""
-    template = template or dataset.template
-    return ensemble_templates(template, dataset.name) if view == "ensemble" else [template]
+def hand_templates(view: str, template: str, dataset: str) -> list[str]:
+    """The hand-crafted view's templates on ``dataset`` (its name): ``template``, or the ensemble around it."""
+    return ensemble_templates(template, dataset) if view == "ensemble" else [template]
 
 
-def build_guided(method: str, options: HandViewOptions, backbone, classnames: Sequence[str], cfg,
-                 dataset) -> GuidedCoOp:
-    return GuidedCoOp(backbone, classnames, hand_templates(options.hand_templates, cfg.template, dataset),
-                      method=method, ensemble_hand=options.ensemble_hand, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init,
-                      csc=cfg.csc, class_token_position=cfg.class_token_position, hand_view=options.hand_templates)
+def build_guided(backbone, classnames: Sequence[str], config) -> GuidedCoOp:
+    options, lay = config.options, config.layout
+    templates = hand_templates(options.hand_templates, config.template, config.dataset)
+    return GuidedCoOp(backbone, classnames, templates, method=config.method, ensemble_hand=options.ensemble_hand,
+                      n_ctx=lay.n_ctx, ctx_init=lay.ctx_init, csc=lay.csc,
+                      class_token_position=lay.class_token_position, hand_view=options.hand_templates)
 
 
 def kg_term(soft: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
@@ -100,16 +100,15 @@ class GuidedMethod(MethodBase):
     name: str
     Options: type
 
-    def build(self, backbone, classnames: Sequence[str], cfg, dataset) -> GuidedCoOp:
-        options = parse_options(self.name, self.Options, cfg.method_options)
-        return build_guided(self.name, options, backbone, classnames, cfg, dataset)
+    def build(self, backbone, classnames: Sequence[str], config) -> GuidedCoOp:
+        return build_guided(backbone, classnames, config)
 
     def load(self, path, backbone, classnames=None, dataset=None, template: Optional[str] = None) -> GuidedCoOp:
         """The saved prompt for ``classnames``; given the evaluation ``dataset`` (cross-dataset transfer), its
         hand-crafted view follows that dataset's template as it did the training dataset's."""
         learner = GuidedCoOp.from_pretrained(path, backbone, classnames=classnames)
         if dataset is not None and learner.hand_view in HAND_CHOICES:
-            templates = hand_templates(learner.hand_view, template, dataset)
+            templates = hand_templates(learner.hand_view, template or dataset.template, dataset.name)
             if templates != learner.templates:
                 learner.use_templates(templates)
         return learner
@@ -119,6 +118,5 @@ class KgCoOpMethod(GuidedMethod):
     name = "kgcoop"
     Options = KgCoOpOptions
 
-    def objective(self, learner: GuidedCoOp, cfg, dataset) -> KgCoOpObjective:
-        options = parse_options(self.name, self.Options, cfg.method_options)
-        return KgCoOpObjective(options, dataset.name, cfg.template or dataset.template)
+    def objective(self, learner: GuidedCoOp, config) -> KgCoOpObjective:
+        return KgCoOpObjective(config.options, config.dataset, config.template)

@@ -136,7 +136,7 @@ class LinearProbeMethod(MethodBase):
     needs = Needs(fitted=True, classifier="head", transfers=False)
     Options = LinearProbeOptions
 
-    def build(self, backbone, classnames, cfg, dataset=None) -> LinearProbe:
+    def build(self, backbone, classnames, config) -> LinearProbe:
         return LinearProbe(backbone, classnames)
 
     def load(self, path, backbone, classnames=None, dataset=None, template=None) -> LinearProbe:

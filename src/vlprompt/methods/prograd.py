@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpromptError
 from ..prompts.zeroshot import handcrafted_text_features
-from .base import Objective, option, parse_options
+from .base import Objective, option
 from .coop import CoOpMethod
 
 
@@ -78,8 +78,6 @@ class ProGradMethod(CoOpMethod):
     name = "prograd"
     Options = ProGradOptions
 
-    def objective(self, learner, cfg, dataset=None) -> ProGradObjective:
-        options = parse_options(self.name, self.Options, cfg.method_options)
-        template = cfg.template or dataset.template
-        teacher = handcrafted_text_features(learner.backbone, learner.classnames, [template]).clone().float()
-        return ProGradObjective(options, teacher, template)
+    def objective(self, learner, config) -> ProGradObjective:
+        teacher = handcrafted_text_features(learner.backbone, learner.classnames, [config.template]).clone().float()
+        return ProGradObjective(config.options, teacher, config.template)

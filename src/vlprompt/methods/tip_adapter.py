@@ -145,8 +145,8 @@ class TipAdapterMethod(MethodBase):
     needs = Needs(fitted=True, classifier="head", transfers=False)
     Options = TipAdapterOptions
 
-    def build(self, backbone, classnames, cfg, dataset) -> TipAdapter:
-        return TipAdapter(backbone, classnames, [cfg.template or dataset.template])
+    def build(self, backbone, classnames, config) -> TipAdapter:
+        return TipAdapter(backbone, classnames, [config.template])
 
     def load(self, path, backbone, classnames=None, dataset=None, template=None) -> TipAdapter:
         return TipAdapter.from_pretrained(path, backbone, classnames)

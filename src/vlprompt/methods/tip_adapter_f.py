@@ -75,8 +75,8 @@ class TipAdapterFMethod(TipAdapterMethod):
     name = "tip_adapter_f"
     Options = TipAdapterFOptions
 
-    def build(self, backbone, classnames, cfg, dataset) -> TipAdapter:
-        learner = super().build(backbone, classnames, cfg, dataset)
+    def build(self, backbone, classnames, config) -> TipAdapter:
+        learner = super().build(backbone, classnames, config)
         learner.method = self.name
         return learner
 

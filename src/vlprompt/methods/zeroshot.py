@@ -17,12 +17,11 @@ class ZeroShotMethod(MethodBase):
         self.ensemble = ensemble
         self.name = "zeroshot_ensemble" if ensemble else "zeroshot"
 
-    def build(self, backbone, classnames: Sequence[str], cfg, dataset) -> ZeroShotCLIP:
-        template = cfg.template or dataset.template
-        templates = ensemble_templates(template, dataset.name) if self.ensemble else [template]
+    def build(self, backbone, classnames: Sequence[str], config) -> ZeroShotCLIP:
+        templates = ensemble_templates(config.template, config.dataset) if self.ensemble else [config.template]
         return ZeroShotCLIP(backbone, classnames, templates)
 
-    def objective(self, learner, cfg, dataset):
+    def objective(self, learner, config):
         raise VlpromptError(f"method {self.name} has nothing to train")
 
     def load(self, path, backbone, classnames, dataset=None, template=None):
