@@ -301,7 +301,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
         f"test {len(ds.test)}", cfg.progress)
 
     t = time.perf_counter()
-    bb = backbone_for(cfg, backbone)
+    bb = backbone if backbone is not None else backbone_from_config(cfg)  # checked above
     timings["load_backbone_s"] = time.perf_counter() - t
     say(f"backbone {bb.source.describe()} ({bb.precision})", cfg.progress)
 
@@ -456,13 +456,13 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
 def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: FeatureStore) -> dict:
     method = get_method(cfg.method)
     if backbone is not None:
-        backbone_for(cfg, backbone)
+        backbone_for(cfg, backbone)  # a mismatch fails before the dataset is read
     set_seed(cfg.seed)
     ds = load_dataset(cfg.dataset, cfg.root, shots=cfg.shots, seed=cfg.seed, subsample=cfg.subsample,
                       template=cfg.template)
     if not ds.test:
         raise VlpromptError(f"dataset {ds.name} has no test images")
-    bb = backbone_for(cfg, backbone)
+    bb = backbone if backbone is not None else backbone_from_config(cfg)  # checked above
     learner = method.load(str(path), bb, ds.classnames, dataset=ds, template=cfg.template)
     t = time.perf_counter()
     feats, labels = store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
