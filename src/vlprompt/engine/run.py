@@ -119,11 +119,6 @@ def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, tra
     return out
 
 
-@dataclasses.dataclass
-class _NoOptions:
-    pass
-
-
 SCHEMA_VERSION = 2
 # RunConfig keys that change how a run is carried out but never its result: left out of its identity.
 NON_RESULT_KEYS = ("output", "progress", "num_workers", "test_batch_size", "feature_cache", "cache_dir")
@@ -315,12 +310,13 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     extra_deviations: list[str] = []
     options = {}
     fits = method.needs.fitted  # fitted in closed form or by a search (linear probe, Tip-Adapter), not SGD
+    by_sgd = method.trains and not fits
     if fits:
         t = time.perf_counter()
         fitted = method.fit(learner, bb, ds, cfg, store)
         timings["fit_s"] = time.perf_counter() - t
         extra_deviations.extend(fitted.pop("deviations", []))
-        options = dataclasses.asdict(parse_options(method.name, method.Options, cfg.method_options) or _NoOptions())
+        options = dataclasses.asdict(mcfg.options) if mcfg.options is not None else {}
         history = {"fit": fitted}
         learner.save_pretrained(stage / "prompt")
     elif method.trains:
@@ -356,15 +352,15 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     metrics = {
         **result_record("train" if method.trains else "zeroshot", cfg, ds, bb, report, method.trains),
         "method_options": options,
-        "recipe": {"epochs": epochs if method.trains and not fits else 0, "paper_epochs": paper_epochs,
+        "recipe": {"epochs": epochs if by_sgd else 0, "paper_epochs": paper_epochs,
                    **{k: getattr(cfg, k) for k in PAPER_RECIPE}, "preset": cfg.preset,
                    "reference": reference_recipe(cfg.method)[1]},
         "train": history,
         "timings": timings,
         "versions": versions(),
-        "deviations": deviations(cfg, bb, epochs, paper_epochs, method.trains and not fits, ds.info.get("notes"))
+        "deviations": deviations(cfg, bb, epochs, paper_epochs, by_sgd, ds.info.get("notes"))
         + extra_deviations,
-        "train_mode": cfg.train_mode if method.trains and not fits else None,
+        "train_mode": cfg.train_mode if by_sgd else None,
     }
     write_run_files(stage, cfg, metrics)
     return metrics
