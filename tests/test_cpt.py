@@ -177,7 +177,7 @@ def test_step_one_text_pass_gradients_only_to_the_prompt(shapes, bb, monkeypatch
     ds = vp.load_dataset(shapes, shots=2)
     learner, objective = cpt_learner(bb, ds, lambda_ins=0.5, lambda_rel=2.0)
     source = ExactFeatures(bb, ds.train, objective.view_transforms(bb), settings(), progress=False)
-    batch = next(source.epoch([list(range(6))], torch.Generator().manual_seed(0)))
+    batch = next(source.epoch([list(range(6))], 0))
     assert set(batch.views) == {"weak", "strong_a", "strong_b"}
     for feats in batch.views.values():  # frozen image tower: plain tensors, no graph
         assert not feats.requires_grad and feats.grad_fn is None

@@ -469,13 +469,14 @@ def test_a_run_failing_while_writing_leaves_the_finished_run_intact(shapes, bb, 
 
     monkeypatch.setattr(run_mod, "write_run_files", failing)
     with pytest.raises(OSError):
-        run(make_cfg(shapes, out, seed=5, epochs=2), backbone=bb)
+        run(make_cfg(shapes, out, seed=5, epochs=2, overwrite=True), backbone=bb)
     assert len(seen) == 1
     name, trained = seen[0]
     assert name.startswith(".r.partial-") and trained  # it failed after training, in the staging folder
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
-    assert not no_hidden_leftovers(out.parent, "r")
+    # Only the failed run's checkpoint stays (its training is not lost: the next run resumes from it).
+    assert no_hidden_leftovers(out.parent, "r") == [".r.checkpoint"]
 
 
 def test_a_run_failing_to_move_into_place_leaves_the_finished_run_intact(shapes, bb, tmp_path, monkeypatch):
@@ -493,12 +494,12 @@ def test_a_run_failing_to_move_into_place_leaves_the_finished_run_intact(shapes,
 
     monkeypatch.setattr(run_mod.os, "replace", replace)
     with pytest.raises(vp.VlpromptError, match=re.escape(str(out))):
-        run(make_cfg(shapes, out, seed=5), backbone=bb)
+        run(make_cfg(shapes, out, seed=5, overwrite=True), backbone=bb)
     monkeypatch.undo()
     assert len(failed) == 1
     assert out.is_dir(), f"the finished run is gone from {out}: {sorted(os.listdir(out.parent))}"
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert not no_hidden_leftovers(out.parent, "r")
+    assert no_hidden_leftovers(out.parent, "r") == [".r.checkpoint"]
 
 
 @pytest.fixture

@@ -231,7 +231,7 @@ methods:
     ("protocol: fewshot\nmethods: [nosuch]\ndatasets: [x]", "unknown method 'nosuch'"),
     ("protocol: fewshot\nmethods: [{method: cpt, options: {nosuch: 1}}]\ndatasets: [x]", "unknown option 'nosuch'"),
     ("protocol: fewshot\nmethods: [coop, coop]\ndatasets: [x]", "label 'coop' is used twice"),
-    ("protocol: fewshot\nmethods: [coop]\ndatasets: [x]\nlr: -1", "lr: must be > 0"),
+    ("protocol: fewshot\nmethods: [coop]\ndatasets: [x]\nlr: -1", "lr: must be a finite number > 0"),
     ("methods: [coop]", "missing key 'protocol'"),
 ])
 def test_bad_study_files_are_one_line_before_any_work(tmp_path, capsys, text, match):

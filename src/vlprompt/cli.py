@@ -7,6 +7,7 @@ user's input are printed as one line and exit with status 2, never as a stack tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,66 +24,67 @@ class _Parser(argparse.ArgumentParser):
         raise VlpromptError(f"{self.prog}: {message}")
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="registered dataset name (see `vlprompt datasets`) or a folder path")
-    g.add_argument("--root", help="data root holding the dataset folders")
-    g.add_argument("--shots", type=str, help="images per class for training (-1: all; default 16); "
-                   "`train` takes a list such as 1,2,4,8,16")
-    g.add_argument("--seed", type=str, help="random seed (default 1); `train` takes a list such as 1,2,3")
-    g.add_argument("--subsample", help="all | base | new classes (default all)")
-    g.add_argument("--template", help="override the dataset's hand-crafted template, e.g. 'a photo of a {}.'")
+def _flag(name: str) -> str:
+    f = RunConfig.__dataclass_fields__[name]
+    return f.metadata["flag"] if f.metadata.get("flag") is not None else "--" + name.replace("_", "-")
 
 
-def _add_backbone(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", help="open_clip architecture (RN50, ViT-B-16, ...) or an architecture .json")
-    g.add_argument("--pretrained", help="open_clip pretrained tag (needs a reachable hub), or 'random'")
-    g.add_argument("--weights", help="local weights file (OpenAI .pt, open_clip checkpoint, .safetensors, .bin)")
-    g.add_argument("--precision", help="fp32 | bf16 | auto (bf16 where faster) for the frozen encoders (default fp32)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+def _help(name: str) -> str:
+    """A key's help text with its default, both from its declaration in `RunConfig`; a key that a method's
+    preset sets says so (so `--batch-size` does not claim 32 where the cocoop preset makes it 1)."""
+    from .presets import PRESETS
+
+    f = RunConfig.__dataclass_fields__[name]
+    text = f.metadata["help"]
+    if f.type in ("bool", bool):
+        return f"turn off: {text}" if f.default else text
+    if f.default is None or f.default is dataclasses.MISSING:
+        return text
+    preset = [p.name for p in PRESETS.values() if name in p.values]
+    many = len(preset) > 1
+    return f"{text} (default {f.default}" + (
+        f"; the {', '.join(preset)} preset{'s set their' if many else ' sets its'} own)" if preset else ")")
+
+
+def _add_settings(p, group: str, skip: tuple = ()) -> None:
+    """An option for every `RunConfig` key declared in ``group`` (values stay strings: RunConfig parses them)."""
+    for f in dataclasses.fields(RunConfig):
+        if f.metadata.get("group") != group or f.name in skip or f.metadata.get("flag") == "":
+            continue
+        if f.type in ("bool", bool):  # a switch away from the default
+            p.add_argument(_flag(f.name), dest=f.name, action="store_const", const=not f.default, help=_help(f.name))
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, metavar=f.name.upper(), help=_help(f.name))
+
+
+def _add_data(p, only: Optional[tuple] = None) -> None:
+    names = [f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("group") == "data"]
+    _add_settings(p.add_argument_group("data"), "data", skip=tuple(n for n in names if only and n not in only))
+
+
+def _add_backbone(p) -> None:
+    _add_settings(p.add_argument_group("backbone"), "backbone")
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with any of these options (command-line options win)")
-    p.add_argument("--output", help="run folder (default runs/<dataset>/<method>/<backbone>/<shots>_seed<S>)")
+    p.add_argument("--output", help=RunConfig.__dataclass_fields__["output"].metadata["help"])
     _add_execution(p)
 
 
 def _add_execution(p) -> None:
-    """How runs are carried out (never what they compute): workers, test batch size, cache, progress."""
-    p.add_argument("--num-workers", dest="num_workers", type=str, help="image-loading worker processes")
-    p.add_argument("--test-batch-size", dest="test_batch_size", type=str)
-    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=False,
-                   help="do not read or write the on-disk cache of encoded test images")
-    p.add_argument("--cache-dir", dest="cache_dir", help="feature cache folder (default ~/.cache/vlprompt/features)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    """How runs are carried out (never what they compute): workers, cache, checkpoints, progress."""
+    _add_settings(p, "execution")
+    _add_settings(p, "output")
 
 
 def _add_coop(p: argparse.ArgumentParser, method: bool = True) -> None:
-    g = p.add_argument_group("CoOp prompt and recipe (SPEC 2)")
-    if method:
-        from .methods import METHODS
-
-        trained = ", ".join(name for name, m in METHODS.items() if m.trains)
-        g.add_argument("--method", help=f"training method (default coop): {trained} (see `vlprompt methods`)")
-    g.add_argument("--n-ctx", dest="n_ctx", type=str, help="number of context vectors (default 16)")
-    g.add_argument("--ctx-init", dest="ctx_init", help="initialise the context from words, e.g. 'a photo of a'")
-    g.add_argument("--csc", dest="csc", action="store_const", const=True, help="class-specific context")
-    g.add_argument("--class-token-position", dest="class_token_position", help="end | middle | front")
-    g.add_argument("--epochs", type=str, help="override the paper's epochs-by-shots")
-    g.add_argument("--batch-size", dest="batch_size", type=str,
-                   help="training batch size (CoOp's recipe: 32; a method's preset may set another)")
-    g.add_argument("--lr", type=str, help="learning rate (CoOp's recipe: 0.002)")
-    g.add_argument("--weight-decay", dest="weight_decay", type=str)
-    g.add_argument("--momentum", type=str)
-    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=str)
-    g.add_argument("--preset", help="recipe preset (default: the method's own, e.g. kgcoop; 'none' for none)")
+    g = p.add_argument_group("method, prompt and recipe (see `vlprompt methods`)")
+    _add_settings(g, "method", skip=() if method else ("method",))
     g.add_argument("--option", "-o", dest="method_options", action="append", metavar="KEY=VALUE",
                    help="a setting of the method, repeatable (see `vlprompt methods`)")
-    g.add_argument("--train-mode", dest="train_mode",
-                   help="exact (fresh augmentation every step, default) | feature_bank (K views encoded once)")
-    g.add_argument("--bank-views", dest="bank_views", type=str, help="views per image in feature_bank mode")
+    _add_settings(g, "prompt")
+    _add_settings(g, "recipe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--shots", help="comma-separated shot counts (default "
                        + ("1,2,4,8,16" if protocol == "fewshot" else "16") + ")")
         q.add_argument("--seeds", help="comma-separated seeds (default 1,2,3)")
-        g = q.add_argument_group("data")
-        g.add_argument("--root", help="data root holding the dataset folders")
-        g.add_argument("--template", help="override the training dataset's hand-crafted template")
+        _add_data(q, only=("root", "template"))
         _add_backbone(q), _add_study_run(q), _add_coop(q, method=False)
     q = studies.add_parser("run", help="a study from a YAML file (protocol, datasets, methods, shots, seeds, ...)")
     q.add_argument("file", help="the study definition (YAML)")
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local weights file for real accuracy (or set VLPROMPT_WEIGHTS)")
     p.add_argument("--epochs", type=int, default=None, help="CoOp epochs (default: the paper's 200 for the tiny model, 20 for real-size models)")
     p.add_argument("--quiet", action="store_true")
+    from .practice.commands import add_commands; add_commands(sub, _Parser)
     return parser
 
 
@@ -162,7 +163,8 @@ def _add_study_run(p: argparse.ArgumentParser) -> None:
 
 
 # Every RunConfig key is an option of the same name where a command defines one (``progress`` is --quiet).
-CONFIG_KEYS = tuple(k for k in RunConfig.keys() if k != "progress")
+CONFIG_KEYS = tuple(RunConfig.keys())
+EXECUTION_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("group") == "execution")
 
 
 def _key_values(pairs: list[str]) -> dict:
@@ -179,8 +181,6 @@ def _overrides(args: argparse.Namespace) -> dict:
     values = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k, None) is not None}
     if "method_options" in values:
         values["method_options"] = _key_values(values["method_options"])
-    if getattr(args, "quiet", False):
-        values["progress"] = False
     return values
 
 
@@ -274,8 +274,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    import dataclasses
-
     from .methods import METHODS
     from .presets import method_recipe
 
@@ -302,8 +300,6 @@ def _csv_list(name: str, text: Optional[str], kind=str) -> list:
 def _study_spec(args):
     """A StudySpec from a study subcommand's options: every train option becomes a shared setting, and each
     ``--option KEY=VALUE`` goes to the methods that have that option."""
-    import dataclasses
-
     from .methods import get_method
     from .protocols.study import MethodSpec, StudySpec
 
@@ -335,11 +331,12 @@ def cmd_study(args) -> int:
 
     spec = load_study_file(args.file) if args.protocol == "run" else _study_spec(args)
     if args.protocol == "run":
-        for key in ("num_workers", "test_batch_size", "feature_cache", "cache_dir"):
+        for key in EXECUTION_KEYS:
             if getattr(args, key, None) is not None:
                 spec.settings[key] = getattr(args, key)
     folder = args.output or spec.output or f"studies/{spec.protocol}"
-    result = run_study(spec, folder, retry_failed=args.retry_failed, rerun=args.rerun, progress=not args.quiet)
+    result = run_study(spec, folder, retry_failed=args.retry_failed, rerun=args.rerun,
+                       progress=args.progress is not False)
     rows, out = write_report(folder)
     print(to_markdown(rows))
     print(f"report: {out / 'index.html'} (tables, figures); `vlprompt report {folder}` prints it again")
@@ -361,6 +358,7 @@ def cmd_report(args) -> int:
 
 COMMANDS = {"methods": cmd_methods, "zeroshot": cmd_zeroshot, "train": cmd_train, "eval": cmd_eval, "datasets": cmd_datasets,
             "demo": cmd_demo, "study": cmd_study, "report": cmd_report}
+from .practice.commands import COMMANDS as _PRACTICE; COMMANDS.update(_PRACTICE)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -373,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        from .utils.progress import configure_cli_logging  # vlprompt's log lines on stderr, bare
+        configure_cli_logging(quiet=getattr(args, "quiet", False) or getattr(args, "progress", None) is False)
         if not args.command:
             parser.print_help()
             return 2

@@ -8,6 +8,7 @@ options. Every value is validated in
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -17,50 +18,82 @@ from .presets import check_preset, resolve_preset
 
 CHOICES = {
     "precision": ("fp32", "bf16", "auto"),
+    "ctx_init_rule": ("words", "tokens"),
+    "resume": ("auto", "never"),
     "subsample": ("all", "base", "new"),
     "class_token_position": ("end", "middle", "front"),
     "train_mode": ("exact", "feature_bank"),
 }
 
 
+def setting(default, help: str, group: str, flag: Optional[str] = None, factory=None):
+    """One RunConfig key: its default, its help text (without the default, which is added from here) and the
+    command-line group it belongs to. ``flag`` overrides the option name (``--no-feature-cache``); ``flag=""``
+    keeps the key out of the generic options (a command adds its own)."""
+    meta = {"help": help, "group": group, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class RunConfig:
-    dataset: str = "caltech101"  # a registered dataset name or a folder path
-    root: Optional[str] = None  # data root holding the dataset folders (registered datasets)
-    method: str = "coop"
-    method_options: dict = field(default_factory=dict)  # the method's own settings (see `vlprompt methods`)
-    preset: Optional[str] = None  # recipe preset (presets.PRESETS); default: the method's own; "none": no preset
-    shots: int = 16  # -1: the whole training split
-    seed: int = 1
-    subsample: str = "all"  # all | base | new classes (SPEC 6.2)
-    template: Optional[str] = None  # override the dataset's hand-crafted template
-    # backbone
-    backbone: str = "RN50"
-    pretrained: Optional[str] = "openai"  # open_clip tag; "random" for a random model
-    weights: Optional[str] = None  # local weights file (wins over pretrained)
-    precision: str = "fp32"  # frozen encoders: fp32 | bf16 | auto; prompt parameters are always float32
-    device: str = "cpu"
-    # CoOp
-    n_ctx: int = 16
-    ctx_init: Optional[str] = None
-    csc: bool = False
-    class_token_position: str = "end"
-    # recipe (SPEC 2.4); epochs None = by shot count
-    epochs: Optional[int] = None
-    batch_size: int = 32
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    train_mode: str = "exact"  # exact: fresh augmentation every step | feature_bank (an approximation)
-    bank_views: int = 10  # augmented views per training image in feature_bank mode
-    test_batch_size: int = 100
-    num_workers: int = 0
-    feature_cache: bool = True  # keep encoded test splits on disk, keyed by everything that changes them
-    cache_dir: Optional[str] = None  # default $VLPROMPT_CACHE/features or ~/.cache/vlprompt/features
-    output: Optional[str] = None  # run folder; default runs/<dataset>/<method>/<backbone>/...
-    progress: bool = True
+    dataset: str = setting("caltech101", "registered dataset name (see `vlprompt datasets`) or a folder path", "data")
+    root: Optional[str] = setting(None, "data root holding the dataset folders (registered datasets)", "data")
+    method: str = setting("coop", "training method (see `vlprompt methods`)", "method")
+    method_options: dict = setting(None, "the method's own settings (see `vlprompt methods`)", "method", flag="",
+                                   factory=dict)
+    preset: Optional[str] = setting(None, "recipe preset; default: the method's own (e.g. kgcoop); 'none': no "
+                                    "preset", "method")
+    shots: int = setting(16, "images per class for training (-1: the whole training split); `train` takes a list "
+                         "such as 1,2,4,8,16", "data")
+    seed: int = setting(1, "random seed (>= 0); `train` takes a list such as 1,2,3", "data")
+    subsample: str = setting("all", "all | base | new classes (SPEC 6.2)", "data")
+    template: Optional[str] = setting(None, "override the dataset's hand-crafted template, e.g. 'a photo of a {}.'",
+                                      "data")
+    backbone: str = setting("RN50", "open_clip architecture (RN50, ViT-B-16, ViT-B-16-quickgelu, ...) or an "
+                            "architecture .json", "backbone")
+    pretrained: Optional[str] = setting("openai", "open_clip pretrained tag (needs a reachable hub), or 'random'",
+                                        "backbone")
+    weights: Optional[str] = setting(None, "local weights file (OpenAI .pt, open_clip checkpoint, .safetensors, "
+                                     ".bin); wins over --pretrained", "backbone")
+    precision: str = setting("fp32", "frozen encoders: fp32 | bf16 | auto (bf16 where faster); prompt parameters "
+                             "are always float32", "backbone")
+    device: str = setting("cpu", "cpu, cuda, cuda:1, ...", "backbone")
+    n_ctx: int = setting(16, "number of context vectors", "prompt")
+    ctx_init: Optional[str] = setting(None, "initialise the context from words, e.g. 'a photo of a' or "
+                                      "a_photo_of_a", "prompt")
+    ctx_init_rule: str = setting("words", "words: one vector per word of --ctx-init, as the official CoOp code "
+                                 "(a word of several BPE tokens keeps the rest frozen) | tokens: one per BPE token",
+                                 "prompt")
+    csc: bool = setting(False, "class-specific context", "prompt")
+    class_token_position: str = setting("end", "end | middle | front", "prompt")
+    epochs: Optional[int] = setting(None, "training epochs; default: the paper's epochs for the shot count",
+                                    "recipe")
+    batch_size: int = setting(32, "training batch size", "recipe")
+    lr: float = setting(0.002, "learning rate", "recipe")
+    momentum: float = setting(0.9, "SGD momentum", "recipe")
+    weight_decay: float = setting(5e-4, "SGD weight decay", "recipe")
+    warmup_epochs: int = setting(1, "epochs at the constant warm-up learning rate", "recipe")
+    warmup_lr: float = setting(1e-5, "warm-up learning rate", "recipe")
+    train_mode: str = setting("exact", "exact: fresh augmentation every step | feature_bank: K augmented views "
+                              "encoded once (an approximation)", "recipe")
+    bank_views: int = setting(10, "augmented views per training image in feature_bank mode", "recipe")
+    test_batch_size: int = setting(100, "images per batch when encoding test images", "execution")
+    num_workers: int = setting(0, "image-loading worker processes", "execution")
+    feature_cache: bool = setting(True, "keep encoded test splits on disk, keyed by everything that changes them",
+                                  "execution", flag="--no-feature-cache")
+    cache_dir: Optional[str] = setting(None, "feature cache folder; default $VLPROMPT_CACHE/features or "
+                                       "~/.cache/vlprompt/features", "execution")
+    checkpoint_every: int = setting(0, "also checkpoint every N training steps (0: only at the end of each epoch)",
+                                    "execution")
+    resume: str = setting("auto", "auto: continue from the run's checkpoint when there is one | never: start over",
+                          "execution")
+    keep_checkpoints: bool = setting(False, "keep the checkpoint of a finished run", "execution")
+    overwrite: bool = setting(False, "replace a finished run folder that holds another configuration", "execution")
+    output: Optional[str] = setting(None, "run folder; default runs/<dataset>/<method>/<backbone>/<shots>_seed<S>",
+                                    "output", flag="")
+    progress: bool = setting(True, "progress lines on stderr", "output", flag="--quiet")
 
     def __post_init__(self):
         hints = get_type_hints(RunConfig)
@@ -75,13 +108,19 @@ class RunConfig:
                 raise VlpromptError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.epochs is not None and self.epochs < 1:
             raise VlpromptError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.seed < 0:
+            raise VlpromptError(f"seed: must be >= 0, got {self.seed}")
+        if self.checkpoint_every < 0:
+            raise VlpromptError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if self.shots == 0 or self.shots < -1:
             raise VlpromptError(f"shots: must be a positive number of images per class or -1 (all), got {self.shots}")
         for key in ("lr", "warmup_lr"):
-            if not getattr(self, key) > 0:
-                raise VlpromptError(f"{key}: must be > 0, got {getattr(self, key)}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise VlpromptError("weight_decay must be >= 0 and momentum in [0, 1)")
+            if not 0 < getattr(self, key) < math.inf:
+                raise VlpromptError(f"{key}: must be a finite number > 0, got {getattr(self, key)}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise VlpromptError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise VlpromptError(f"momentum: must be in [0, 1), got {self.momentum}")
         if self.warmup_epochs < 0 or self.num_workers < 0:
             raise VlpromptError("warmup_epochs and num_workers must be >= 0")
 

@@ -39,6 +39,7 @@ from ..utils.hardware import resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
 from .evaluate import accuracy_report, classify
+from .checkpoint import Checkpointer, checkpoint_folder, differing_keys
 from .feature_store import FeatureStore
 from .schedule import default_epochs
 from .trainer import ExactFeatures, FeatureBank, TrainSettings, train_prompt
@@ -121,7 +122,8 @@ def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, tra
 
 SCHEMA_VERSION = 2
 # RunConfig keys that change how a run is carried out but never its result: left out of its identity.
-NON_RESULT_KEYS = ("output", "progress", "num_workers", "test_batch_size", "feature_cache", "cache_dir")
+NON_RESULT_KEYS = ("output", "progress", "num_workers", "test_batch_size", "feature_cache", "cache_dir",
+                   "checkpoint_every", "resume", "keep_checkpoints", "overwrite")
 
 
 def config_key(values: dict) -> str:
@@ -202,6 +204,37 @@ def stage_run_folder(out: Path) -> Path:
     return stage
 
 
+def result_identity(values: dict) -> dict:
+    """The configuration keys that decide a run's result (what a checkpoint and an overwrite check compare)."""
+    return {k: v for k, v in values.items() if k not in NON_RESULT_KEYS}
+
+
+def check_output(out: Path, cfg: RunConfig, key: str) -> None:
+    """Before any work: ``out`` must be a folder (or not exist yet), and a finished run there of another
+    configuration (``key`` differs from its recorded ``config_key``) is replaced only with ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise VlpromptError(f"output {out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()) or cfg.overwrite:
+        return
+    try:
+        recorded = json.loads((out / "metrics.json").read_text())["config_key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise VlpromptError(f"output {out} is a folder that holds no finished run; choose another --output or "
+                            "pass --overwrite to replace it") from None
+    if recorded == key:
+        return
+    try:
+        import yaml
+
+        old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        keys = differing_keys(result_identity(old), result_identity(cfg.to_dict()))
+    except (OSError, ValueError, AttributeError, ImportError):
+        keys = []
+    what = f"differs in: {', '.join(keys)}" if keys else "another prompt or configuration"
+    raise VlpromptError(f"output {out} holds a finished run of another configuration ({what}); pass --overwrite "
+                        "to replace it, or another --output")
+
+
 def commit_run_folder(stage: Path, out: Path) -> None:
     """Move the complete staged run into place; a finished run already there is replaced as a whole."""
     try:
@@ -268,19 +301,31 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
     method = get_method(cfg.method)
     parse_options(method.name, method.Options, cfg.method_options)  # a bad option fails before any work
     out = Path(cfg.output or default_output(cfg))
+    check_output(out, cfg, config_key(cfg.to_dict()))
     stage = stage_run_folder(out)
+    checkpoint = None
     try:
-        metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total)
+        if method.trains and not method.needs.fitted:  # trained by SGD: resumable
+            checkpoint = Checkpointer(checkpoint_folder(out), result_identity(cfg.to_dict()), cfg.checkpoint_every,
+                                      resume=cfg.resume == "auto")
+            if cfg.resume == "never":
+                checkpoint.discard()
+            checkpoint.check_writable()
+            checkpoint.load()  # one of another configuration is refused here, before any work
+        metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total, checkpoint)
         commit_run_folder(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
+    if checkpoint is not None:
+        checkpoint.keep_in(out) if cfg.keep_checkpoints else checkpoint.discard()
     say(f"{cfg.method} on {metrics['dataset']}: top-1 {metrics['test']['accuracy']:.2f}%  "
         f"macro {metrics['test']['macro_accuracy']:.2f}%  -> {out}", cfg.progress)
     metrics["output"] = str(out)
     return metrics
 
 
-def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, timings, t_total) -> dict:
+def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, timings, t_total,
+              checkpoint: Optional[Checkpointer]) -> dict:
     if backbone is not None:
         backbone_for(cfg, backbone)  # a mismatch fails before the dataset is read
     set_seed(cfg.seed)
@@ -333,7 +378,8 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
         objective.prepare(bb, ds.train, source)
         t = time.perf_counter()
         history = train_prompt(learner, objective.loss, source, len(ds.train), settings, progress=cfg.progress,
-                               backward=getattr(objective, "backward", None))
+                               backward=getattr(objective, "backward", None), checkpoint=checkpoint,
+                               objective=objective)
         timings["train_s"] = time.perf_counter() - t
         extra_deviations.extend(objective.deviations)  # read after prepare(), which may add to them
         extra_deviations.extend(option_deviations(method, objective.options))
@@ -427,6 +473,15 @@ def _same_dataset(a, b) -> bool:
     return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
 
+def trained_record(prompt: Path) -> dict:
+    """The metrics.json of the run a prompt folder belongs to ({} for a bare prompt folder)."""
+    source = prompt.parent / "metrics.json"
+    try:
+        return json.loads(source.read_text()) if source.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def eval_key(cfg: RunConfig, prompt_key: Optional[str]) -> str:
     """The identity of an evaluation: its configuration plus the identity of the run that trained the prompt."""
     return config_key({**cfg.to_dict(), "prompt_key": prompt_key})
@@ -439,6 +494,7 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     at ``output`` (default: beside the evaluated run, `default_eval_output`)."""
     cfg, path = eval_config(prompt, cfg_overrides)
     out = Path(output) if output else default_eval_output(path, cfg)
+    check_output(out, cfg, eval_key(cfg, trained_record(path).get("config_key")))
     stage = stage_run_folder(out)
     try:
         metrics = _evaluate_into(stage, path, cfg, backbone, store if store is not None else FeatureStore())
@@ -463,8 +519,7 @@ def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: Fea
     t = time.perf_counter()
     feats, labels = store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
     report = accuracy_report(classify(learner, feats), labels, ds.classnames)
-    source_metrics = path.parent / "metrics.json"
-    trained = json.loads(source_metrics.read_text()) if source_metrics.is_file() else {}
+    trained = trained_record(path)
     metrics = {
         **result_record("eval", cfg, ds, bb, report, method.trains),
         "prompt": {"path": str(path), "config_key": trained.get("config_key"),

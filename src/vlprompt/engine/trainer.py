@@ -2,7 +2,10 @@
 
 SGD on the prompt parameters only (float32 master weights); LR set per epoch from `coop_lr`; a fresh
 random permutation of the training set each epoch with Dassl's drop-last rule; the model of the last
-epoch is the result (no validation). Image features come from a source: `ExactFeatures` (fresh
+epoch is the result (no validation). Every random draw of an epoch is a function of the trainer's generator
+at the epoch's start (the permutation, then one epoch seed from which each image's augmentation and each
+batch's feature-bank draws are seeded by position), so a run resumed from a checkpoint at any step, with any
+number of loader workers, continues exactly as an uninterrupted one (see `checkpoint`). Image features come from a source: `ExactFeatures` (fresh
 augmentation every step, the paper's protocol; the image tower under inference mode) or `FeatureBank`
 (K pre-encoded augmented views per image; an approximation recorded as a deviation).
 """
@@ -19,7 +22,10 @@ from ..backbones.backbone import Backbone
 from ..data.transforms import load_image
 from ..data.types import Datum
 from ..errors import VlpromptError
+from ..utils.faults import fault_point
 from ..utils.progress import Progress, say
+from .checkpoint import (Checkpointer, generators_state, global_random_state, set_generators_state,
+                         set_global_random_state)
 from .features import encode_items
 from .schedule import batches_per_epoch, coop_lr
 
@@ -77,7 +83,9 @@ class TrainBatch:
 
 
 class ViewsDataset(torch.utils.data.Dataset):
-    """Each item as one augmented image per view (each view drawn independently) plus label and index."""
+    """Each item as one augmented image per view (each view drawn independently) plus label and index. An
+    item is asked for as ``(index, seed)``: its augmentation draws come from ``seed`` alone, never from the
+    global random state, so they do not depend on workers, on resuming, or on what the loss draws."""
 
     def __init__(self, items: Sequence[Datum], views: dict[str, Callable], loader: Callable):
         self.items, self.views, self.loader = list(items), views, loader
@@ -85,15 +93,29 @@ class ViewsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
         image = self.loader(self.items[index].path)
-        return tuple(tf(image) for tf in self.views.values()), self.items[index].label, index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            views = tuple(tf(image) for tf in self.views.values())
+        return views, self.items[index].label, index
+
+
+def seeded_batches(batches: list[list[int]], seed: int) -> list[list[tuple[int, int]]]:
+    """``(index, seed + position in the epoch)`` for every item of every batch."""
+    out, pos = [], 0
+    for batch in batches:
+        out.append([(i, (seed + pos + t) % 2**63) for t, i in enumerate(batch)])
+        pos += len(batch)
+    return out
 
 
 class TrainingSource(Protocol):
     """What a training objective may use of where its image features come from (and nothing else):
 
-    - ``epoch(batches, generator)``: the `TrainBatch` of each list of training-set positions, in order;
+    - ``epoch(batches, seed, start=0)``: the `TrainBatch` of each list of training-set positions from
+      batch ``start`` on, in order; every random draw is a function of ``seed`` and the batch's position;
     - ``stored_features(view)``: (features (N x K, d), labels (N x K,)) of every stored draw of a view, or
       None when the source stores none (exact mode augments afresh);
     - ``deviation``: how the source departs from the paper's protocol, in words, or None.
@@ -102,7 +124,7 @@ class TrainingSource(Protocol):
 
     deviation: Optional[str]
 
-    def epoch(self, batches: list[list[int]], generator: torch.Generator) -> Iterator[TrainBatch]: ...
+    def epoch(self, batches: list[list[int]], seed: int, start: int = 0) -> Iterator[TrainBatch]: ...
 
     def stored_features(self, view: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]: ...
 
@@ -121,8 +143,11 @@ class ExactFeatures:
         self.bb, self.names, self.num_workers = bb, list(views), settings.num_workers
         self.dataset = ViewsDataset(items, views, DecodedImages(items, settings.cache_images, progress))
 
-    def epoch(self, batches: list[list[int]], generator: torch.Generator):
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers)
+    def epoch(self, batches: list[list[int]], seed: int, start: int = 0):
+        # The loader's own generator only seeds its workers; it keeps the loader off the global random state.
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=seeded_batches(batches, seed)[start:],
+                                             num_workers=self.num_workers,
+                                             generator=torch.Generator().manual_seed(seed))
         for images, y, idx in loader:
             # .clone() gives a normal tensor: inference-mode tensors cannot enter autograd.
             feats = self.bb.encode_images(torch.cat(images)).clone().chunk(len(images))
@@ -175,9 +200,11 @@ class FeatureBank:
         bank = self.banks[self.view_kind[view]]
         return bank.reshape(-1, bank.shape[-1]), self.labels.repeat_interleave(bank.shape[1])
 
-    def epoch(self, batches: list[list[int]], generator: torch.Generator):
+    def epoch(self, batches: list[list[int]], seed: int, start: int = 0):
         dev = self.labels.device
-        for batch in batches:
+        for j in range(start, len(batches)):
+            batch = batches[j]
+            generator = torch.Generator().manual_seed((seed + j) % 2**63)
             idx = torch.tensor(batch, device=dev)
             # Per image, a random order of its stored draws; the views of one transform take them in turn.
             order = {kind: torch.rand(len(batch), self.k, generator=generator).argsort(dim=1).to(dev)
@@ -197,34 +224,71 @@ def epoch_batches(n_items: int, batch_size: int, generator: torch.Generator) -> 
     return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
 
+def _epoch_plan(n_items: int, settings: TrainSettings, gen: torch.Generator):
+    """(batches, epoch seed) of the epoch that starts at ``gen``'s current state."""
+    batches = epoch_batches(n_items, settings.batch_size, gen)
+    return batches, int(torch.randint(0, 2**62, (1,), generator=gen))
+
+
 def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: int, settings: TrainSettings,
-                 progress: bool = True, backward: Optional[Callable] = None) -> dict:
+                 progress: bool = True, backward: Optional[Callable] = None,
+                 checkpoint: Optional[Checkpointer] = None, objective=None) -> dict:
     """Train ``learner`` in place on batches from ``source`` (`ExactFeatures` or `FeatureBank`).
 
     ``loss_fn(learner, batch: TrainBatch) -> (loss, {term: value})``; a ``logits`` term (B, C) gives the
     training accuracy. ``backward(params, loss, terms)`` sets the parameters' gradients where a method
-    does more than ``loss.backward()`` (ProGrad's projection). Returns the per-epoch history: lr, mean of
-    each logged term, training accuracy, seconds.
+    does more than ``loss.backward()`` (ProGrad's projection). With ``checkpoint``, training resumes from its
+    saved state when there is one and saves at the end of every epoch (and every ``checkpoint.every`` steps);
+    ``objective``'s own generators are saved with it. A non-finite loss stops training with one error line.
+    Returns the per-epoch history: lr, mean of each logged term, training accuracy, seconds.
     """
     params = [p for p in learner.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                           weight_decay=settings.weight_decay, dampening=0, nesterov=False)
     gen = torch.Generator().manual_seed(settings.seed)
     history = []
-    n_steps = settings.epochs * batches_per_epoch(n_items, settings.batch_size)
+    per_epoch = batches_per_epoch(n_items, settings.batch_size)
+    n_steps = settings.epochs * per_epoch
+    start_epoch, start_step, partial = 0, 0, None
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        learner.load_state_dict(saved["learner"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        history, partial = saved["history"], saved["partial"]
+        start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
+        set_global_random_state(saved["random"])
+        if objective is not None:
+            set_generators_state(objective, saved["objective"])
+        say(f"resuming from {checkpoint.path}: epoch {start_epoch + 1}, step {start_step + 1} of {per_epoch}",
+            progress)
+
+    def save(epoch: int, step_in_epoch: int, epoch_state, part) -> None:
+        checkpoint.save({"learner": learner.state_dict(), "optimizer": opt.state_dict(), "generator": epoch_state,
+                         "epoch": epoch, "step_in_epoch": step_in_epoch, "history": history, "partial": part,
+                         "random": global_random_state(),
+                         "objective": generators_state(objective) if objective is not None else {}})
+
     bar = Progress("training", n_steps, enabled=progress, every_s=10.0)
+    bar.done = start_epoch * per_epoch + start_step
     learner.train()
     t_start = time.perf_counter()
-    for epoch in range(settings.epochs):
+    for epoch in range(start_epoch, settings.epochs):
         t0 = time.perf_counter()
         lr = coop_lr(epoch, settings.epochs, settings.lr, settings.warmup_epochs, settings.warmup_lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        sums: dict[str, float] = {}
-        correct = seen = 0
-        for batch in source.epoch(epoch_batches(n_items, settings.batch_size, gen), gen):
+        epoch_state = gen.get_state()
+        batches, seed = _epoch_plan(n_items, settings, gen)
+        first = start_step if epoch == start_epoch else 0
+        part = partial if epoch == start_epoch and partial else {"sums": {}, "correct": 0, "seen": 0, "seconds": 0.0}
+        sums, correct, seen = dict(part["sums"]), part["correct"], part["seen"]
+        for step, batch in enumerate(source.epoch(batches, seed, first), start=first):
             y = batch.labels
             loss, terms = loss_fn(learner, batch)
+            if not torch.isfinite(loss.detach()).all():
+                raise VlpromptError(f"training stopped: the loss is {float(loss.detach())} at epoch {epoch + 1}, "
+                                    f"step {step + 1} (lr {lr:g}, weight_decay {settings.weight_decay:g})")
             opt.zero_grad(set_to_none=True)
             if backward is None:
                 loss.backward()
@@ -238,9 +302,17 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: i
                 correct += int((terms["logits"].argmax(-1) == y).sum())
             seen += len(y)
             bar.update(1, extra=f"epoch {epoch + 1}/{settings.epochs} loss {float(loss.detach()):.4f}")
+            done = epoch * per_epoch + step + 1
+            if checkpoint is not None and checkpoint.every and done % checkpoint.every == 0 and step + 1 < len(batches):
+                save(epoch, step + 1, epoch_state, {"sums": sums, "correct": correct, "seen": seen,
+                                                    "seconds": part["seconds"] + time.perf_counter() - t0})
+            fault_point("step")
         record = {"epoch": epoch + 1, "lr": lr, **{k: v / max(seen, 1) for k, v in sums.items()},
-                  "train_accuracy": 100.0 * correct / max(seen, 1), "seconds": time.perf_counter() - t0}
+                  "train_accuracy": 100.0 * correct / max(seen, 1),
+                  "seconds": part["seconds"] + time.perf_counter() - t0}
         history.append(record)
+        if checkpoint is not None:
+            save(epoch + 1, 0, gen.get_state(), None)
     learner.eval()
     say(f"training done in {time.perf_counter() - t_start:.1f}s", progress)
     return {"epochs": history, "steps": n_steps, "seconds": time.perf_counter() - t_start}

@@ -79,6 +79,11 @@ class PromptLayout:
     ctx_init: Optional[str] = None
     csc: bool = False
     class_token_position: str = "end"
+    ctx_init_rule: str = "words"
+
+    def kwargs(self) -> dict:
+        """The layout as keyword arguments of the CoOp-family learners."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -101,7 +106,7 @@ def method_config(method, cfg, dataset=None) -> "MethodConfig":
     """The `MethodConfig` of ``method`` for a run (``cfg``, a RunConfig) on ``dataset`` (DatasetSplits); a bad
     option is one error line here, before anything is built."""
     options = parse_options(method.name, method.Options, cfg.method_options)
-    layout = PromptLayout(cfg.n_ctx, cfg.ctx_init, cfg.csc, cfg.class_token_position)
+    layout = PromptLayout(cfg.n_ctx, cfg.ctx_init, cfg.csc, cfg.class_token_position, cfg.ctx_init_rule)
     template = cfg.template or (dataset.template if dataset is not None else "a photo of a {}.")
     return MethodConfig(method.name, options, layout, template, dataset.name if dataset is not None else "",
                         cfg.batch_size, cfg.seed, cfg.train_mode, len(dataset.train) if dataset is not None else 0)

@@ -81,9 +81,7 @@ class CoCoOpMethod(CoOpMethod):
     name = "cocoop"
 
     def build(self, backbone, classnames, config) -> CoCoOp:
-        lay = config.layout
-        return CoCoOp(backbone, classnames, n_ctx=lay.n_ctx, ctx_init=lay.ctx_init, csc=lay.csc,
-                      class_token_position=lay.class_token_position)
+        return CoCoOp(backbone, classnames, **config.layout.kwargs())
 
     def load(self, path, backbone, classnames=None, dataset=None, template=None) -> CoCoOp:
         return CoCoOp.from_pretrained(path, backbone, classnames)

@@ -22,9 +22,7 @@ class CoOpMethod(MethodBase):
     needs = Needs()  # a class-specific context (csc) is the exception: it cannot move to other class names
 
     def build(self, backbone, classnames: Sequence[str], config: MethodConfig) -> CoOp:
-        lay = config.layout
-        learner = CoOp(backbone, classnames, n_ctx=lay.n_ctx, ctx_init=lay.ctx_init, csc=lay.csc,
-                       class_token_position=lay.class_token_position)
+        learner = CoOp(backbone, classnames, **config.layout.kwargs())
         learner.method = self.name  # CoOp-learner methods (cpt, prograd) record their own name as the type
         return learner
 

@@ -44,11 +44,10 @@ def hand_templates(view: str, template: str, dataset: str) -> list[str]:
 
 
 def build_guided(backbone, classnames: Sequence[str], config) -> GuidedCoOp:
-    options, lay = config.options, config.layout
+    options = config.options
     templates = hand_templates(options.hand_templates, config.template, config.dataset)
     return GuidedCoOp(backbone, classnames, templates, method=config.method, ensemble_hand=options.ensemble_hand,
-                      n_ctx=lay.n_ctx, ctx_init=lay.ctx_init, csc=lay.csc,
-                      class_token_position=lay.class_token_position, hand_view=options.hand_templates)
+                      hand_view=options.hand_templates, **config.layout.kwargs())
 
 
 def kg_term(soft: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:

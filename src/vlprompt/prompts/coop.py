@@ -26,6 +26,22 @@ from .base import TextClassifier
 from .templates import prompt_text
 
 POSITIONS = ("end", "middle", "front")
+CTX_INIT_RULES = ("words", "tokens")
+
+
+def init_phrase(ctx_init: Optional[str], rule: str) -> tuple[Optional[str], Optional[int]]:
+    """(phrase, number of learned vectors) of a ``ctx_init``. ``words`` is the official CoOp rule: underscores
+    are spaces (``a_photo_of_a``) and one vector is learned per word, taken from the phrase's first token
+    embeddings; tokens beyond them stay frozen in front of the class name. ``tokens`` learns one vector per
+    BPE token of the phrase as written (how prompts saved before the rule was recorded were read)."""
+    if rule not in CTX_INIT_RULES:
+        raise VlpromptError(f"ctx_init_rule: '{rule}' is not one of {list(CTX_INIT_RULES)}")
+    phrase = (ctx_init or "").strip()
+    if rule == "words":
+        phrase = " ".join(phrase.replace("_", " ").split())
+    if not phrase:
+        return None, None
+    return phrase, (len(phrase.split()) if rule == "words" else None)
 
 
 def _layout_index(n_cls_tokens: int, n_ctx: int, name_len: int, position: str) -> list[int]:
@@ -47,7 +63,8 @@ def _layout_index(n_cls_tokens: int, n_ctx: int, name_len: int, position: str) -
 class CoOp(TextClassifier):
     """CoOp prompt learner.
 
-    ``n_ctx``: number of context vectors M (ignored when ``ctx_init`` is given: M is then its BPE length).
+    ``n_ctx``: number of context vectors M (ignored when ``ctx_init`` is given: M is then its number of words,
+    or of BPE tokens with ``ctx_init_rule="tokens"``; see `init_phrase`).
     ``ctx_init``: a phrase such as "a photo of a" whose token embeddings initialise the context; otherwise
     i.i.d. N(0, 0.02^2). ``csc``: one context per class. ``class_token_position``: end / middle / front.
     The official code silently ignores ``csc`` when ``ctx_init`` is set; here that combination is an error
@@ -58,13 +75,14 @@ class CoOp(TextClassifier):
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str], n_ctx: int = 16,
                  ctx_init: Optional[str] = None, csc: bool = False, class_token_position: str = "end",
-                 allow_unified_fallback: bool = False):
+                 allow_unified_fallback: bool = False, ctx_init_rule: str = "words"):
         super().__init__()
         if class_token_position not in POSITIONS:
             raise VlpromptError(f"class_token_position '{class_token_position}' is not one of {list(POSITIONS)}")
         if not classnames:
             raise VlpromptError("CoOp needs at least one class name")
-        ctx_init = (ctx_init or "").strip() or None
+        ctx_init, n_words = init_phrase(ctx_init, ctx_init_rule)
+        self.ctx_init_rule = ctx_init_rule
         if ctx_init and csc:
             if not allow_unified_fallback:
                 raise VlpromptError(
@@ -83,7 +101,12 @@ class CoOp(TextClassifier):
 
         if ctx_init:
             init_tokens = backbone.tokenize([ctx_init])
-            n_ctx = backbone.bpe_length(ctx_init)
+            n_bpe = backbone.bpe_length(ctx_init)
+            n_ctx = n_words or n_bpe
+            if n_bpe > n_ctx and class_token_position != "end":
+                raise VlpromptError(
+                    f"ctx_init '{ctx_init}': {n_bpe} BPE tokens for {n_ctx} words; the frozen remainder only fits "
+                    f"the 'end' class position (or use ctx_init_rule=tokens)")
             with torch.no_grad():
                 ctx = emb(init_tokens)[0, 1:1 + n_ctx].float().clone()
             placeholder = ctx_init
@@ -153,7 +176,8 @@ class CoOp(TextClassifier):
     # -- artefacts -----------------------------------------------------------------------------
     def config(self) -> dict:
         return {**base_config(self, self.method), "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "csc": self.csc,
-                "class_token_position": self.class_token_position, "ctx_dim": self.backbone.ctx_dim}
+                "class_token_position": self.class_token_position, "ctx_init_rule": self.ctx_init_rule,
+                "ctx_dim": self.backbone.ctx_dim}
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write ``prompt_config.json`` and ``prompt.safetensors`` (the context only) atomically."""
@@ -184,7 +208,9 @@ class CoOp(TextClassifier):
                 f"and cannot be transferred to other class names ({len(names)} given)"
             )
         learner = cls(backbone, names, n_ctx=int(cfg["n_ctx"]), ctx_init=cfg.get("ctx_init"), csc=csc,
-                      class_token_position=cfg.get("class_token_position", "end"), **cls._init_kwargs(cfg, path))
+                      class_token_position=cfg.get("class_token_position", "end"),
+                      # prompts saved before the rule was recorded were read per token
+                      ctx_init_rule=cfg.get("ctx_init_rule", "tokens"), **cls._init_kwargs(cfg, path))
         if tuple(learner.ctx.shape) != tuple(ctx.shape):
             raise VlpromptError(f"prompt {path}: context shape {tuple(ctx.shape)} does not match its config "
                                 f"(expected {tuple(learner.ctx.shape)})")
@@ -197,7 +223,7 @@ class CoOp(TextClassifier):
         """Constructor arguments beyond CoOp's that a subclass reads from its saved config."""
         return {}
 
-    CONFIG_KEYS = BASE_KEYS | {"n_ctx", "ctx_init", "csc", "class_token_position", "ctx_dim"}
+    CONFIG_KEYS = BASE_KEYS | {"n_ctx", "ctx_init", "csc", "class_token_position", "ctx_init_rule", "ctx_dim"}
 
 
 def read_prompt_artifact(path: str | os.PathLike) -> tuple[dict, torch.Tensor]:

@@ -26,9 +26,9 @@ class GuidedCoOp(CoOp):
     def __init__(self, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
                  method: str = "kgcoop", ensemble_hand: float = 0.0, n_ctx: int = 4,
                  ctx_init: Optional[str] = "a photo of a", csc: bool = False, class_token_position: str = "end",
-                 hand_view: Optional[str] = None):
+                 hand_view: Optional[str] = None, ctx_init_rule: str = "words"):
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, csc=csc,
-                         class_token_position=class_token_position)
+                         class_token_position=class_token_position, ctx_init_rule=ctx_init_rule)
         if not 0.0 <= float(ensemble_hand) <= 1.0:
             raise VlpromptError(f"ensemble_hand: must be in [0, 1], got {ensemble_hand}")
         self.method = method

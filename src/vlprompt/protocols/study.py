@@ -291,10 +291,12 @@ def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False
         study.save()
         t = time.perf_counter()
         try:
+            # A study owns its run folders: one whose configuration changed is replaced (overwrite).
             if u.kind == "run":
-                metrics = run(u.cfg, backbone=_backbone(backbones, u.cfg), store=store)
+                metrics = run(u.cfg.replace(overwrite=True), backbone=_backbone(backbones, u.cfg), store=store)
             else:
-                trained, overrides = study.folder(u.after), {**u.eval_overrides, "progress": progress}
+                trained = study.folder(u.after)
+                overrides = {**u.eval_overrides, "progress": progress, "overwrite": True}
                 bb = _backbone(backbones, eval_config(trained, overrides)[0])
                 metrics = evaluate_prompt(str(trained), overrides, output=str(study.folder(u.uid)), backbone=bb,
                                           store=store)

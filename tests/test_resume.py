@@ -1,0 +1,144 @@
+"""Checkpoints and resume: a run killed with SIGKILL at a random step and run again ends with exactly the prompt
+and metrics of an uninterrupted run, for every method trained by SGD, in exact and in feature-bank mode, fp32
+and bf16; and the checkpoint's rules (another configuration refused, --resume never, deleted or kept)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support import TINY_VIT, tiny_backbone
+
+import vlprompt as vp
+from vlprompt.data import make_synthetic_dataset
+from vlprompt.engine.checkpoint import CHECKPOINT_FILE, checkpoint_folder
+from vlprompt.engine.run import run
+from vlprompt.methods import METHODS
+
+SGD_METHODS = [name for name, m in METHODS.items() if m.trains and not m.needs.fitted]
+EPOCHS, BATCH = 3, 4
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=4,
+                                  n_test_per_class=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return tiny_backbone()
+
+
+def settings(shapes, method, mode, precision):
+    return {"dataset": shapes, "method": method, "backbone": TINY_VIT, "pretrained": "random", "shots": 2,
+            "epochs": EPOCHS, "batch_size": BATCH, "train_mode": mode, "bank_views": 2, "precision": precision,
+            "checkpoint_every": 1}
+
+
+def cli_args(values: dict, out: Path) -> list[str]:
+    args = ["train", "--output", str(out), "--quiet"]
+    for key, value in values.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    return args
+
+
+def outcome(folder: Path) -> tuple[dict, dict]:
+    """(trained tensors, metrics without what may differ between two identical runs: times and paths)."""
+    tensors = load_file(str(folder / "prompt" / "prompt.safetensors"))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key in ("timings", "output"):
+        metrics.pop(key, None)
+    for record in metrics["train"]["epochs"]:
+        record.pop("seconds")
+    metrics["train"].pop("seconds")
+    return tensors, metrics
+
+
+def n_steps(bb, shapes) -> int:
+    n_train = len(vp.load_dataset(shapes, shots=2).train)
+    return EPOCHS * (n_train // BATCH)
+
+
+@pytest.mark.parametrize("mode", ["exact", "feature_bank"])
+@pytest.mark.parametrize("method", SGD_METHODS)
+def test_killed_at_a_random_step_resumes_to_the_uninterrupted_result(method, mode, shapes, bb, tmp_path):
+    # Both precisions are covered in both modes: the method's position in the registry decides which.
+    precision = ("fp32", "bf16")[(SGD_METHODS.index(method) + (mode == "exact")) % 2]
+    values = settings(shapes, method, mode, precision)
+    reference = run(vp.RunConfig.from_sources(**values, output=str(tmp_path / "reference"), progress=False))
+    kill_at = random.randrange(1, n_steps(bb, shapes))  # after this many steps: the run is never finished
+    out = tmp_path / "killed"
+    env = {**os.environ, "VLPROMPT_FAULTS": f"kill@step={kill_at}"}
+    proc = subprocess.run([sys.executable, "-m", "vlprompt.cli", *cli_args(values, out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists()  # nothing of a half-finished run is where the result goes
+    saved = torch.load(checkpoint_folder(out) / CHECKPOINT_FILE, weights_only=False)
+    assert saved["epoch"] * (n_steps(bb, shapes) // EPOCHS) + saved["step_in_epoch"] == kill_at
+    resumed = run(vp.RunConfig.from_sources(**values, output=str(out), progress=False))
+    assert resumed["test"] == reference["test"]
+    ref_tensors, ref_metrics = outcome(tmp_path / "reference")
+    got_tensors, got_metrics = outcome(out)
+    assert ref_tensors.keys() == got_tensors.keys()
+    for name in ref_tensors:
+        assert torch.equal(ref_tensors[name], got_tensors[name]), f"{name} differs after a kill at step {kill_at}"
+    assert got_metrics == ref_metrics, f"kill at step {kill_at}"
+    assert not checkpoint_folder(out).exists()  # a finished run deletes its checkpoint
+
+
+def test_same_command_twice_is_identical(shapes, bb, tmp_path):
+    values = settings(shapes, "cpt", "exact", "fp32")
+    for name in ("a", "b"):
+        run(vp.RunConfig.from_sources(**values, output=str(tmp_path / name), progress=False), backbone=bb)
+    a, b = outcome(tmp_path / "a"), outcome(tmp_path / "b")
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1] == b[1]
+
+
+def test_workers_do_not_change_the_result(shapes, bb, tmp_path):
+    values = settings(shapes, "coop", "exact", "fp32")
+    for name, workers in (("w0", 0), ("w2", 2)):
+        run(vp.RunConfig.from_sources(**values, num_workers=workers, output=str(tmp_path / name), progress=False),
+            backbone=bb)
+    assert torch.equal(outcome(tmp_path / "w0")[0]["ctx"], outcome(tmp_path / "w2")[0]["ctx"])
+
+
+def _killed_run(values: dict, out: Path, kill_at: int = 2) -> None:
+    env = {**os.environ, "VLPROMPT_FAULTS": f"kill@step={kill_at}"}
+    proc = subprocess.run([sys.executable, "-m", "vlprompt.cli", *cli_args(values, out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_checkpoint_of_another_configuration_is_refused_naming_the_keys(shapes, tmp_path):
+    values = settings(shapes, "coop", "feature_bank", "fp32")
+    out = tmp_path / "run"
+    _killed_run(values, out)
+    changed = {**values, "lr": 0.01, "n_ctx": 8}
+    proc = subprocess.run([sys.executable, "-m", "vlprompt.cli", *cli_args(changed, out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "warning" not in line]
+    assert len(lines) == 1 and "another configuration" in lines[0] and "lr, n_ctx" in lines[0], proc.stderr
+    assert (checkpoint_folder(out) / CHECKPOINT_FILE).exists() and not out.exists()
+    # --resume never starts over: the result is the uninterrupted one of the changed configuration.
+    ref = run(vp.RunConfig.from_sources(**changed, output=str(tmp_path / "ref"), progress=False))
+    again = run(vp.RunConfig.from_sources(**changed, resume="never", output=str(out), progress=False))
+    assert again["test"] == ref["test"] and again["train"]["epochs"][0]["loss"] == ref["train"]["epochs"][0]["loss"]
+
+
+def test_keep_checkpoints_moves_the_last_one_into_the_run(shapes, bb, tmp_path):
+    values = settings(shapes, "coop", "feature_bank", "fp32")
+    run(vp.RunConfig.from_sources(**values, keep_checkpoints=True, output=str(tmp_path / "run"), progress=False),
+        backbone=bb)
+    kept = torch.load(tmp_path / "run" / "checkpoint" / CHECKPOINT_FILE, weights_only=False)
+    assert kept["epoch"] == EPOCHS and kept["step_in_epoch"] == 0
+    assert not checkpoint_folder(tmp_path / "run").exists()
