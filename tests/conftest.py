@@ -2,7 +2,8 @@
 
 Real image data is optional. It is found through ``VLPROMPT_DATA`` (default
 ``~/.cache/vlprompt-data`` when that folder exists); tests that need it are skipped with a reason
-when it is absent, so a bare checkout still passes.
+when it is absent, so a bare checkout still passes, except with ``VLPROMPT_REQUIRE_DATA=1`` (set by
+scripts/test.sh where the shared data must be there), where they fail instead.
 """
 
 from __future__ import annotations
@@ -25,14 +26,22 @@ def real_data_root() -> Path | None:
     return root if root.is_dir() else None
 
 
+def _missing_data(msg: str) -> None:
+    """Skip, or fail where the data is required (VLPROMPT_REQUIRE_DATA=1, set by scripts/test.sh when
+    ../shared/data exists or in CI): there a missing folder is a broken set-up, not an optional extra."""
+    if os.environ.get("VLPROMPT_REQUIRE_DATA") == "1":
+        pytest.fail(f"{msg} [VLPROMPT_REQUIRE_DATA=1: the real data is required here]", pytrace=False)
+    pytest.skip(msg)
+
+
 def _real_subdir(*parts: str) -> Path:
     root = real_data_root()
     if root is None:
         where = os.environ.get("VLPROMPT_DATA") or "~/.cache/vlprompt-data"
-        pytest.skip(f"real data not found at {where}: set VLPROMPT_DATA to the unpacked data folder")
+        _missing_data(f"real data not found at {where}: set VLPROMPT_DATA to the unpacked data folder")
     path = root.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not found: {path} (unpack it under VLPROMPT_DATA)")
+        _missing_data(f"real data not found: {path} (unpack it under VLPROMPT_DATA)")
     return path
 
 

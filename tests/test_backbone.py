@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import pytest
@@ -69,9 +70,33 @@ def test_weights_file_formats_load_identically(tmp_path, reference, fmt):
     bb = vp.load_backbone(TINY, weights=str(path))
     assert not bb.source.is_random and bb.source.weights.endswith(path.name)
     # A TorchScript archive means OpenAI weights, which come from QuickGELU models (as the tiny config).
-    assert bb.source.quick_gelu
+    assert bb.source.quick_gelu and bb.activation == bb.source.activation == "quickgelu"
     for x, y in zip(outputs(bb), outputs(reference)):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_activation_is_read_from_the_model_recorded_and_said(tmp_path, reference, caplog, quick):
+    """A plain state dict fits a QuickGELU and a GELU architecture alike: the activation actually built is
+    recorded in the source (so in describe() and every run's metrics) and said in one info line."""
+    cfg = json.loads((builtin_config_dir() / f"{TINY}.json").read_text())
+    cfg["quick_gelu"] = quick
+    arch = tmp_path / f"tiny-{'quick' if quick else 'plain'}.json"
+    arch.write_text(json.dumps(cfg))
+    weights = tmp_path / "plain.pt"
+    torch.save(reference.model.state_dict(), str(weights))
+    caplog.set_level(logging.INFO, logger="vlprompt")
+    bb = vp.load_backbone(str(arch), weights=str(weights))
+    want = "quickgelu" if quick else "gelu"
+    assert bb.activation == bb.source.activation == want
+    assert bb.source.describe().endswith(f"activation={want}")
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("vlprompt") and "activation" in r.getMessage()]
+    assert len(said) == 1 and f"activation {want}" in said[0] and weights.name in said[0]
+    assert ("ViT-B-16-quickgelu" in said[0]) is (not quick)  # the hint for OpenAI weights, where it matters
+    random = load(str(arch))  # no weights file: recorded, not said
+    assert random.source.activation == want and "activation=" + want in random.source.describe()
+    if not quick:  # the outputs really differ: the activation is not a label only
+        assert not torch.equal(outputs(bb)[0], outputs(reference)[0])
 
 
 def test_weights_that_do_not_fit_name_the_key(tmp_path, reference):

@@ -468,7 +468,7 @@ def test_a_run_failing_while_writing_leaves_the_finished_run_intact(shapes, bb, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(run_mod, "write_run_files", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(vp.VlpromptError, match="No space left on device"):
         run(make_cfg(shapes, out, seed=5, epochs=2, overwrite=True), backbone=bb)
     assert len(seen) == 1
     name, trained = seen[0]

@@ -76,28 +76,68 @@ def test_weights_file_identity_is_part_of_the_key(bb, items, tmp_path):
     assert a != b and a != split_key(bb, items, "shapes")
 
 
-def test_corrupt_or_foreign_entries_are_never_used(bb, items, tmp_path):
+def test_truncated_foreign_or_swapped_entries_are_never_used_and_get_replaced(bb, items, tmp_path):
+    cache = FeatureCache(tmp_path)
+    key = split_key(bb, items, "shapes")
+    other_key = split_key(bb, items[:-1] + items[-1:], "another-name")  # another entry, same shapes
+    feats, labels = encode(bb, items)
+    cache.save(other_key, feats + 1.0, labels)
+    path = cache.path(key)
+    cache.save(key, feats, labels)
+    full = path.read_bytes()
+    path.write_bytes(full[: len(full) // 2])  # truncated
+    assert cache.load(key) is None
+    path.write_bytes(b"not a safetensors file")  # foreign bytes
+    assert cache.load(key) is None
+    path.write_bytes(cache.path(other_key).read_bytes())  # a valid entry of the same shape, other key
+    assert cache.load(key) is None
+    from safetensors.torch import save
+
+    from vlprompt.engine.feature_cache import KEY_FIELD
+    meta = {KEY_FIELD: __import__("json").dumps(key, sort_keys=True)}
+    path.write_bytes(save({"features": feats[:, :3].contiguous(), "labels": labels}, metadata=meta))  # width
+    assert cache.load(key) is None
+    path.write_bytes(save({"features": feats, "labels": labels.flip(0).contiguous()}, metadata=meta))
+    assert cache.load(key) is not None and cache.load(key, labels) is None  # labels not the split's
+    cache.save(key, feats, labels)  # recomputed entries replace the bad one
+    got = cache.load(key, labels)
+    assert torch.equal(got[0], feats) and torch.equal(got[1], labels)
+
+
+def test_a_full_disk_keeps_the_previous_entry_and_says_so(bb, items, tmp_path, monkeypatch):
     cache = FeatureCache(tmp_path)
     key = split_key(bb, items, "shapes")
     feats, labels = encode(bb, items)
     cache.save(key, feats, labels)
-    data_path, key_path = cache._paths(key)
-    data_path.write_bytes(b"garbage")
-    assert cache.load(key) is None
-    cache.save(key, feats, labels)
-    key_path.write_text('{"something": "else"}')
-    assert cache.load(key) is None
+    before = cache.path(key).read_bytes()
+    monkeypatch.setenv("VLPROMPT_FAULTS", "enospc@cache")
+    why = cache.save(key, feats * 2, labels)
+    assert "No space left on device" in why and str(tmp_path) in why
+    assert cache.path(key).read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_concurrent_writers_leave_a_valid_entry(bb, items, tmp_path):
-    cache = FeatureCache(tmp_path)
-    key = split_key(bb, items, "shapes")
-    feats, labels = encode(bb, items)
-    threads = [threading.Thread(target=cache.save, args=(key, feats, labels)) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+_WRITER = """
+import sys, torch
+from vlprompt.engine.feature_cache import FeatureCache
+cache, key, value = FeatureCache(sys.argv[1]), {"n_items": 64, "width": 512, "k": 1}, float(sys.argv[2])
+for _ in range(40):
+    cache.save(key, torch.full((64, 512), value), torch.arange(64))
+"""
+
+
+def test_two_processes_writing_one_entry_with_different_contents(tmp_path):
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(v)]) for v in (1.0, 2.0)]
+    cache, key, seen = FeatureCache(tmp_path), {"n_items": 64, "width": 512, "k": 1}, set()
+    while any(p.poll() is None for p in procs):
+        got = cache.load(key)
+        if got is not None:  # whenever an entry is there, it is one writer's complete entry
+            assert got[0].unique().numel() == 1 and float(got[0][0, 0]) in (1.0, 2.0)
+            seen.add(float(got[0][0, 0]))
+    assert [p.returncode for p in procs] == [0, 0]
     got = cache.load(key)
-    assert got is not None and torch.equal(got[0], feats)
+    assert got is not None and float(got[0][0, 0]) in (1.0, 2.0) and got[0].unique().numel() == 1
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

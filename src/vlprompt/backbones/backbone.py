@@ -9,7 +9,7 @@ ResNet image towers stay fixed (SPEC 1.1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import VlpromptError
 from ..image.fast import FAST_IMAGE_ID, encode_vit_cls, fast_image_unsupported
+from ..text.fast import attention_parts
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -29,18 +30,34 @@ class BackboneSource:
     pretrained: Optional[str] = None  # a pretrained tag ("openai", ...) when loaded from a hub
     weights: Optional[str] = None  # a local weights file
     random_init_seed: Optional[int] = None  # set when the weights are random
-    quick_gelu: bool = False
+    quick_gelu: bool = False  # asked for when the model was built
+    # The activation the built model computes, read from its modules (`model_activation`): a plain state
+    # dict does not say whether it was trained with QuickGELU (the OpenAI models) or GELU. Set by `Backbone`.
+    activation: Optional[str] = None
 
     @property
     def is_random(self) -> bool:
         return self.pretrained is None and self.weights is None
 
     def describe(self) -> str:
+        act = f" activation={self.activation}" if self.activation else ""
         if self.weights:
-            return f"{self.name} weights={self.weights}"
+            return f"{self.name} weights={self.weights}{act}"
         if self.pretrained:
-            return f"{self.name} pretrained={self.pretrained}"
-        return f"{self.name} RANDOM (seed {self.random_init_seed})"
+            return f"{self.name} pretrained={self.pretrained}{act}"
+        return f"{self.name} RANDOM (seed {self.random_init_seed}){act}"
+
+
+def model_activation(model: nn.Module) -> str:
+    """The MLP activation ``model`` computes, from its modules: "quickgelu" (open_clip's QuickGELU, the
+    OpenAI models'), "gelu" (``nn.GELU``), "mixed" when both occur, "none" when neither does."""
+    kinds = set()
+    for module in model.modules():
+        if type(module).__name__ == "QuickGELU":
+            kinds.add("quickgelu")
+        elif isinstance(module, nn.GELU):
+            kinds.add("gelu")
+    return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")
 
 
 class TextTower:
@@ -65,12 +82,11 @@ class TextTower:
         self.token_embedding: nn.Embedding = owner.token_embedding
         self.positional_embedding: torch.Tensor = owner.positional_embedding
         self.blocks = list(transformer.resblocks)
-        for block in self.blocks:
-            attn = getattr(block, "attn", None)
-            if (not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None
-                    or hasattr(block, "ln_1_kv") or not hasattr(block, "ls_1")):
-                raise VlpromptError(f"backbone {arch}: text blocks of type {type(block).__name__} are not "
-                                    "supported (need open_clip's ResidualAttentionBlock)")
+        for i, block in enumerate(self.blocks):  # recognised by the parts the exact text path computes with
+            try:
+                attention_parts(block)
+            except VlpromptError as exc:
+                raise VlpromptError(f"backbone {arch}: text block {i} is not supported: {exc}") from None
         self.batch_first: bool = getattr(transformer, "batch_first", True)
         self.ln_final: nn.Module = owner.ln_final
         self.text_projection = owner.text_projection
@@ -96,7 +112,8 @@ class Backbone(nn.Module):
             raise VlpromptError(f"precision '{precision}' is not one of {sorted(PRECISIONS)}")
         self.model = model
         self.tokenizer = tokenizer
-        self.source = source
+        self.activation: str = model_activation(model)
+        self.source = replace(source, activation=self.activation)  # recorded in metrics via describe()
         self.precision = precision
         self.dtype = PRECISIONS[precision]
         self.device = torch.device(device)

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import VlpromptError
 from ..utils.hardware import resolve_precision
+from ..utils.progress import logger as vlprompt_logger
 from .backbone import Backbone, BackboneSource
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -35,6 +36,7 @@ RANDOM_WARNING = (
 
 
 HUB_HOST = ("huggingface.co", 443)
+log = vlprompt_logger.getChild("backbones")  # "vlprompt.backbones": see vlprompt.utils.progress
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
@@ -208,12 +210,24 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
         if quick_gelu is None:
             # OpenAI's archives (TorchScript) come from QuickGELU models.
             used_quick = True if is_jit else bool(cfg.get("quick_gelu", False))
+            why = ("an OpenAI TorchScript archive" if is_jit else
+                   f"architecture {name}'s own setting; a plain state dict does not say which activation it was "
+                   "trained with")
         else:
             used_quick = bool(quick_gelu)
+            why = f"quick_gelu={used_quick} asked"
+            if not used_quick and cfg.get("quick_gelu", False):
+                why += f", but architecture {name} sets QuickGELU itself"
         model = _build_from_cfg(arch, cfg, quick_gelu=used_quick)
         _load_state(model, sd, path, arch)
         source = BackboneSource(name=name, weights=str(path.resolve()), quick_gelu=used_quick)
-    elif pretrained is not None:
+        bb = Backbone(model, _tokenizer(arch, cfg), source, precision=precision, device=device)
+        hint = "" if bb.activation == "quickgelu" else (
+            "; OpenAI weights need QuickGELU: use an architecture name ending in -quickgelu (e.g. "
+            "ViT-B-16-quickgelu)")
+        log.info(f"backbone {name}: weights {path.name} run with activation {bb.activation} ({why}){hint}")
+        return bb
+    if pretrained is not None:
         oc = _open_clip()
         used_quick = pretrained == "openai" if quick_gelu is None else quick_gelu
         try:

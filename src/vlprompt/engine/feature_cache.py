@@ -4,9 +4,10 @@ The image tower is frozen and the test transform deterministic, so each test spl
 per backbone. An entry is keyed by everything that changes the features: the backbone's architecture
 and weights (file path, size and modification time; or tag; or random seed plus library versions), the
 precision and device type, the transform (size, mean, std, recipe), and the exact image list (path,
-label, file size and modification time of every image). The full key is stored beside the features and
-compared on load, so a stale or foreign entry is never used. Entries are written to a temporary file and
-renamed into place, so concurrent writers cannot leave a corrupt file: the last complete one wins.
+label, file size and modification time of every image). The full key is stored inside the entry's own file
+(safetensors metadata) and compared on load, with the tensors' shapes and labels, so a stale, foreign,
+truncated or swapped entry is never used (it is recomputed and replaced). Entries are written to a temporary
+file and renamed into place, so concurrent writers cannot leave a corrupt file: the last complete one wins.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from ..backbones.backbone import Backbone
 from ..data.types import Datum
-from ..utils.io import atomic_write_bytes, atomic_write_text
+from ..utils.faults import fault_point
+from ..utils.io import atomic_write_bytes
 
 TEST_TRANSFORM_ID = "resize-shorter-bicubic+center-crop+normalize/v1"
 
@@ -42,7 +44,7 @@ def backbone_key(bb: Backbone) -> dict:
     import open_clip
 
     src = bb.source
-    key = {"name": src.name, "quick_gelu": src.quick_gelu, "precision": bb.precision,
+    key = {"name": src.name, "quick_gelu": src.quick_gelu, "activation": bb.activation, "precision": bb.precision,
            "device": bb.device.type, "image_encoder": bb.image_encoder_id, "torch": torch.__version__,
            "open_clip": open_clip.__version__}
     if src.name.endswith(".json"):
@@ -67,44 +69,58 @@ def split_key(bb: Backbone, items: Sequence[Datum], dataset: str) -> dict:
                       "std": list(bb.image_std)},
         "dataset": dataset,
         "n_items": len(items),
+        "width": bb.embed_dim,
         "items_sha256": digest.hexdigest(),
     }
 
 
+KEY_FIELD = "vlprompt_feature_key"
+
+
 class FeatureCache:
-    """Features (N, d) float32 and labels (N,) per key, in ``folder`` (default ~/.cache/vlprompt/features)."""
+    """Features (N, d) float32 and labels (N,) per key, in ``folder`` (default ~/.cache/vlprompt/features):
+    one safetensors file per entry that carries its key."""
 
     def __init__(self, folder: Optional[str | os.PathLike] = None):
         self.folder = Path(folder) if folder else default_cache_dir()
 
-    def _paths(self, key: dict) -> tuple[Path, Path]:
+    def path(self, key: dict) -> Path:
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-        return self.folder / f"{name}.safetensors", self.folder / f"{name}.json"
+        return self.folder / f"{name}.safetensors"
 
-    def load(self, key: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        from safetensors.torch import load_file
+    def load(self, key: dict, labels: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The entry of ``key``, or None when it is missing or is not exactly that entry (``labels``, when
+        given, must match the stored ones)."""
+        from safetensors import safe_open
 
-        data_path, key_path = self._paths(key)
+        path = self.path(key)
         try:
-            stored = json.loads(key_path.read_text())
-            if stored != json.loads(json.dumps(key)):
-                return None  # a foreign entry under the same name: never use it
-            tensors = load_file(str(data_path))
-            feats, labels = tensors["features"], tensors["labels"]
-        except Exception:  # missing, partial or corrupt: recompute
+            with safe_open(str(path), framework="pt") as f:
+                stored = json.loads((f.metadata() or {}).get(KEY_FIELD, "null"))
+                if stored != json.loads(json.dumps(key)):
+                    return None  # a foreign entry under this name: never used
+                feats, stored_labels = f.get_tensor("features"), f.get_tensor("labels")
+        except Exception:  # missing, truncated or not a safetensors file: recomputed
             return None
-        if feats.shape[0] != key["n_items"] or labels.shape[0] != key["n_items"]:
+        n, width = key["n_items"], key.get("width")
+        if (feats.dtype != torch.float32 or feats.dim() != 2 or feats.shape[0] != n
+                or (width is not None and feats.shape[1] != width) or tuple(stored_labels.shape) != (n,)):
             return None
-        return feats, labels
+        if labels is not None and not torch.equal(stored_labels, labels.to(stored_labels.dtype)):
+            return None
+        return feats, stored_labels
 
-    def save(self, key: dict, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    def save(self, key: dict, feats: torch.Tensor, labels: torch.Tensor) -> Optional[str]:
+        """Write the entry atomically; returns why it could not be written (the run goes on without it)."""
         from safetensors.torch import save
 
-        data_path, key_path = self._paths(key)
         blob = save({"features": feats.detach().float().cpu().contiguous(),
-                     "labels": labels.detach().long().cpu().contiguous()})
+                     "labels": labels.detach().long().cpu().contiguous()},
+                    metadata={KEY_FIELD: json.dumps(key, sort_keys=True)})
+        path = self.path(key)
         try:
-            atomic_write_bytes(data_path, blob)
-            atomic_write_text(key_path, json.dumps(key, indent=1, sort_keys=True))
-        except OSError:
-            pass  # a read-only or full cache folder only costs speed
+            fault_point("cache")
+            atomic_write_bytes(path, blob)
+        except OSError as exc:
+            return f"{path.parent}: {exc.strerror or exc}"
+        return None

@@ -7,7 +7,10 @@ no module-global store, so backbones and test splits are released when their own
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
+
+import torch
 
 from ..backbones import Backbone
 from ..data.transforms import test_transform
@@ -35,13 +38,16 @@ class FeatureStore:
             return self._store[key]
         disk = FeatureCache(cfg.cache_dir) if cfg.feature_cache else None
         disk_key = split_key(bb, items, dataset) if disk else None
-        found = disk.load(disk_key) if disk else None
+        found = disk.load(disk_key, torch.tensor([d.label for d in items])) if disk else None
         if found is None:
             tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
-            found = encode_items(bb, items, tf, cfg.test_batch_size, cfg.num_workers, desc=desc,
-                                 progress=cfg.progress)
-            if disk:
-                disk.save(disk_key, *found)
+            # Never touches the global random state, so whether the split was cached cannot change what follows.
+            with torch.random.fork_rng(devices=[]):
+                found = encode_items(bb, items, tf, cfg.test_batch_size, cfg.num_workers, desc=desc,
+                                     progress=cfg.progress)
+            why = disk.save(disk_key, *found) if disk else None
+            if why:
+                warnings.warn(f"feature cache not written ({why}); the run goes on without it")
         else:
             say(f"{desc}: {len(items)} features from the cache", cfg.progress)
         self._store[key] = found

@@ -39,6 +39,7 @@ from ..utils.hardware import resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
 from .evaluate import accuracy_report, classify
+from ..utils.faults import fault_point
 from .checkpoint import Checkpointer, checkpoint_folder, differing_keys
 from .feature_store import FeatureStore
 from .schedule import default_epochs
@@ -257,6 +258,7 @@ def commit_run_folder(stage: Path, out: Path) -> None:
 def write_run_files(folder: Path, cfg: RunConfig, metrics: dict) -> None:
     import yaml
 
+    fault_point("run_folder")
     atomic_write_text(folder / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     atomic_write_json(folder / "metrics.json", metrics)
 
@@ -312,7 +314,12 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
                 checkpoint.discard()
             checkpoint.check_writable()
             checkpoint.load()  # one of another configuration is refused here, before any work
-        metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total, checkpoint)
+        try:
+            metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total, checkpoint)
+        except OSError as exc:  # a full disk, a vanished folder: one line; the checkpoint is kept
+            where = exc.filename or stage
+            raise VlpromptError(f"run {out} stopped: cannot write {where}: {exc.strerror or exc}"
+                                + ("; run the same command again to resume" if checkpoint else "")) from None
         commit_run_folder(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
@@ -344,6 +351,11 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     bb = backbone if backbone is not None else backbone_from_config(cfg)  # checked above
     timings["load_backbone_s"] = time.perf_counter() - t
     say(f"backbone {bb.source.describe()} ({bb.precision})", cfg.progress)
+
+    # The test split first: an unreadable test image is found before training, not after it.
+    t = time.perf_counter()
+    feats, labels = store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
+    timings["encode_test_s"] = time.perf_counter() - t
 
     torch.manual_seed(cfg.seed)  # prompt initialisation does not depend on how the backbone was obtained
     mcfg = method_config(method, cfg, ds)
@@ -387,9 +399,6 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
             extra_deviations.append(source.deviation)
         learner.save_pretrained(stage / "prompt")
 
-    t = time.perf_counter()
-    feats, labels = store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
-    timings["encode_test_s"] = time.perf_counter() - t
     t = time.perf_counter()
     report = accuracy_report(classify(learner, feats), labels, ds.classnames)
     timings["evaluate_s"] = time.perf_counter() - t

@@ -8,27 +8,46 @@ throws away. Attention runs through `scaled_dot_product_attention` (one fused ke
 plain per-image product with a float32 softmax is faster; GELU and QuickGELU run in place. The result
 equals ``model.encode_image`` up to floating-point rounding. Inference only (frozen tower).
 
-Towers this does not cover (ResNets, average or attentional pooling, custom blocks, timm towers) use
-open_clip's own forward: `fast_image_unsupported` names the reason.
+Towers this does not cover (ResNets, average or attentional pooling, blocks with parts it does not compute
+(`vlprompt.text.fast.block_unsupported`: blocks are recognised by their parts, not their class), timm
+towers, an open_clip without the private ``VisionTransformer._embeds`` it reuses) use open_clip's own
+forward: `fast_image_unsupported` names the reason.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VlpromptError
+from ..text.fast import block_unsupported, open_clip_version, read_parts
+
 # Recorded in the feature-cache key: features from another implementation are never mixed in.
 FAST_IMAGE_ID = "vit-cls-last-layer+sdpa/v2"
 
 
-def fast_image_unsupported(visual: nn.Module) -> Optional[str]:
-    """None when `encode_vit_cls` can run this image tower, else why not."""
-    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+@lru_cache(maxsize=1)
+def _open_clip_classes() -> tuple:
+    """(VisionTransformer, QuickGELU) from open_clip.transformer, None for a name this open_clip lacks;
+    looked up once."""
+    try:
+        from open_clip import transformer
+    except Exception:
+        return None, None
+    return getattr(transformer, "VisionTransformer", None), getattr(transformer, "QuickGELU", None)
 
-    if type(visual) is not VisionTransformer:
+
+def fast_image_unsupported(visual: nn.Module) -> Optional[str]:
+    """None when `encode_vit_cls` can run this image tower, else why not (the tower then runs open_clip's
+    own forward)."""
+    vision_transformer, _ = _open_clip_classes()
+    if vision_transformer is None:
+        return f"open_clip {open_clip_version()} has no open_clip.transformer.VisionTransformer"
+    if type(visual) is not vision_transformer:
         return f"image tower {type(visual).__name__} is not open_clip's VisionTransformer"
     if getattr(visual, "attn_pool", None) is not None:
         return "attentional pooling"
@@ -36,31 +55,38 @@ def fast_image_unsupported(visual: nn.Module) -> Optional[str]:
         return f"pooling '{visual.pool_type}' (needs class-token pooling)"
     if getattr(visual, "output_tokens", False):
         return "the tower returns its tokens"
-    for block in visual.transformer.resblocks:
-        attn = getattr(block, "attn", None)
-        if (type(block) is not ResidualAttentionBlock or not isinstance(attn, nn.MultiheadAttention)
-                or attn.in_proj_weight is None or hasattr(block, "ln_1_kv")):
-            return f"blocks of type {type(block).__name__}"
+    # Besides its blocks the shortcut uses open_clip's own (private) patch embedding, so that patches, class
+    # token, positions, patch dropout and ln_pre stay open_clip's, then the final norm and the projection.
+    missing = [] if callable(getattr(visual, "_embeds", None)) else ["_embeds"]
+    missing += [n for n in ("ln_post", "proj") if not hasattr(visual, n)]
+    if not isinstance(getattr(getattr(visual, "transformer", None), "resblocks", None), nn.ModuleList):
+        missing.append("transformer.resblocks")
+    if missing:
+        return f"open_clip {open_clip_version()}: VisionTransformer has no {', '.join(missing)}"
+    for i, block in enumerate(visual.transformer.resblocks):
+        why = block_unsupported(block)
+        if why is not None:
+            return f"open_clip {open_clip_version()}: image block {i} ({type(block).__name__}): {why}"
     return None
 
 
 def _attend(block: nn.Module, x: torch.Tensor, query_rows: Optional[int]) -> torch.Tensor:
     """Self-attention of one block on (B, N, D) with queries for every token, or the first ``query_rows``."""
-    attn = block.attn
+    parts = read_parts(block)  # checked by fast_image_unsupported
     width = x.shape[-1]
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    h = block.ln_1(x)
+    w, b = parts.in_proj_weight, parts.in_proj_bias
+    h = parts.ln_1(x)
     if query_rows is None:
         q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
     else:
         k, v = F.linear(h, w[width:], None if b is None else b[width:]).chunk(2, dim=-1)
         q = F.linear(h[:, :query_rows], w[:width], None if b is None else b[:width])
-    q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
+    q, k, v = (t.unflatten(-1, (parts.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
     if query_rows is None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
         out = _attend_per_image(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-    return attn.out_proj(out)
+    return parts.out_proj(out)
 
 
 def _attend_per_image(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -76,15 +102,19 @@ def _attend_per_image(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return out
 
 
+MLP_PARTS = ["c_fc", "gelu", "c_proj"]  # open_clip's ResidualAttentionBlock MLP, the only one computed by hand
+
+
 def _mlp(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The block's MLP. QuickGELU (the OpenAI models' activation) is computed in place: bit-identical to
     open_clip's ``x * sigmoid(1.702 x)`` at half the memory traffic (inference only: nothing is saved for a
     backward pass)."""
-    from open_clip.transformer import QuickGELU
-
+    _, quick_gelu = _open_clip_classes()
     mlp = block.mlp
-    act = getattr(mlp, "gelu", None)
-    if type(act) is QuickGELU:
+    if not (isinstance(mlp, nn.Sequential) and [n for n, _ in mlp.named_children()] == MLP_PARTS):
+        return mlp(x)  # another layout (e.g. a norm inside, as open_clip's custom blocks may have)
+    act = mlp.gelu
+    if quick_gelu is not None and type(act) is quick_gelu:
         h = mlp.c_fc(x)
         return mlp.c_proj(torch.mul(h, 1.702).sigmoid_().mul_(h))
     if type(act) is nn.GELU:  # in place: bit-identical, and a fresh (B, N, 4D) buffer costs more than GELU
@@ -98,6 +128,9 @@ def encode_vit_cls(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
     The caller has checked `fast_image_unsupported(visual)` and passes images in the tower's dtype."""
     x = visual._embeds(images)  # patches + class token + positions (+ ln_pre), open_clip's own
+    if not (isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[0] == images.shape[0]):
+        raise VlpromptError(f"open_clip {open_clip_version()}: VisionTransformer._embeds no longer returns "
+                            "(batch, tokens, width) embeddings; vlprompt's image shortcut cannot use it")
     blocks = visual.transformer.resblocks
     for i, block in enumerate(blocks):
         if i < len(blocks) - 1:

@@ -6,9 +6,12 @@ own blocks with the full causal mask, then pooling at the EOT token. Learners us
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..backbones.backbone import Backbone
+if TYPE_CHECKING:  # only for annotations: backbones.backbone imports the text package (through image.fast)
+    from ..backbones.backbone import Backbone
 
 
 def _run_blocks(bb: Backbone, x: torch.Tensor, length: int) -> torch.Tensor:
