@@ -64,7 +64,7 @@ def test_datasets_lists_and_checks(shapes, capsys):
         assert name in listing
     assert main(["datasets", shapes]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["missing"] == [] and report["unreadable"] == []
+    assert report["missing"] == 0 and report["unreadable"] == 0 and report["ok"]
 
 
 @pytest.mark.parametrize("args, match", [

@@ -204,9 +204,9 @@ def test_listing_does_not_decode(tmp_path):
     assert len(ds.train) == 2
     report = check_dataset(tmp_path)
     bad = [str(tmp_path / "train" / "a" / "0.jpg"), str(tmp_path / "test" / "b" / "1.jpg")]
-    assert report["unreadable"] == bad and report["missing"] == [] and not report["ok"]
+    assert report["unreadable"] == 2 and report["missing"] == 0 and not report["ok"]
     assert report["counts"] == {"train": 2, "val": 0, "test": 2} and report["num_classes"] == 2
-    assert all(p.startswith("cannot read image ") for p in report["problems"])
+    assert [line.split(":")[0] for line in report["unreadable_first"]] == [f"cannot read image {p}" for p in bad]
     assert check_dataset(tmp_path, decode=False)["ok"]
 
 
@@ -214,7 +214,8 @@ def test_check_dataset_reports_missing(tmp_path):
     save_image(tmp_path / "a.png")
     (tmp_path / "split.csv").write_text("path,classname,split\na.png,x,train\ngone.png,x,test\n")
     report = check_dataset(tmp_path)
-    assert report["missing"] == [str(tmp_path / "gone.png")] and report["unreadable"] == []
+    assert report["missing"] == 1 and report["missing_first"] == [str(tmp_path / "gone.png")]
+    assert report["unreadable"] == 0
     with pytest.raises(VlpromptError, match=re.escape(f"missing, first: {tmp_path / 'gone.png'}")):
         load_dataset(tmp_path)
 
@@ -312,3 +313,17 @@ def test_synthetic_classes_are_distinguishable_by_color(tmp_path):
     b = np.asarray(load_image(blue[0].path), dtype=np.int32).reshape(-1, 3)
     assert (r[:, 0] - r[:, 2] > 100).sum() > 20  # strongly red pixels exist
     assert (b[:, 2] - b[:, 0] > 100).sum() > 20
+
+
+def test_check_dataset_with_absent_images_prints_counts_and_the_first_few(tmp_path, capsys):
+    from vlprompt.cli import main
+
+    save_image(tmp_path / "a.png")
+    rows = "".join(f"gone{i}.png,x,test\n" for i in range(40))
+    (tmp_path / "split.csv").write_text("path,classname,split\na.png,x,train\n" + rows)
+    assert main(["datasets", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert report["missing"] == 40 and len(report["missing_first"]) == 5
+    assert all(out.count(f"gone{i}.png") <= 1 for i in range(40))  # each at most once, most not at all
+    assert out.count("gone") == 5

@@ -288,6 +288,28 @@ def test_kill_9_loses_nothing_finished_and_resumes_to_the_same_tables(shapes, tm
     assert len(aggregate(collect(out))) == 1 + 2  # zero-shot + coop at 1 and 2 shots (one dataset: no average)
 
 
+def test_a_study_resumes_its_interrupted_run_from_its_checkpoint(shapes, tmp_path):
+    """Killed inside a training run (after its 5th step, of 8: one batch per epoch), the study's next start
+    continues that run from its checkpoint, and the tables equal an uninterrupted study's."""
+    base = [sys.executable, "-m", "vlprompt.cli", "study", "fewshot", "--datasets", shapes, "--methods", "coop",
+            "--shots", "2", "--seeds", "1", *TINY, "--epochs", "8", "--checkpoint-every", "1"]
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run(base + ["--output", str(out)], env={**env, "VLPROMPT_FAULTS": "kill@step=5"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoints = list(out.rglob("*.checkpoint"))
+    assert len(checkpoints) == 1
+    resumed = subprocess.run(base + ["--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # killed after step 5, before its epoch-end checkpoint: it continues from the end of epoch 4
+    assert "resuming from" in resumed.stderr and "epoch 5, step 1 of 1" in resumed.stderr
+    assert not list(out.rglob("*.checkpoint"))
+    clean = tmp_path / "clean"
+    subprocess.run(base + ["--output", str(clean), "--quiet"], env=env, check=True, capture_output=True, timeout=300)
+    assert aggregate(collect(out)) == aggregate(collect(clean))
+
+
 # -- real data ---------------------------------------------------------------------------------------------------
 
 def test_base2new_and_xd_studies_on_real_images(caltech_root, cifar10_dir, tmp_path, capsys):

@@ -108,6 +108,7 @@ class RunConfig:
                 raise VlpromptError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.epochs is not None and self.epochs < 1:
             raise VlpromptError(f"epochs: must be >= 1, got {self.epochs}")
+        check_device(self.device)
         if self.seed < 0:
             raise VlpromptError(f"seed: must be >= 0, got {self.seed}")
         if self.checkpoint_every < 0:
@@ -155,6 +156,27 @@ class RunConfig:
         return cls(**values)
 
 
+def check_device(device: str) -> None:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``, and present on this machine (else one line saying why)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise VlpromptError(f"device: '{device}' is not a device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__} " + ("with CUDA" if torch.version.cuda else "built without CUDA")
+            raise VlpromptError(f"device: '{device}' asked for, but no CUDA GPU is available ({build})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VlpromptError(f"device: '{device}' asked for, but this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise VlpromptError(f"device: '{device}' asked for, but MPS is not available")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise VlpromptError(f"device: '{device}' is not supported (cpu, cuda, cuda:N, mps)")
+
+
 def load_yaml(path: str) -> dict:
     import yaml
 
@@ -162,7 +184,10 @@ def load_yaml(path: str) -> dict:
     if not p.is_file():
         raise VlpromptError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise VlpromptError(f"config file {path} is not UTF-8 text (byte {exc.start}: "
+                            f"{exc.object[exc.start:exc.start + 1]!r})") from None
     except yaml.YAMLError as exc:
         raise VlpromptError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

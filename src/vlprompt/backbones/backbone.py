@@ -48,6 +48,20 @@ class BackboneSource:
         return f"{self.name} RANDOM (seed {self.random_init_seed}){act}"
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's weights (the first 64 values of every tensor, rounded to bfloat16 so that
+    every precision gives the same hash): which backbone a prompt was trained on, beyond its name and width."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                sample = tensor.detach().reshape(-1)[:64].to(torch.bfloat16).float().cpu()
+                digest.update(name.encode() + sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def model_activation(model: nn.Module) -> str:
     """The MLP activation ``model`` computes, from its modules: "quickgelu" (open_clip's QuickGELU, the
     OpenAI models'), "gelu" (``nn.GELU``), "mixed" when both occur, "none" when neither does."""
@@ -135,6 +149,7 @@ class Backbone(nn.Module):
         self.image_encoder_id = "open_clip" if self.fast_image_unsupported else FAST_IMAGE_ID
         # Frozen: no gradients for any backbone weight, eval mode forever, weights cast once
         # (bf16 autocast is slow on CPU for open_clip's attention; a one-off cast is not).
+        self.fingerprint: str = weights_fingerprint(model)
         for p in model.parameters():
             p.requires_grad_(False)
         model.to(device=self.device, dtype=self.dtype)

@@ -128,6 +128,8 @@ def _is_torchscript(path: Path) -> bool:
 
 def _read_state_dict(path: Path) -> tuple[dict, bool]:
     """(state dict, came from a TorchScript archive). OpenAI's released .pt files are TorchScript."""
+    if path.stat().st_size == 0:
+        raise VlpromptError(f"weights file {path} is empty (0 bytes)")
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():
@@ -147,6 +149,10 @@ def _read_state_dict(path: Path) -> tuple[dict, bool]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
         raise VlpromptError(f"weights file {path} holds no state dict")
+    bad = next((k for k, v in sd.items() if not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise VlpromptError(f"weights file {path} is not a state dict of tensors: '{bad}' holds a "
+                            f"{type(sd[bad]).__name__}")
     if next(iter(sd)).startswith("module."):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd, False

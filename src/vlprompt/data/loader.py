@@ -7,6 +7,7 @@ except for ImageNet), then split base/new classes, then take the class names fro
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from vlprompt.errors import VlpromptError
@@ -112,6 +113,14 @@ def load_dataset(
     test = list(raw.test)
     train, val, test = subsample_classes(train, val, test, subsample)
     classnames = _classnames(name, train, val, test)
+    notes = list(raw.notes)
+    short = _short_classes(train, shots)
+    if short:
+        fewest = min(short.values())
+        note = (f"shots={shots}: {len(short)} of {len(classnames)} classes have fewer training images (fewest: "
+                f"{fewest}, class {classnames[min(short, key=short.get)]!r}); they train on all they have")
+        warnings.warn(f"{name}: {note}")
+        notes.append(note)
 
     if check_files:
         # ImageNet's val is its test list: stat those 50k files once, not twice.
@@ -129,9 +138,23 @@ def load_dataset(
         "seed": seed,
         "subsample": subsample,
         "source": raw.source,
-        "notes": list(raw.notes),
+        "notes": notes,
+        "classes_short_of_shots": len(short),
     }
     return DatasetSplits(name, classnames, train, val, test, template or default_template, info)
+
+
+def _short_classes(train, shots: int) -> dict[int, int]:
+    """Label -> number of training images, for the classes with fewer than ``shots`` (none when all are used)."""
+    if shots < 1:
+        return {}
+    counts: dict[int, int] = {}
+    for item in train:
+        counts[item.label] = counts.get(item.label, 0) + 1
+    return {label: n for label, n in counts.items() if n < shots}
+
+
+FIRST_FEW = 5
 
 
 def check_dataset(name_or_path, root=None, decode: bool = True) -> dict:
@@ -143,8 +166,8 @@ def check_dataset(name_or_path, root=None, decode: bool = True) -> dict:
     ds = load_dataset(name_or_path, root, check_files=False)
     paths = list(dict.fromkeys(it.path for items in (ds.train, ds.val, ds.test) for it in items))
     missing = [p for p in paths if not os.path.isfile(p)]
-    problems = [f"missing: {p}" for p in missing]
     unreadable: list[str] = []
+    problems: list[str] = []
     if decode:
         missing_set = set(missing)
 
@@ -174,9 +197,11 @@ def check_dataset(name_or_path, root=None, decode: bool = True) -> dict:
         "classnames": ds.classnames,
         "counts": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)},
         "num_files": len(paths),
-        "missing": missing,
-        "unreadable": unreadable,
-        "problems": problems,
+        # Counts and the first few: a split whose images are absent lists thousands of them.
+        "missing": len(missing),
+        "missing_first": missing[:FIRST_FEW],
+        "unreadable": len(unreadable),
+        "unreadable_first": problems[:FIRST_FEW],
         "notes": ds.info["notes"],
-        "ok": not problems,
+        "ok": not missing and not unreadable,
     }

@@ -29,7 +29,8 @@ def base_config(learner, method: str) -> dict:
     return {"type": method, "learner": type(learner).__name__, "format_version": FORMAT_VERSION,
             "vlprompt_version": __version__, "method": method, "classnames": list(learner.classnames),
             "backbone": {"name": src.name, "pretrained": src.pretrained, "weights": src.weights,
-                         "random_init_seed": src.random_init_seed, "quick_gelu": src.quick_gelu}}
+                         "random_init_seed": src.random_init_seed, "quick_gelu": src.quick_gelu,
+                         "activation": src.activation, "fingerprint": learner.backbone.fingerprint}}
 
 
 def write_artifact(out_dir: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -83,9 +84,17 @@ def stored_learner(cfg: dict) -> str:
 
 
 def check_backbone(cfg: dict, path, backbone) -> None:
-    recorded = (cfg.get("backbone") or {}).get("name")
-    if recorded and recorded.replace("/", "-") != backbone.source.name.replace("/", "-"):
-        raise VlpromptError(f"prompt {path} was trained on backbone {recorded!r}, not {backbone.source.name!r}")
+    """The backbone a prompt was trained on, by name and (where recorded) by the fingerprint of
+    its weights: two backbones of one width are not interchangeable."""
+    recorded = cfg.get("backbone") or {}
+    name = recorded.get("name")
+    if name and name.replace("/", "-") != backbone.source.name.replace("/", "-"):
+        raise VlpromptError(f"prompt {path} was trained on backbone {name!r}, not {backbone.source.name!r}")
+    if recorded.get("fingerprint") and recorded["fingerprint"] != backbone.fingerprint:
+        was = recorded.get("weights") or recorded.get("pretrained") or f"random seed {recorded.get('random_init_seed')}"
+        raise VlpromptError(f"prompt {path} was trained on other weights of {name or 'this architecture'} ({was}; "
+                            f"fingerprint {recorded['fingerprint']}), not on {backbone.source.describe()} "
+                            f"(fingerprint {backbone.fingerprint})")
 
 
 def warn_unknown_keys(cfg: dict, path, known) -> None:
