@@ -500,6 +500,50 @@ def section_fits(out: dict, n_cls: int, shots: int) -> None:
     out["fits"] = {"classes": n_cls, "shots": shots, "linear_probe_s": probe_s, "tip_adapter_search_s": tip_s}
 
 
+def section_checkpoint(out: dict, n_cls: int, epochs: int) -> None:
+    """What checkpoints cost: the same feature-bank CoOp run (cheapest steps: the worst case for the ratio) with
+    a checkpoint at every epoch end (the default) and at every step, against none, in one process."""
+    from vlprompt.data import make_synthetic_dataset
+    from vlprompt.engine.checkpoint import Checkpointer
+    from vlprompt.engine.trainer import FeatureBank, TrainSettings, train_prompt
+    from vlprompt.methods import get_method
+    from vlprompt.methods.base import method_config
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bb = vp.load_backbone(ARCH, precision="bf16")
+        root = make_synthetic_dataset(str(Path(tmp) / "d"), n_train_per_class=2, n_test_per_class=1, seed=0)
+        ds = vp.load_dataset(root, shots=2)
+        names = class_names(n_cls)
+        method = get_method("coop")
+        cfg = vp.RunConfig(dataset=root, backbone=ARCH, pretrained="random", epochs=epochs, batch_size=4,
+                           progress=False)
+        settings = TrainSettings.from_config(cfg, epochs)
+        objective = method.objective(None, method_config(method, cfg, ds))
+        source = FeatureBank(bb, ds.train, objective.view_transforms(bb), settings, False, bank_views=2)
+        # the text side trains n_cls prompts; the synthetic images' labels (8 classes) index the first of them
+        times, size = {}, 0
+        for label, every, save in (("none", 0, False), ("epoch", 0, True), ("step", 1, True), ("none2", 0, False)):
+            torch.manual_seed(0)
+            learner = method.build(bb, names, method_config(method, cfg, ds))
+            ckpt = Checkpointer(Path(tmp) / label, {"bench": label}, every, resume=False) if save else None
+            t = time.perf_counter()
+            history = train_prompt(learner, objective.loss, source, len(ds.train), settings, progress=False,
+                                   checkpoint=ckpt, objective=objective)
+            times[label] = (time.perf_counter() - t) / history["steps"]
+            if ckpt is not None:
+                size = ckpt.path.stat().st_size
+        steps_per_epoch = history["steps"] // epochs
+    base = min(times["none"], times["none2"])
+    res = {"classes": n_cls, "steps_per_epoch": steps_per_epoch, "step_s": base, "checkpoint_bytes": size,
+           "epoch_checkpoints_ratio": times["epoch"] / base, "step_checkpoints_ratio": times["step"] / base,
+           "save_s": (times["step"] - base)}
+    out["checkpoint"] = res
+    print(f"\ncheckpoints, CoOp feature bank, {ARCH} bf16, {n_cls} classes ({steps_per_epoch} steps/epoch): step "
+          f"{base * 1e3:.1f} ms; every epoch x{res['epoch_checkpoints_ratio']:.3f}, every step "
+          f"x{res['step_checkpoints_ratio']:.3f} (one save about {res['save_s'] * 1e3:.1f} ms, {size / 1e3:.0f} kB)")
+
+
 def section_e2e(out: dict, bank_views: int, precision: str, epochs: int | None) -> None:
     root = os.environ.get("VLPROMPT_DATA", str(Path.home() / ".cache" / "vlprompt-data"))
     if not (Path(root) / "caltech-101").is_dir():
@@ -533,7 +577,7 @@ def section_e2e(out: dict, bank_views: int, precision: str, epochs: int | None) 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="machine,text,image,precision,methods,cocoop,fits,e2e")
+    ap.add_argument("--sections", default="machine,text,image,precision,methods,cocoop,fits,checkpoint,e2e")
     ap.add_argument("--cocoop-batch", type=int, default=1, help="images per CoCoOp step (its recipe: 1)")
     ap.add_argument("--classes", default="10,100,1000", help="class counts for the text section")
     ap.add_argument("--repeats", type=int, default=3)
@@ -567,6 +611,8 @@ def main(argv=None) -> int:
         section_cocoop(out, args.method_classes, args.cocoop_batch, 16, args.repeats)
     if "fits" in sections:
         section_fits(out, args.method_classes, 16)
+    if "checkpoint" in sections:
+        section_checkpoint(out, args.method_classes, 5)
     if "e2e" in sections:
         section_e2e(out, args.bank_views, args.e2e_precision, args.e2e_epochs)
     if args.json:
