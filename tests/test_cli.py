@@ -136,3 +136,26 @@ def test_train_grid_shares_one_process(shapes, tmp_path, monkeypatch, capsys):
         assert m["data"]["n_train"] == m["data"]["shots"] * m["data"]["num_classes"]
     assert "mean top-1" in capsys.readouterr().out
     assert main(["train", "--dataset", shapes, "--seed", "1,x"]) == 2
+
+
+def test_options_come_from_the_run_configuration_declarations():
+    """Every RunConfig key is a `train` option generated from its one declaration (name, help, default), and a
+    key a method's preset sets says so instead of claiming the plain default."""
+    import dataclasses
+
+    from vlprompt.cli import build_parser
+    from vlprompt.config import RunConfig
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    options = {a.dest: a for a in train._actions}
+    for f in dataclasses.fields(RunConfig):
+        assert f.name in options, f.name  # method_options is --option, progress is --quiet, output is --output
+        action = options[f.name]
+        if f.metadata["flag"] != "" and f.type not in ("bool", bool):
+            assert f.metadata["help"] in action.help
+            if f.default is not None:
+                assert f"default {f.default}" in action.help, (f.name, action.help)
+    assert "--no-feature-cache" in options["feature_cache"].option_strings
+    assert "--quiet" in options["progress"].option_strings
+    assert "the kgcoop, dualview_mi, cocoop presets set their own" in options["batch_size"].help
+    assert "preset" not in options["lr"].help

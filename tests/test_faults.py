@@ -174,3 +174,12 @@ def test_an_image_unreadable_in_the_middle_of_a_run(shapes, bb, reference, tmp_p
     run(cfg(str(root), out), backbone=bb)
     m, ctx = reference
     assert torch.equal(load_file(str(out / "prompt" / "prompt.safetensors"))["ctx"], ctx)
+
+
+def test_results_are_written_with_the_usual_file_mode(shapes, bb, tmp_path):
+    out = tmp_path / "run"
+    run(cfg(shapes, out, epochs=1), backbone=bb)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("metrics.json", "config.yaml", "prompt/prompt.safetensors", "prompt/prompt_config.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -142,3 +142,17 @@ def test_keep_checkpoints_moves_the_last_one_into_the_run(shapes, bb, tmp_path):
     kept = torch.load(tmp_path / "run" / "checkpoint" / CHECKPOINT_FILE, weights_only=False)
     assert kept["epoch"] == EPOCHS and kept["step_in_epoch"] == 0
     assert not checkpoint_folder(tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", [name for name, m in METHODS.items() if m.needs.fitted])
+def test_fitted_methods_run_again_to_the_same_result(method, shapes, bb, tmp_path):
+    """A fitted method (no SGD epochs, no checkpoint) killed mid-fit simply runs again: it is deterministic."""
+    values = {k: v for k, v in settings(shapes, method, "exact", "fp32").items() if k != "checkpoint_every"}
+    for name in ("a", "b"):
+        run(vp.RunConfig.from_sources(**values, output=str(tmp_path / name), progress=False), backbone=bb)
+    a, b = load_file(str(tmp_path / "a" / "prompt" / "prompt.safetensors")), \
+        load_file(str(tmp_path / "b" / "prompt" / "prompt.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
+    assert ma["test"] == mb["test"] and ma["train"] == mb["train"]
+    assert not checkpoint_folder(tmp_path / "a").exists()

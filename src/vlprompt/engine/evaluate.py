@@ -10,17 +10,20 @@ TOP_K = 5
 
 
 @torch.no_grad()
-def classify(learner, features: torch.Tensor, batch_size: int = 4096, k: int = TOP_K) -> torch.Tensor:
-    """(N, min(k, C)) label indices, best first; class text features are computed once for the evaluation
-    (per image for a learner whose class features depend on the image, such as CoCoOp)."""
-    k = min(k, len(learner.classnames))
+def class_logits(learner, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """(N, C) float32 logits; class text features are computed once for the evaluation (per image, 16 at a
+    time, for a learner whose class features depend on the image, such as CoCoOp)."""
     if getattr(learner, "conditional", False):
-        preds = [learner(features[i:i + 16]).topk(k, dim=-1).indices for i in range(0, features.shape[0], 16)]
+        parts = [learner(features[i:i + 16]) for i in range(0, features.shape[0], 16)]
     else:
         text = learner.text_features().detach()
-        preds = [learner.logits(features[i:i + batch_size], text).topk(k, dim=-1).indices
-                 for i in range(0, features.shape[0], batch_size)]
-    return torch.cat(preds) if preds else torch.empty(0, k, dtype=torch.long)
+        parts = [learner.logits(features[i:i + batch_size], text) for i in range(0, features.shape[0], batch_size)]
+    return torch.cat(parts).float() if parts else torch.empty(0, len(learner.classnames))
+
+
+def classify(learner, features: torch.Tensor, batch_size: int = 4096, k: int = TOP_K) -> torch.Tensor:
+    """(N, min(k, C)) label indices, best first (`class_logits` ranked)."""
+    return class_logits(learner, features, batch_size).topk(min(k, len(learner.classnames)), dim=-1).indices
 
 
 def accuracy_report(preds: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> dict:

@@ -121,7 +121,7 @@ class LinearProbe(TextClassifier):
 
     @classmethod
     def from_pretrained(cls, path, backbone, classnames=None) -> "LinearProbe":
-        cfg, tensors = read_for(cls, path, backbone, classnames, tied_to_classes="a linear probe is a head over")
+        cfg, tensors = read_for(cls, path, backbone, classnames, tied_to_classes="a linear probe is a head")
         if tensors.get("weight") is None or tuple(tensors["weight"].shape) != (len(cfg["classnames"]),
                                                                              backbone.embed_dim):
             raise VlpromptError(f"prompt {path}: its weights do not fit backbone {backbone.source.name} "

@@ -88,7 +88,7 @@ def linear_head(learner, method: str) -> LinearHead:
     """The exact linear form of ``learner``'s logits (one error line where there is none), checked against
     the learner itself on random features."""
     from ..methods.linear_probe import LinearProbe
-    from .predict import class_logits
+    from ..engine.evaluate import class_logits
 
     why = not_linear_reason(learner, method)
     if why:

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from ..engine.evaluate import class_logits
 from ..errors import VlpromptError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -72,19 +73,6 @@ def encode_paths(bb, paths: Sequence[str], batch_size: int = 100, progress: bool
 
 
 @torch.no_grad()
-def class_logits(learner, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """(N, C) logits of the learner, computed as `engine.evaluate.classify` ranks them: the class text
-    features once for the whole batch, or per image (16 at a time) for a conditional learner (CoCoOp)."""
-    if getattr(learner, "conditional", False):
-        parts = [learner(features[i:i + 16]) for i in range(0, features.shape[0], 16)]
-    else:
-        text = learner.text_features().detach()
-        parts = [learner.logits(features[i:i + batch_size], text) for i in range(0, features.shape[0], batch_size)]
-    if not parts:
-        return torch.empty(0, len(learner.classnames))
-    return torch.cat(parts).float()
-
-
 def rank(learner, logits: torch.Tensor, paths: Sequence[str], top_k: int) -> list[dict]:
     """One record per image: its top-k classes, best first, with softmax probabilities and logits."""
     k = min(int(top_k), len(learner.classnames))
