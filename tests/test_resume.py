@@ -156,3 +156,28 @@ def test_fitted_methods_run_again_to_the_same_result(method, shapes, bb, tmp_pat
     ma, mb = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
     assert ma["test"] == mb["test"] and ma["train"] == mb["train"]
     assert not checkpoint_folder(tmp_path / "a").exists()
+
+
+def test_killed_from_outside_at_an_arbitrary_moment(shapes, bb, tmp_path):
+    """SIGKILL from another process at a random moment once checkpoints are being written (mid-step, mid-save
+    or between them), as `kill -9` or a lost machine would: the next run still ends as an uninterrupted one."""
+    import time
+
+    values = {**settings(shapes, "coop", "exact", "fp32"), "epochs": 40}
+    reference = run(vp.RunConfig.from_sources(**values, output=str(tmp_path / "reference"), progress=False))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vlprompt.cli", *cli_args(values, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = checkpoint_folder(out) / CHECKPOINT_FILE
+    deadline = time.time() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.5))
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and checkpoint.exists()
+    resumed = run(vp.RunConfig.from_sources(**values, output=str(out), progress=False))
+    assert resumed["test"] == reference["test"]
+    (got_tensors, got_metrics), (ref_tensors, ref_metrics) = outcome(out), outcome(tmp_path / "reference")
+    assert torch.equal(got_tensors["ctx"], ref_tensors["ctx"]) and got_metrics == ref_metrics
