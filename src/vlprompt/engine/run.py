@@ -35,12 +35,12 @@ from ..methods import get_method
 from ..methods.base import method_config, parse_options
 from ..presets import method_recipe
 from ..prompts.artifact import read_artifact
+from ..utils.faults import fault_point
 from ..utils.hardware import resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
-from .evaluate import accuracy_report, classify
-from ..utils.faults import fault_point
 from .checkpoint import Checkpointer, checkpoint_folder, differing_keys
+from .evaluate import accuracy_report, classify
 from .feature_store import FeatureStore
 from .schedule import default_epochs
 from .trainer import ExactFeatures, FeatureBank, TrainSettings, train_prompt
@@ -127,11 +127,16 @@ NON_RESULT_KEYS = ("output", "progress", "num_workers", "test_batch_size", "feat
                    "checkpoint_every", "resume", "keep_checkpoints", "overwrite")
 
 
+def result_identity(values: dict) -> dict:
+    """The configuration keys that decide a run's result (what a checkpoint and an overwrite check compare)."""
+    return {k: v for k, v in values.items() if k not in NON_RESULT_KEYS}
+
+
 def config_key(values: dict) -> str:
     """A run's identity: the hash of its resolved configuration without the keys in `NON_RESULT_KEYS`, with
     the method's options in full (parsed, defaults filled in, so ``weight: "4"`` and ``weight: 4.0`` are one
     run). Studies recognise a finished run by it (never by its folder name)."""
-    kept = {k: v for k, v in values.items() if k not in NON_RESULT_KEYS}
+    kept = result_identity(values)
     try:
         method = get_method(kept["method"])
         options = parse_options(method.name, method.Options, kept.get("method_options"))
@@ -203,11 +208,6 @@ def stage_run_folder(out: Path) -> Path:
     except OSError as exc:
         raise VlpromptError(f"cannot write the run folder {out}: {exc.strerror or exc}") from None
     return stage
-
-
-def result_identity(values: dict) -> dict:
-    """The configuration keys that decide a run's result (what a checkpoint and an overwrite check compare)."""
-    return {k: v for k, v in values.items() if k not in NON_RESULT_KEYS}
 
 
 def check_output(out: Path, cfg: RunConfig, key: str) -> None:
