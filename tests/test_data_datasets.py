@@ -318,7 +318,7 @@ def test_missing_image_and_image_dir(tmp_path):
         ({"subsample": "bases"}, "subsample must be one of all, base, new; got 'bases'"),
         ({"shots": "16"}, "shots must be an integer, got '16'"),
         ({"seed": -2}, "seed must be >= 0, got -2"),
-        ({"template": "a photo"}, "template must be a string containing"),
+        ({"template": "a photo"}, re.escape("template 'a photo' has no '{}'; write one '{}' where")),
     ],
 )
 def test_bad_values(tmp_path, kwargs, pattern):

@@ -36,6 +36,10 @@ def _help(name: str) -> str:
 
     f = RunConfig.__dataclass_fields__[name]
     text = f.metadata["help"]
+    if name == "method":  # the registered methods, from the registry itself
+        from .methods import METHODS
+
+        text = f"{text}: {', '.join(METHODS)}"
     if f.type in ("bool", bool):
         return f"turn off: {text}" if f.default else text
     if f.default is None or f.default is dataclasses.MISSING:
@@ -159,6 +163,8 @@ def _add_study_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", help="study folder (default studies/<protocol>)")
     g.add_argument("--retry-failed", dest="retry_failed", action="store_true", help="run failed runs again")
     g.add_argument("--rerun", action="store_true", help="run everything again, finished runs included")
+    g.add_argument("--wait", action="store_true", help="when another process is running this study folder, wait "
+                   "for it to finish and then continue (default: refuse, naming it)")
     _add_execution(g)
 
 
@@ -262,7 +268,7 @@ def cmd_datasets(args) -> int:
         return 0
     report = check_dataset(args.name, args.root, decode=not args.no_decode)
     print(json.dumps(report, indent=2))
-    return 0 if not report.get("missing") and not report.get("unreadable") else 1
+    return 0 if report.get("ok", not report.get("missing") and not report.get("unreadable")) else 1
 
 
 def cmd_demo(args) -> int:
@@ -336,7 +342,7 @@ def cmd_study(args) -> int:
                 spec.settings[key] = getattr(args, key)
     folder = args.output or spec.output or f"studies/{spec.protocol}"
     result = run_study(spec, folder, retry_failed=args.retry_failed, rerun=args.rerun,
-                       progress=args.progress is not False)
+                       progress=args.progress is not False, wait=args.wait)
     rows, out = write_report(folder)
     print(to_markdown(rows))
     print(f"report: {out / 'index.html'} (tables, figures); `vlprompt report {folder}` prints it again")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -81,6 +82,9 @@ class RunConfig:
     bank_views: int = setting(10, "augmented views per training image in feature_bank mode", "recipe")
     test_batch_size: int = setting(100, "images per batch when encoding test images", "execution")
     num_workers: int = setting(0, "image-loading worker processes", "execution")
+    threads: Optional[int] = setting(None, "CPU threads for this run; default: chosen when the run starts from the "
+                                     "cores other processes leave free and the model's size (recorded in "
+                                     "metrics.json)", "execution")
     feature_cache: bool = setting(True, "keep encoded test splits on disk, keyed by everything that changes them",
                                   "execution", flag="--no-feature-cache")
     cache_dir: Optional[str] = setting(None, "feature cache folder; default $VLPROMPT_CACHE/features or "
@@ -100,6 +104,9 @@ class RunConfig:
         for f in fields(self):
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
         check_preset(self.preset)
+        self._resolve_paths()
+        if self.template is not None:
+            check_template(self.template)
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise VlpromptError(f"{key}: '{getattr(self, key)}' is not one of {list(allowed)}")
@@ -122,8 +129,23 @@ class RunConfig:
             raise VlpromptError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.momentum < 1:
             raise VlpromptError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.threads is not None and self.threads < 1:
+            raise VlpromptError(f"threads: must be >= 1, got {self.threads}")
         if self.warmup_epochs < 0 or self.num_workers < 0:
             raise VlpromptError("warmup_epochs and num_workers must be >= 0")
+
+    def _resolve_paths(self) -> None:
+        """Paths as absolute paths, so that a run's record works from any working directory. A dataset is
+        a path when it is not a registered name and names an existing folder (else it stays as written: a
+        folder under ``root``, or an unknown name that fails with its own message when the data is read)."""
+        from .data.registry import DATASETS
+
+        for key in ("root", "weights", "cache_dir", "output"):
+            value = getattr(self, key)
+            if value:
+                setattr(self, key, os.path.abspath(os.path.expanduser(value)))
+        if self.dataset not in DATASETS and os.path.isdir(os.path.expanduser(self.dataset)):
+            self.dataset = os.path.abspath(os.path.expanduser(self.dataset))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,25 +200,52 @@ def check_device(device: str) -> None:
 
 
 def load_yaml(path: str) -> dict:
-    import yaml
+    """A ``--config`` file (or a run's config.yaml): a mapping of RunConfig keys, parsed with bounded resources."""
+    from .utils.safe_yaml import load_yaml_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise VlpromptError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise VlpromptError(f"config file {path} is not UTF-8 text (byte {exc.start}: "
-                            f"{exc.object[exc.start:exc.start + 1]!r})") from None
-    except yaml.YAMLError as exc:
-        raise VlpromptError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = load_yaml_file(path, "config file") or {}
     if not isinstance(data, dict):
         raise VlpromptError(f"config file {path}: expected a mapping of keys to values")
-    known = set(RunConfig.keys())
-    for key in data:
-        if key not in known:
-            raise VlpromptError(f"config file {path}: unknown key '{key}' (known: {', '.join(sorted(known))})")
-    return data
+    return check_values(data, f"config file {path}")
+
+
+def check_values(values: dict, where: str, allowed: Optional[set] = None) -> dict:
+    """RunConfig keys and values read from a file (``where`` names it in errors): every key known (and in
+    ``allowed`` when given), every value of its declared type, ``method_options`` a mapping of names to plain
+    values. Returns the values coerced, so that nothing of the wrong type reaches a run."""
+    hints = get_type_hints(RunConfig)
+    known = set(RunConfig.keys()) if allowed is None else set(allowed)
+    out = {}
+    for key, value in values.items():
+        if not isinstance(key, str) or key not in known:
+            raise VlpromptError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        try:
+            out[key] = coerce(key, value, hints[key])
+            if key == "method_options" and value is not None:
+                check_plain_mapping(value, f"{key}")
+            if key == "template" and value is not None:
+                check_template(out[key])
+        except VlpromptError as exc:
+            raise VlpromptError(f"{where}: {exc}") from None
+    return out
+
+
+def check_plain_mapping(value: Any, where: str) -> None:
+    """A mapping of name -> number, string, boolean or null (a method's options)."""
+    if not isinstance(value, dict):
+        raise VlpromptError(f"{where}: expected a mapping of names to values, got {type(value).__name__}")
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise VlpromptError(f"{where}: key {k!r} is not a name")
+        if v is not None and not isinstance(v, (str, int, float, bool)):
+            raise VlpromptError(f"{where}.{k}: expected a number, string or boolean, got {type(v).__name__}")
+
+
+def check_template(template: str) -> None:
+    """A prompt template takes the class name through exactly one ``{}`` (`prompts.templates.check_template`)."""
+    from .prompts.templates import check_template as check
+
+    check(template)
 
 
 def coerce(name: str, value: Any, hint) -> Any:

@@ -4,9 +4,9 @@ The layout is detected in this order (the first that matches wins):
 
 (a) a CSV file: ``<root>/split.csv``, or the only ``*.csv`` in root, with header columns
     ``path``, ``split`` (train/val/test) and ``label`` and/or ``classname``; paths are relative
-    to the CSV's folder;
+    to the CSV's folder and must stay inside it (see ``containment``);
 (b) a CoOp-format split JSON: ``<root>/split.json``, or the only ``split_*.json``, with paths
-    relative to root;
+    relative to root (and inside it);
 (c) ``train/`` and ``test/`` (and optionally ``val/``) folders, each holding class folders;
 (d) class folders only: a deterministic per-class 50/20/30 train/val/test split is made, in the
     way CoOp created its split files (shuffle each class's files, cut by rounded fractions).
@@ -24,7 +24,8 @@ import random
 
 from vlprompt.errors import VlpromptError
 
-from .readers import RawSplits, list_images, list_subdirs, load_split_json
+from .containment import OutsideEntry, brief, check_path_text, folder_prefix, leaves_folder, outside_message
+from .readers import RawSplits, list_images, list_subdirs, read_split_json
 from .types import Datum
 
 SPLITS = ("train", "val", "test")
@@ -41,8 +42,7 @@ def read_folder_dataset(root: str) -> RawSplits:
         return _read_csv(csv_path)
     json_path = _pick_one(root, "split.json", "split_*.json", "split JSON")
     if json_path:
-        s = load_split_json(json_path, root, required=("train", "test"))
-        return RawSplits(s["train"], s["val"], s["test"], "split_json", [])
+        return read_split_json(json_path, root, required=("train", "test"))
     has_train, has_test = (os.path.isdir(os.path.join(root, d)) for d in ("train", "test"))
     if has_train or has_test:
         if not (has_train and has_test):
@@ -84,19 +84,25 @@ def _read_csv(path: str) -> RawSplits:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise VlpromptError(f"cannot read CSV file {path}: {e}") from None
     col = {name: i for i, name in enumerate(header)}
+    duplicated = sorted({h for h in header if h and header.count(h) > 1})
+    if duplicated:
+        raise VlpromptError(f"CSV file {path}: column {duplicated[0]!r} appears more than once in the header")
     if "path" not in col or "split" not in col or not ({"label", "classname"} & col.keys()):
         raise VlpromptError(
             f"CSV file {path} needs header columns path,split and label and/or classname; "
             f"found {','.join(header) or 'no header'}"
         )
+    prefix = folder_prefix(base)
+    outside: list[OutsideEntry] = []
     parsed = []  # (split, abs path, label or None, classname or None, line number)
     for line, row in rows:
         if len(row) != len(header):
-            raise VlpromptError(f"{path}:{line}: expected {len(header)} fields, got {len(row)}: {row!r}")
+            raise VlpromptError(f"{path}:{line}: expected {len(header)} fields, got {len(row)}: {brief(row)}")
         rel = row[col["path"]].strip()
         split = row[col["split"]].strip().lower()
         if not rel:
             raise VlpromptError(f"{path}:{line}: empty path")
+        check_path_text(f"{path}:{line}", rel)
         if split not in SPLITS:
             raise VlpromptError(
                 f"{path}:{line}: split must be train, val or test, got {row[col['split']]!r}"
@@ -104,14 +110,17 @@ def _read_csv(path: str) -> RawSplits:
         label = name = None
         if "label" in col:
             text = row[col["label"]].strip()
-            if not text.isdigit():  # ASCII digits only: a non-negative integer
+            if not (text.isascii() and text.isdigit()):  # ASCII digits only ("²" is a digit to isdigit)
                 raise VlpromptError(f"{path}:{line}: label must be an integer >= 0, got {text!r}")
             label = int(text)
         if "classname" in col:
             name = row[col["classname"]].strip()
             if not name:
                 raise VlpromptError(f"{path}:{line}: empty classname")
-        parsed.append((split, os.path.normpath(os.path.join(base, rel)), label, name, line))
+        image = os.path.normpath(os.path.join(base, rel))
+        if leaves_folder(prefix, rel):
+            outside.append(OutsideEntry(outside_message(f"{path}:{line}", rel, prefix), image))
+        parsed.append((split, image, label, name, line))
 
     notes = []
     if "label" not in col:
@@ -132,7 +141,7 @@ def _read_csv(path: str) -> RawSplits:
     out = {s: [] for s in SPLITS}
     for split, p, y, n, _ in parsed:
         out[split].append(Datum(p, y, n))
-    return RawSplits(out["train"], out["val"], out["test"], "csv", notes)
+    return RawSplits(out["train"], out["val"], out["test"], "csv", notes, tuple(outside))
 
 
 def _check_one_to_one(path: str, parsed) -> None:

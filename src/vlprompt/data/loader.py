@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vlprompt.errors import VlpromptError
 
+from .containment import ALLOW_ENV, OutsideEntry, outside_allowed, refusal
 from .fewshot import check_seed, check_shots, check_subsample, sample_fewshot, subsample_classes
 from .folder import read_folder_dataset
 from .registry import DATASETS, PHOTO, resolve_dataset_dir
@@ -94,16 +95,39 @@ def load_dataset(
     subsample: str = "all",
     template: str | None = None,
     check_files: bool = True,
+    allow_outside_root: bool = False,
 ) -> DatasetSplits:
     """Load a registered benchmark (``root`` = data root or its dataset folder) or a user folder.
 
     ``shots < 1`` keeps every image. ``check_files`` stats every image of the final lists (no
     decoding) and raises one error with the number missing and the first missing path.
+    A split file or CSV entry whose path leaves the dataset folder is refused as soon as the lists
+    are read, before any image is touched, unless ``allow_outside_root`` or the environment variable
+    ``VLPROMPT_ALLOW_OUTSIDE_ROOT=1`` allows it (see ``containment``).
     """
+    ds, _ = _load(name_or_path, root, shots, seed, subsample, template, check_files, allow_outside_root,
+                  refuse_outside=True)
+    return ds
+
+
+def _load(name_or_path, root, shots, seed, subsample, template, check_files, allow_outside_root,
+          refuse_outside: bool) -> tuple[DatasetSplits, list[OutsideEntry]]:
+    """``load_dataset``, also returning the entries outside the dataset folder that were not allowed
+    (always empty when ``refuse_outside``: the first one raises)."""
     shots, seed, subsample = check_shots(shots), check_seed(seed), check_subsample(subsample)
-    if template is not None and (not isinstance(template, str) or "{}" not in template):
-        raise VlpromptError(f"template must be a string containing '{{}}', got {template!r}")
+    if template is not None:
+        from vlprompt.prompts.templates import check_template  # lazy: vlprompt.prompts imports torch models
+
+        check_template(template)
     name, display, dataset_dir, raw, default_template, sample_val, image_dir = _resolve(name_or_path, root)
+    outside = list(raw.outside)
+    notes = list(raw.notes)
+    if outside and outside_allowed(allow_outside_root):
+        notes.append(f"{len(outside)} listed image path(s) lie outside the dataset folder ({ALLOW_ENV} or "
+                     "allow_outside_root allowed them)")
+        outside = []
+    if outside and refuse_outside:
+        raise VlpromptError(refusal(name, outside))
     if not (raw.train or raw.val or raw.test):
         raise VlpromptError(f"{name}: no images listed in {dataset_dir}")
     if check_files and image_dir is not None and not os.path.isdir(image_dir):
@@ -113,7 +137,6 @@ def load_dataset(
     test = list(raw.test)
     train, val, test = subsample_classes(train, val, test, subsample)
     classnames = _classnames(name, train, val, test)
-    notes = list(raw.notes)
     short = _short_classes(train, shots)
     if short:
         fewest = min(short.values())
@@ -141,7 +164,7 @@ def load_dataset(
         "notes": notes,
         "classes_short_of_shots": len(short),
     }
-    return DatasetSplits(name, classnames, train, val, test, template or default_template, info)
+    return DatasetSplits(name, classnames, train, val, test, template or default_template, info), outside
 
 
 def _short_classes(train, shots: int) -> dict[int, int]:
@@ -157,14 +180,20 @@ def _short_classes(train, shots: int) -> dict[int, int]:
 FIRST_FEW = 5
 
 
-def check_dataset(name_or_path, root=None, decode: bool = True) -> dict:
-    """Audit a dataset: counts, class count, missing files and (if ``decode``) undecodable images.
+def check_dataset(name_or_path, root=None, decode: bool = True, allow_outside_root: bool = False) -> dict:
+    """Audit a dataset: counts, class count, entries outside the dataset folder, missing files and
+    (if ``decode``) undecodable images.
 
     Used by ``vlprompt datasets NAME --root R``. Loads the full splits without few-shot sampling;
-    each distinct image is stat-ed, and with ``decode`` fully decoded with PIL.
+    each distinct image inside the dataset folder is stat-ed, and with ``decode`` fully decoded with
+    PIL. Entries outside the folder are listed from the list files alone, never stat-ed or opened,
+    so the report does not reveal whether such a file exists (unless outside paths are allowed,
+    when they are checked like the others).
     """
-    ds = load_dataset(name_or_path, root, check_files=False)
-    paths = list(dict.fromkeys(it.path for items in (ds.train, ds.val, ds.test) for it in items))
+    ds, outside = _load(name_or_path, root, -1, 1, "all", None, False, allow_outside_root, refuse_outside=False)
+    skipped = {entry.path for entry in outside}
+    listed = dict.fromkeys(it.path for items in (ds.train, ds.val, ds.test) for it in items)
+    paths = [p for p in listed if p not in skipped]
     missing = [p for p in paths if not os.path.isfile(p)]
     unreadable: list[str] = []
     problems: list[str] = []
@@ -196,12 +225,15 @@ def check_dataset(name_or_path, root=None, decode: bool = True) -> dict:
         "num_classes": ds.num_classes,
         "classnames": ds.classnames,
         "counts": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)},
-        "num_files": len(paths),
+        "num_files": len(listed),
+        # Listed from the split file / CSV alone: neither stat-ed nor opened.
+        "outside": len(outside),
+        "outside_first": [entry.message for entry in outside[:FIRST_FEW]],
         # Counts and the first few: a split whose images are absent lists thousands of them.
         "missing": len(missing),
         "missing_first": missing[:FIRST_FEW],
         "unreadable": len(unreadable),
         "unreadable_first": problems[:FIRST_FEW],
         "notes": ds.info["notes"],
-        "ok": not missing and not unreadable,
+        "ok": not outside and not missing and not unreadable,
     }

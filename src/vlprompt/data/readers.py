@@ -1,7 +1,9 @@
 """Readers that turn files on disk into train/val/test lists of ``Datum``, following CoOp.
 
 Nothing here opens or decodes an image: listing is done with ``os.scandir`` and split files only.
-Every malformed or missing input raises ``VlpromptError`` with one line naming the file.
+Every malformed or missing input raises ``VlpromptError`` with one line naming the file. Paths read
+from list files that leave the dataset folder are not refused here but returned in
+``RawSplits.outside`` (see ``containment``): the loader refuses them, the dataset check lists them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import NamedTuple
 
 from vlprompt.errors import VlpromptError
 
+from .containment import OutsideEntry, brief, check_path_text, folder_prefix, leaves_folder, outside_message
 from .types import Datum
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -25,6 +28,7 @@ class RawSplits(NamedTuple):
     test: list[Datum]
     source: str  # how the lists were obtained, stored in DatasetSplits.info["source"]
     notes: list[str]  # deviations from the reference code worth reporting
+    outside: tuple = ()  # OutsideEntry for each listed path that leaves the dataset folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,19 +93,52 @@ def read_text_lines(path: str, what: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def load_split_json(json_path: str, image_root: str, required=("train", "val", "test")) -> dict:
+def read_split_json(json_path: str, image_root: str, required=("train", "val", "test")) -> RawSplits:
     """CoOp's ``read_split``: ``{"train": [[rel_path, label, classname], ...], ...}``.
 
-    ``rel_path`` is joined onto ``image_root``; the label is the stored int and the class name is
-    kept exactly as stored. Returns a dict split -> list[Datum] with every split in
-    ``("train", "val", "test")`` (missing optional splits become empty lists).
+    ``rel_path`` is joined onto ``image_root`` and must stay inside it (see ``containment``; entries
+    that leave it are returned in ``outside``); the label is the stored int and the class name is
+    kept exactly as stored. Splits not in ``required`` may be absent (they become empty lists).
     """
+    data = _read_json(json_path)
+    prefix = folder_prefix(image_root)
+    lists: dict[str, list[Datum]] = {}
+    outside: list[OutsideEntry] = []
+    for split in ("train", "val", "test"):
+        if split not in data:
+            if split in required:
+                raise VlpromptError(f"split file {json_path} has no '{split}' list")
+            lists[split] = []
+            continue
+        entries = data[split]
+        if not isinstance(entries, list):
+            raise VlpromptError(
+                f"split file {json_path}: '{split}' must be a list, got {type(entries).__name__}"
+            )
+        items = []
+        for i, entry in enumerate(entries):
+            where = f"split file {json_path}: {split}[{i}]"
+            rel, label, classname = _split_entry(where, entry)
+            # Plain concatenation equals os.path.join for relative paths and is ~5x faster,
+            # which matters for 100k-entry split files.
+            path = prefix + rel
+            if leaves_folder(prefix, rel):
+                path = os.path.normpath(os.path.join(prefix, rel))
+                outside.append(OutsideEntry(outside_message(where, rel, prefix), path))
+            items.append(Datum(path, label, classname))
+        lists[split] = items
+    return RawSplits(lists["train"], lists["val"], lists["test"], "split_json", [], tuple(outside))
+
+
+def _read_json(json_path: str) -> dict:
     require_file(json_path, "split file")
     try:
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VlpromptError(f"split file {json_path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise VlpromptError(f"split file {json_path} is nested too deeply to be a split file") from None
     except OSError as e:
         raise VlpromptError(f"cannot read split file {json_path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
@@ -109,40 +146,24 @@ def load_split_json(json_path: str, image_root: str, required=("train", "val", "
             f"split file {json_path} must hold an object with keys train/val/test, "
             f"got {type(data).__name__}"
         )
-    image_root = os.path.abspath(image_root)
-    prefix = os.path.join(image_root, "")
-    out: dict[str, list[Datum]] = {}
-    for split in ("train", "val", "test"):
-        if split not in data:
-            if split in required:
-                raise VlpromptError(f"split file {json_path} has no '{split}' list")
-            out[split] = []
-            continue
-        entries = data[split]
-        if not isinstance(entries, list):
-            raise VlpromptError(f"split file {json_path}: '{split}' must be a list")
-        items = []
-        for i, entry in enumerate(entries):
-            if (
-                not isinstance(entry, (list, tuple))
-                or len(entry) != 3
-                or not isinstance(entry[0], str)
-                or isinstance(entry[1], bool)
-                or not isinstance(entry[1], int)
-                or entry[1] < 0
-                or not isinstance(entry[2], str)
-            ):
-                raise VlpromptError(
-                    f"split file {json_path}: {split}[{i}] = {entry!r} is not "
-                    "[relative_path, label >= 0, classname]"
-                )
-            rel = entry[0]
-            # Plain concatenation equals os.path.join for relative paths and is ~5x faster,
-            # which matters for 100k-entry split files.
-            path = os.path.join(image_root, rel) if os.path.isabs(rel) else prefix + rel
-            items.append(Datum(path, entry[1], entry[2]))
-        out[split] = items
-    return out
+    return data
+
+
+def _split_entry(where: str, entry) -> tuple[str, int, str]:
+    """``[relative_path, label, classname]`` with each value of the right type, else one line naming it."""
+    if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+        raise VlpromptError(f"{where} = {brief(entry)} is not [relative_path, label >= 0, classname]")
+    rel, label, classname = entry
+    check_path_text(where, rel)
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        problem = f"label must be an integer >= 0, got {brief(label)}"
+    elif not isinstance(classname, str) or not classname.strip():
+        problem = f"class name must be a non-empty string, got {brief(classname)}"
+    else:
+        problem = None
+    if problem:
+        raise VlpromptError(f"{where} = {brief(entry)}: {problem}")
+    return rel, label, classname
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +281,9 @@ def read_fgvc_aircraft(dataset_dir: str) -> RawSplits:
     variants = read_text_lines(variants_file, "FGVC variants file")
     cname2lab = {name: i for i, name in enumerate(variants)}
     image_dir = os.path.join(os.path.abspath(dataset_dir), "images")
+    prefix = folder_prefix(image_dir)
     splits = {}
+    outside: list[OutsideEntry] = []
     for split in ("train", "val", "test"):
         path = os.path.join(dataset_dir, f"images_variant_{split}.txt")
         items = []
@@ -269,6 +292,12 @@ def read_fgvc_aircraft(dataset_dir: str) -> RawSplits:
             classname = " ".join(parts[1:])
             if classname not in cname2lab:
                 raise VlpromptError(f"{path}:{n}: variant {classname!r} is not listed in {variants_file}")
-            items.append(Datum(os.path.join(image_dir, parts[0] + ".jpg"), cname2lab[classname], classname))
+            rel = parts[0] + ".jpg"
+            check_path_text(f"{path}:{n}", rel)
+            image = os.path.join(image_dir, rel)
+            if leaves_folder(prefix, rel):
+                image = os.path.normpath(image)
+                outside.append(OutsideEntry(outside_message(f"{path}:{n}", rel, prefix), image))
+            items.append(Datum(image, cname2lab[classname], classname))
         splits[split] = items
-    return RawSplits(splits["train"], splits["val"], splits["test"], "fgvc_variant_txt", [])
+    return RawSplits(splits["train"], splits["val"], splits["test"], "fgvc_variant_txt", [], tuple(outside))

@@ -48,8 +48,7 @@ class DatasetSpec:
                 f"split file not found: {json_path}; download CoOp's released {self.split_json} "
                 "(see CoOp's DATASETS.md) and put it there"
             )
-        s = readers.load_split_json(json_path, os.path.join(dataset_dir, self.image_root))
-        return RawSplits(s["train"], s["val"], s["test"], "split_json", [])
+        return readers.read_split_json(json_path, os.path.join(dataset_dir, self.image_root))
 
 
 def _json(name, display, dir_, image_root, template) -> DatasetSpec:

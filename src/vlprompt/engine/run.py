@@ -39,9 +39,12 @@ from ..utils.faults import fault_point
 from ..utils.hardware import resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
+from ..utils.safe_yaml import load_yaml_file
+from ..utils.threads import apply_threads, choose_threads
 from .checkpoint import Checkpointer, checkpoint_folder, differing_keys
 from .evaluate import accuracy_report, classify
 from .feature_store import FeatureStore
+from .run_folder import commit_run_folder, recorded_key, stage_run_folder
 from .schedule import default_epochs
 from .trainer import ExactFeatures, FeatureBank, TrainSettings, train_prompt
 
@@ -123,7 +126,7 @@ def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, tra
 
 SCHEMA_VERSION = 2
 # RunConfig keys that change how a run is carried out but never its result: left out of its identity.
-NON_RESULT_KEYS = ("output", "progress", "num_workers", "test_batch_size", "feature_cache", "cache_dir",
+NON_RESULT_KEYS = ("output", "progress", "num_workers", "threads", "test_batch_size", "feature_cache", "cache_dir",
                    "checkpoint_every", "resume", "keep_checkpoints", "overwrite")
 
 
@@ -184,32 +187,6 @@ def backbone_for(cfg: RunConfig, backbone: Optional[Backbone]) -> Backbone:
     return backbone
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stage_run_folder(out: Path) -> Path:
-    """A fresh hidden staging folder beside ``out`` (``.<name>.partial-<pid>``), made before any work so
-    that an output that cannot be written fails at once; staging folders of dead processes are removed."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for old in out.parent.glob(f".{out.name}.partial-*"):
-            pid = old.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
-                shutil.rmtree(old, ignore_errors=True)
-        stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-        stage.mkdir()
-    except OSError as exc:
-        raise VlpromptError(f"cannot write the run folder {out}: {exc.strerror or exc}") from None
-    return stage
-
-
 def check_output(out: Path, cfg: RunConfig, key: str) -> None:
     """Before any work: ``out`` must be a folder (or not exist yet), and a finished run there of another
     configuration (``key`` differs from its recorded ``config_key``) is replaced only with ``overwrite``."""
@@ -217,42 +194,20 @@ def check_output(out: Path, cfg: RunConfig, key: str) -> None:
         raise VlpromptError(f"output {out} exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()) or cfg.overwrite:
         return
-    try:
-        recorded = json.loads((out / "metrics.json").read_text())["config_key"]
-    except (OSError, ValueError, KeyError, TypeError):
+    recorded = recorded_key(out)
+    if recorded is None:
         raise VlpromptError(f"output {out} is a folder that holds no finished run; choose another --output or "
-                            "pass --overwrite to replace it") from None
+                            "pass --overwrite to replace it")
     if recorded == key:
         return
     try:
-        import yaml
-
-        old = yaml.safe_load((out / "config.yaml").read_text()) or {}
-        keys = differing_keys(result_identity(old), result_identity(cfg.to_dict()))
-    except (OSError, ValueError, AttributeError, ImportError):
+        old = load_yaml_file(out / "config.yaml", "run record")
+        keys = differing_keys(result_identity(old), result_identity(cfg.to_dict())) if isinstance(old, dict) else []
+    except VlpromptError:
         keys = []
     what = f"differs in: {', '.join(keys)}" if keys else "another prompt or configuration"
     raise VlpromptError(f"output {out} holds a finished run of another configuration ({what}); pass --overwrite "
                         "to replace it, or another --output")
-
-
-def commit_run_folder(stage: Path, out: Path) -> None:
-    """Move the complete staged run into place; a finished run already there is replaced as a whole."""
-    try:
-        if not out.exists():
-            os.replace(stage, out)
-            return
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        try:
-            os.replace(stage, out)
-        except OSError:
-            os.replace(old, out)  # the finished run stays where it was
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        raise VlpromptError(f"cannot move the finished run into {out}: {exc.strerror or exc}") from None
 
 
 def write_run_files(folder: Path, cfg: RunConfig, metrics: dict) -> None:
@@ -299,6 +254,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
     of encoded test splits; without them this run loads its own and releases them when it returns.
     """
     store = store if store is not None else FeatureStore()
+    threads_before = torch.get_num_threads()  # a run's thread choice ends with it
     t_total = time.perf_counter()
     timings = {}
     method = get_method(cfg.method)
@@ -324,6 +280,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
         commit_run_folder(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
+        torch.set_num_threads(threads_before)
     if checkpoint is not None:
         checkpoint.keep_in(out) if cfg.keep_checkpoints else checkpoint.discard()
     say(f"{cfg.method} on {metrics['dataset']}: top-1 {metrics['test']['accuracy']:.2f}%  "
@@ -351,7 +308,11 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     t = time.perf_counter()
     bb = backbone if backbone is not None else backbone_from_config(cfg)  # checked above
     timings["load_backbone_s"] = time.perf_counter() - t
-    say(f"backbone {bb.source.describe()} ({bb.precision})", cfg.progress)
+    threads = choose_threads(cfg.threads, bb.text.width) if bb.device.type == "cpu" else None
+    if threads is not None:
+        apply_threads(threads)
+    say(f"backbone {bb.source.describe()} ({bb.precision})"
+        + (f", {threads.threads} thread(s): {threads.reason}" if threads else ""), cfg.progress)
 
     # The test split first: an unreadable test image is found before training, not after it.
     t = time.perf_counter()
@@ -417,6 +378,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
         "deviations": deviations(cfg, bb, epochs, paper_epochs, by_sgd, ds.info.get("notes"))
         + extra_deviations,
         "train_mode": cfg.train_mode if by_sgd else None,
+        "execution": {"threads": threads.as_record() if threads else None},
     }
     write_run_files(stage, cfg, metrics)
     return metrics
@@ -470,7 +432,25 @@ def eval_config(prompt: str | os.PathLike, cfg_overrides: dict) -> tuple[RunConf
         values["pretrained"] = recorded.get("pretrained") or "random"
     values["method"] = pcfg.get("method", "coop")
     values.pop("output", None)
+    _check_recorded_paths(values, overrides, run_cfg, path.parent / "config.yaml")
     return RunConfig(**values), path
+
+
+def _check_recorded_paths(values: dict, overrides: dict, recorded: dict, record: Path) -> None:
+    """A dataset folder or data root taken from a run's record that is no longer there: one line saying that
+    the path came from the record and how to point at the new place."""
+    from ..data.registry import DATASETS
+
+    dataset, root = values.get("dataset"), values.get("root")
+    if "dataset" not in overrides and dataset and dataset == recorded.get("dataset") and dataset not in DATASETS:
+        under_root = root and os.path.isdir(os.path.join(os.path.expanduser(str(root)), str(dataset)))
+        if not os.path.isdir(os.path.expanduser(str(dataset))) and not under_root:
+            raise VlpromptError(f"dataset folder {dataset} (recorded in {record}) no longer exists; if it moved, "
+                                "pass --dataset NEW_FOLDER")
+    if "root" not in overrides and root and root == recorded.get("root") and dataset in DATASETS:
+        if not os.path.isdir(os.path.expanduser(str(root))):
+            raise VlpromptError(f"data root {root} (recorded in {record}) no longer exists; if the data moved, "
+                                "pass --root NEW_ROOT")
 
 
 def _same_dataset(a, b) -> bool:

@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config import RunConfig
+from ..config import RunConfig, check_plain_mapping, check_values
 from ..engine.feature_store import FeatureStore
 from ..engine.run import backbone_from_config, config_key, eval_config, eval_key, evaluate_prompt, run
 from ..errors import VlpromptError
 from ..methods import get_method
 from ..methods.base import parse_options
 from ..presets import resolve_preset
+from ..engine.run_folder import clean_stale_tree, recorded_key
+from ..utils.folder_lock import FolderLock
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
 from . import base2new, dg, fewshot, xd
@@ -55,6 +58,9 @@ class MethodSpec:
 
     def __post_init__(self):
         self.label = self.label or self.method
+        # The label names the method's run folders: a plain name, so that no label reaches outside the study.
+        if not re.fullmatch(r"[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*", self.label):
+            raise VlpromptError(f"method label {self.label!r}: use letters, digits and _ . + = - (it names folders)")
 
     @property
     def trains(self) -> bool:
@@ -116,35 +122,87 @@ class StudySpec:
     @classmethod
     def from_dict(cls, data: dict, where: str = "study") -> "StudySpec":
         """A study definition as YAML holds it. Besides the spec's own keys, any RunConfig key at the top
-        level is a shared setting; a method is a name or a mapping with the keys of `MethodSpec`."""
+        level is a shared setting; a method is a name or a mapping with the keys of `MethodSpec`. Every key
+        and value is checked here, so a bad one is one line naming ``where`` and the key."""
         if not isinstance(data, dict):
             raise VlpromptError(f"{where}: expected a mapping")
         own = {f.name for f in dataclasses.fields(cls)}
-        settings = dict(data.get("settings") or {})
+        shared = set(RunConfig.keys()) - set(UNIT_KEYS)
+        settings = data.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise VlpromptError(f"{where}: settings: expected a mapping of train settings, got "
+                                f"{type(settings).__name__}")
+        settings = dict(settings)
         for key, value in data.items():
             if key in own:
                 continue
-            if key in RunConfig.keys() and key not in UNIT_KEYS:
+            if isinstance(key, str) and key in shared:
                 settings[key] = value
             else:
-                raise VlpromptError(f"{where}: unknown key '{key}' (study keys: {', '.join(sorted(own))}, "
+                raise VlpromptError(f"{where}: unknown key {key!r} (study keys: {', '.join(sorted(own))}, "
                                     "or any train setting)")
-        methods = []
-        for i, m in enumerate(data.get("methods") or []):
-            if isinstance(m, str):
-                methods.append(MethodSpec(m))
-                continue
-            if not isinstance(m, dict) or "method" not in m:
-                raise VlpromptError(f"{where}: methods[{i}] must be a method name or a mapping with 'method'")
-            extra = sorted(set(m) - {f.name for f in dataclasses.fields(MethodSpec)})
-            if extra:
-                raise VlpromptError(f"{where}: methods[{i}]: unknown key '{extra[0]}'")
-            methods.append(MethodSpec(**m))
+        settings = check_values(settings, f"{where}: settings", allowed=shared)
+        methods = data.get("methods") or []
+        if isinstance(methods, str):
+            methods = [m.strip() for m in methods.split(",") if m.strip()]
+        if not isinstance(methods, list):
+            raise VlpromptError(f"{where}: methods: expected a list of method names or mappings")
         values = {k: data[k] for k in own if k in data and k not in ("methods", "settings")}
-        for key in ("datasets", "targets", "shots", "seeds"):
-            if isinstance(values.get(key), (str, int)):
-                values[key] = [v.strip() for v in str(values[key]).split(",") if v.strip()]
-        return cls(methods=methods, settings=settings, **values)
+        for key, kind in (("datasets", str), ("targets", str), ("shots", int), ("seeds", int)):
+            if key in values:
+                values[key] = _typed_list(values[key], kind, f"{where}: {key}")
+        for key in ("protocol", "source", "output"):
+            if values.get(key) is not None and not isinstance(values[key], str):
+                raise VlpromptError(f"{where}: {key}: expected a name, got {values[key]!r}")
+        return cls(methods=[_method_spec(m, f"{where}: methods[{i}]", shared) for i, m in enumerate(methods)],
+                   settings=settings, **values)
+
+
+def _typed_list(value, kind, where: str) -> list:
+    """A list of names or numbers, written as a YAML list or a comma-separated string."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [v.strip() for v in str(value).split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise VlpromptError(f"{where}: expected a list, got {type(value).__name__}")
+    out = []
+    for i, v in enumerate(value):
+        if kind is int:
+            try:
+                if isinstance(v, bool) or isinstance(v, float):
+                    raise ValueError
+                out.append(int(v))
+            except (TypeError, ValueError):
+                raise VlpromptError(f"{where}[{i}]: expected a whole number, got {v!r}") from None
+        elif isinstance(v, (str, int)) and not isinstance(v, bool):
+            out.append(str(v))
+        else:
+            raise VlpromptError(f"{where}[{i}]: expected a name, got {v!r}")
+    return out
+
+
+def _method_spec(m, where: str, shared: set) -> MethodSpec:
+    """One entry of a study's ``methods``: a name, or a mapping with MethodSpec's keys, each checked."""
+    if isinstance(m, str):
+        return MethodSpec(m)
+    if not isinstance(m, dict) or not isinstance(m.get("method"), str):
+        raise VlpromptError(f"{where}: must be a method name or a mapping with 'method: NAME'")
+    extra = sorted(str(k) for k in set(m) - {f.name for f in dataclasses.fields(MethodSpec)})
+    if extra:
+        raise VlpromptError(f"{where}: unknown key '{extra[0]}' (keys: method, label, options, preset, overrides)")
+    for key in ("label", "preset"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise VlpromptError(f"{where}: {key}: expected a name, got {m[key]!r}")
+    if m.get("options") is not None:
+        check_plain_mapping(m["options"], f"{where}: options")
+    overrides = m.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise VlpromptError(f"{where}: overrides: expected a mapping of train settings")
+    values = {**m, "options": dict(m.get("options") or {}),
+              "overrides": check_values(overrides, f"{where}: overrides", allowed=shared)}
+    try:
+        return MethodSpec(**values)
+    except VlpromptError as exc:
+        raise VlpromptError(f"{where}: {exc}") from None
 
 
 def run_config(spec: StudySpec, m: MethodSpec, **unit_values) -> RunConfig:
@@ -182,13 +240,6 @@ def read_index(study_dir: Path) -> dict:
     return {u["uid"]: u for u in data.get("units", []) if isinstance(u, dict) and "uid" in u}
 
 
-def _finished_key(folder: Path) -> Optional[str]:
-    try:
-        return json.loads((folder / "metrics.json").read_text()).get("config_key")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-
-
 class Study:
     """A study folder and the state of its units, saved to index.json after every change."""
 
@@ -219,7 +270,7 @@ class Study:
         if unit.kind == "run":
             return config_key(unit.cfg.to_dict())
         trained = self.folder(unit.after)
-        prompt_key = _finished_key(trained)
+        prompt_key = recorded_key(trained)
         if prompt_key is None:
             return None
         cfg, _ = eval_config(trained, unit.eval_overrides)
@@ -230,7 +281,7 @@ class Study:
             key = self.expected_key(unit)
         except VlpromptError:
             return False
-        return key is not None and _finished_key(self.folder(unit.uid)) == key
+        return key is not None and recorded_key(self.folder(unit.uid)) == key
 
 
 @dataclass
@@ -248,12 +299,21 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False, rerun: bool = False,
-              progress: bool = True) -> StudyResult:
-    """Carry out (or continue) a study in this process; see the module docstring for what is kept."""
-    study = Study(spec, Path(study_dir), progress)
-    study.dir.mkdir(parents=True, exist_ok=True)
+              progress: bool = True, wait: bool = False) -> StudyResult:
+    """Carry out (or continue) a study in this process; see the module docstring for what is kept. One
+    process drives a study folder at a time: another one refuses in one line naming the holder, or with
+    ``wait`` waits for it (and then skips what it finished)."""
+    with FolderLock(Path(study_dir), "study", wait=wait, on_wait=lambda msg: say(msg, progress)):
+        return _run_study(spec, Path(study_dir), retry_failed, rerun, progress)
+
+
+def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool, progress: bool) -> StudyResult:
+    study = Study(spec, study_dir, progress)
     for stale in study.dir.glob(".*.tmp"):  # an index write cut short by a kill
         stale.unlink(missing_ok=True)
+    cleaned = clean_stale_tree(study.dir / "runs")  # staging and replaced copies of killed runs
+    if cleaned:
+        say(f"study: removed {cleaned} unfinished run folder(s) left by killed processes", progress)
     todo = []
     for u in study.units:
         entry = study.entries[u.uid]
@@ -276,12 +336,11 @@ def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False
         if u.kind == "run":
             _backbone(backbones, u.cfg)
     store = FeatureStore()
-    durations: list[float] = []
+    durations: dict[str, list[float]] = {}  # seconds per finished unit, by method label and kind
     done = 0
     for i, u in enumerate(todo, 1):
         entry = study.entries[u.uid]
-        eta = f", ETA {_fmt_s(sum(durations) / len(durations) * (len(todo) - i + 1))}" if durations else ""
-        say(f"study: run {i}/{len(todo)}{eta}: {u.uid}", progress)
+        say(f"study: run {i}/{len(todo)}, {_eta(todo[i - 1:], durations)}: {u.uid}", progress)
         if u.after and study.entries[u.after]["state"] != "done":
             entry.update(state="failed", error=f"its training run {u.after} did not finish")
             study.save()
@@ -305,8 +364,9 @@ def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False
             study.save()
             say(f"study: run {i}/{len(todo)} {u.uid} FAILED: {entry['error']}", progress)
             continue
-        durations.append(time.perf_counter() - t)
-        entry.update(state="done", key=metrics["config_key"], error=None, seconds=durations[-1])
+        seconds = time.perf_counter() - t
+        durations.setdefault(_kind(u), []).append(seconds)
+        entry.update(state="done", key=metrics["config_key"], error=None, seconds=seconds)
         study.save()
         done += 1
     failed = [(uid, e["error"]) for uid, e in study.entries.items() if e["state"] == "failed"]
@@ -324,23 +384,34 @@ def _backbone(cache: dict, cfg: RunConfig):
     return cache[key]
 
 
+def _kind(u: Unit) -> str:
+    return f"{u.role.get('method')}/{u.kind}"
+
+
+def _eta(remaining: list[Unit], durations: dict[str, list[float]]) -> str:
+    """The study's time left: each remaining unit at the mean time of the finished units of its method and
+    kind (a linear-probe search and a zero-shot run differ by orders of magnitude), else of all of them."""
+    every = [s for values in durations.values() for s in values]
+    if not every:
+        return "ETA after the first run"
+    overall = sum(every) / len(every)
+    known = {k: sum(v) / len(v) for k, v in durations.items()}
+    guessed = any(_kind(u) not in known for u in remaining)
+    left = sum(known.get(_kind(u), overall) for u in remaining)
+    return f"ETA {'~' if guessed else ''}{_fmt_s(left)}"
+
+
 def _fmt_s(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def load_study_file(path: str) -> StudySpec:
-    """A study definition from a YAML file (one clear line for a bad file)."""
-    import yaml
+    """A study definition from a YAML file (bounded parsing; one clear line for a bad file)."""
+    from ..utils.safe_yaml import load_yaml_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise VlpromptError(f"study file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise VlpromptError(f"study file {path} is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise VlpromptError(f"study file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = load_yaml_file(path, "study file")
     if isinstance(data, dict) and "protocol" not in data:
         raise VlpromptError(f"study file {path}: missing key 'protocol' (one of {', '.join(PROTOCOLS)})")
     return StudySpec.from_dict(data, where=f"study file {path}")

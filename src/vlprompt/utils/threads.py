@@ -1,0 +1,87 @@
+"""How many CPU threads a run uses: chosen for the load on the machine and the size of the work.
+
+PyTorch starts one intra-op thread per core. Beside other busy processes those threads outnumber the free
+cores, and every one of a training step's many small operations waits for its slowest thread, which the
+scheduler has put behind another process: measured here, a run slowed 4.8x beside two busy processes where
+its fair share is 2x. So a run takes the cores that are free when it starts (never fewer than one), and a
+small model, whose operations are too small to split, takes one. ``threads`` overrides the choice; the
+number used and why are recorded in the run's metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+# Text-tower width below which the matrices of one step are too small for a second thread to pay off.
+SMALL_MODEL_WIDTH = 256
+
+
+@dataclass
+class ThreadChoice:
+    threads: int
+    reason: str
+
+    def as_record(self) -> dict:
+        return {"threads": self.threads, "reason": self.reason}
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _runnable_now() -> Optional[int]:
+    """Threads runnable on the machine at this instant (the kernel's count in /proc/loadavg, this one
+    included); None where there is no such file."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy_cores(samples: int = 7, interval_s: float = 0.02) -> float:
+    """Cores kept busy by other processes now: the median over a few instants of the runnable threads
+    besides this one (the one-minute load average elsewhere, which lags)."""
+    counts = []
+    for i in range(samples):
+        n = _runnable_now()
+        if n is None:
+            break
+        counts.append(max(n - 1, 0))
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    if counts:
+        return float(statistics.median(counts))
+    try:
+        return max(os.getloadavg()[0] - 1.0, 0.0)
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def choose_threads(requested: Optional[int], model_width: Optional[int] = None) -> ThreadChoice:
+    """``requested`` threads when given; else one for a small model, else the cores free now."""
+    cores = usable_cores()
+    if requested:
+        return ThreadChoice(requested, "asked for (--threads)")
+    if model_width is not None and model_width < SMALL_MODEL_WIDTH:
+        return ThreadChoice(1, f"small model (width {model_width} < {SMALL_MODEL_WIDTH}): its operations are "
+                               "too small to split")
+    busy = busy_cores()
+    free = max(1, min(cores, round(cores - busy)))
+    if free == cores:
+        return ThreadChoice(cores, f"all {cores} cores are free")
+    return ThreadChoice(free, f"{free} of {cores} cores free ({busy:g} busy with other work)")
+
+
+def apply_threads(choice: ThreadChoice) -> None:
+    import torch
+
+    if torch.get_num_threads() != choice.threads:
+        torch.set_num_threads(choice.threads)
