@@ -153,3 +153,78 @@ def test_bf16_casts_the_frozen_weights_once():
     assert all(p.dtype == torch.bfloat16 for p in bb.model.parameters())
     img, txt = outputs(bb)
     assert img.dtype == torch.float32 and txt.dtype == torch.float32
+
+
+# -- TorchScript archives are read without torch.jit.load: compared with it here, key by key ----------------------
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int, bias: bool):
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width, bias=bias)  # bias=False: a parameter slot holding None
+        self.norm = torch.nn.BatchNorm1d(width)  # buffers, one of them an int64 counter
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, width))
+        self.register_buffer("mask", torch.triu(torch.ones(width, width)), persistent=False)  # kept by TorchScript
+
+    def forward(self, x):
+        return self.norm(self.proj(x)) * self.scale + x @ self.mask
+
+
+class _Nested(torch.nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.first = _Block(4, bias=True)
+        self.layers = torch.nn.ModuleList([_Block(4, bias=False), _Block(4, bias=True)])
+        self.head = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+        self.temperature = torch.nn.Parameter(torch.tensor(2.5))
+        self.constant = torch.ones(3)  # a plain tensor attribute: neither parameter nor buffer
+        self.ids = [1, 2]  # a List[int] attribute: pickled through TorchScript's typed-list helpers
+
+    def forward(self, x):
+        x = self.first(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x) * self.temperature + self.constant * len(self.ids)
+
+
+def _same_state_dict(path) -> None:
+    from vlprompt.backbones.torchscript_reader import read_torchscript_state_dict
+
+    reference = torch.jit.load(str(path), map_location="cpu").state_dict()
+    got = read_torchscript_state_dict(path)
+    assert list(got) == list(reference)
+    for key, want in reference.items():
+        assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+        assert torch.equal(got[key], want), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_reader_equals_jit_load_on_nested_modules(tmp_path, how, dtype):
+    torch.manual_seed(0)
+    module = _Nested().eval()
+    module.first.norm.running_mean.normal_()
+    module.layers[1].norm.num_batches_tracked.fill_(7)
+    module.to(dtype)
+    other = torch.float16 if dtype == torch.float32 else torch.float32
+    module.layers[0].register_buffer("stats", torch.randn(5).to(other))  # one archive holds fp16 and fp32
+    example = torch.randn(2, 4, dtype=dtype)
+    scripted = torch.jit.script(module) if how == "script" else torch.jit.trace(module, example, check_trace=False)
+    scripted.save(str(tmp_path / "m.pt"))
+    _same_state_dict(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("arch", [TINY, "vlprompt-tiny-RN"])
+@pytest.mark.parametrize("how", ["script", "trace", "trace_fp16"])
+def test_torchscript_reader_equals_jit_load_on_the_tiny_clips(tmp_path, arch, how):
+    bb = load(arch, random_init_seed=3)
+    model = bb.model
+    if how == "script":
+        archive = torch.jit.script(model)
+    else:
+        images, tokens = torch.randn(1, 3, bb.image_size, bb.image_size), bb.tokenize(["a"])
+        archive = torch.jit.trace(model, (images, tokens), check_trace=False, strict=False)
+        if how == "trace_fp16":
+            archive = archive.half()  # OpenAI's released archives hold fp16 weights
+    archive.save(str(tmp_path / "clip.pt"))
+    _same_state_dict(tmp_path / "clip.pt")

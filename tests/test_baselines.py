@@ -47,6 +47,7 @@ def test_c_search_follows_its_definition_on_a_constructed_case():
     assert search_c(lambda c: 0.5, steps=0)[0] == 1e6
 
 
+@pytest.mark.filterwarnings("ignore:The number of unique classes is greater than 50%")  # the direct fit below
 def test_linear_probe_equals_sklearn_fitted_directly_with_the_selected_c(caltech_root, bb, tmp_path):
     from sklearn.linear_model import LogisticRegression
 
@@ -56,13 +57,16 @@ def test_linear_probe_equals_sklearn_fitted_directly_with_the_selected_c(caltech
     m = run(cfg, backbone=bb)
     fit = m["train"]["fit"]
     c = fit["selected"]["c"]
-    assert [e["c"] for e in fit["search"][:7]] == list(C_GRID) and len(fit["search"]) == 7 + 8
+    steps = fit["search"]["steps"]
+    assert fit["search"]["validated"] is True and fit["search"]["split"] == "val"
+    assert [e["c"] for e in steps[:7]] == list(C_GRID) and len(steps) == 7 + 8
     ds = vp.load_dataset("caltech101", str(caltech_root), shots=1, seed=1)
     assert len(ds.val) == 100  # min(1, 4) per class: the split C was selected on
     tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
     x, y = encode_items(bb, ds.train, tf, progress=False)
     xt, yt = encode_items(bb, ds.test, tf, progress=False)
-    direct = LogisticRegression(solver="lbfgs", max_iter=100, C=c).fit(x.numpy(), y.numpy())
+    # lpclip's features are float64 (its extractor writes them through Python lists), and so are the probe's.
+    direct = LogisticRegression(solver="lbfgs", max_iter=100, C=c).fit(x.double().numpy(), y.numpy())
     expected = 100.0 * float((direct.predict(xt.numpy()) == yt.numpy()).mean())
     assert m["test"]["accuracy"] == pytest.approx(expected, rel=1e-6)  # float32 vs float64 mean of one count
     probe = vp.load_prompt(tmp_path / "lp", bb)
@@ -100,14 +104,14 @@ def test_tip_adapter_logits_equal_the_formula(bb):
     assert torch.allclose(tip_logits(f, tip.text, tip.keys, tip.values, 0.0, 1.0), 100.0 * F.normalize(f) @ tip.text.T)
 
 
-def test_tip_search_finds_the_first_strictly_best_pair():
+def test_tip_search_keep_initial_finds_the_first_strictly_best_pair():
     torch.manual_seed(1)
     d, n_cls = 16, 4
     text = F.normalize(torch.randn(n_cls, d), dim=-1)
     keys = F.normalize(torch.randn(12, d), dim=-1)
     values = F.one_hot(torch.arange(12) % n_cls, n_cls).float()
     f, y = torch.randn(30, d), torch.randint(0, n_cls, (30,))
-    alpha, beta, acc = search_alpha_beta(f, y, text, keys, values, 3.0, 2.0, 1.0, 1.0)
+    alpha, beta, acc = search_alpha_beta(f, y, text, keys, values, 3.0, 2.0, 1.0, 1.0, rule="keep_initial")
     fn = F.normalize(f, dim=-1)
 
     def accuracy(a, b):
@@ -131,7 +135,11 @@ def test_tip_adapter_run_records_its_search(caltech_root, bb, tmp_path):
     m = run(cfg, backbone=bb)
     sel = m["train"]["fit"]["selected"]
     assert m["train"]["fit"]["options"]["search_scale"] == [12, 5]  # Tip's caltech101 config
+    assert m["train"]["fit"]["options"]["search_rule"] == "official"
+    assert m["train"]["fit"]["search"] == {"validated": True, "split": "val", "n_images": 200, "rule": "official",
+                                           "val_accuracy": sel["val_accuracy"]}
     assert sel["val_accuracy"] is not None and any("few-shot val" in d for d in m["deviations"])
+    assert not any("search_rule" in d for d in m["deviations"])
     tip = vp.load_prompt(tmp_path / "tip", bb)
     assert (tip.alpha, tip.beta) == (sel["alpha"], sel["beta"])
     assert tip.keys.shape == (200, bb.embed_dim) and torch.allclose(tip.keys.norm(dim=-1), torch.ones(200))

@@ -19,7 +19,7 @@ from support import TINY_VIT, tiny_backbone
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
-from vlprompt.engine.checkpoint import CHECKPOINT_FILE, checkpoint_folder
+from vlprompt.engine.checkpoint import CHECKPOINT_FILE, checkpoint_folder, read_checkpoint
 from vlprompt.engine.run import run
 
 VALUES = {"backbone": TINY_VIT, "pretrained": "random", "shots": 2, "epochs": 2, "batch_size": 4,
@@ -73,7 +73,7 @@ def test_full_disk_while_writing_a_checkpoint(shapes, reference, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = errors(proc)
     assert "cannot write the checkpoint" in line and "No space left on device" in line and "intact" in line
-    saved = torch.load(checkpoint_folder(out) / CHECKPOINT_FILE, weights_only=False)
+    saved = read_checkpoint(checkpoint_folder(out) / CHECKPOINT_FILE)
     assert (saved["epoch"], saved["step_in_epoch"]) in ((0, 2), (1, 0))  # the second save, untouched
     assert not out.exists() and not list(checkpoint_folder(out).glob("*.tmp"))
     healthy = cli(shapes, out)  # the next run resumes from the intact checkpoint and ends where it should

@@ -89,8 +89,10 @@ def test_run_is_checked_against_kgcoops_recipe_and_coop_is_unchanged(shapes, bb,
     assert "kgcoop option weight=4.0 (recipe: 8.0)" in devs
     assert not any("n_ctx" in d or "ctx_init" in d for d in devs)  # the preset's "a photo of a" was used
     epochs = m["train"]["epochs"]
-    assert {"loss", "ce", "kg"} <= set(epochs[0]) and m["method_options"] == {"hand_templates": "dataset",
-                                                                             "ensemble_hand": 0.0, "weight": 4.0}
+    assert {"loss", "ce", "kg"} <= set(epochs[0]) and m["method_options"] == {
+        "hand_templates": "dataset", "ensemble_hand": 0.0, "weight": 4.0, "handcrafted_precision": "backbone"}
+    assert ("kgcoop: hand-crafted text features encoded in fp32 (KgCoOp: by an fp16 copy of CLIP, even in fp32 "
+            "runs; option handcrafted_precision=fp16 follows it)") in devs
     assert epochs[0]["kg"] == pytest.approx(0.0, abs=1e-4)  # warm-up epoch: still at the hand-crafted prompt
     coop = run(vp.RunConfig.from_sources(dataset=shapes, method="coop", shots=4, epochs=1, n_ctx=4,
                                          output=str(tmp_path / "coop"), **TINY), backbone=bb)

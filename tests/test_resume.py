@@ -19,7 +19,7 @@ from support import TINY_VIT, tiny_backbone
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
-from vlprompt.engine.checkpoint import CHECKPOINT_FILE, checkpoint_folder
+from vlprompt.engine.checkpoint import CHECKPOINT_FILE, checkpoint_folder, read_checkpoint
 from vlprompt.engine.run import run
 from vlprompt.methods import METHODS
 
@@ -82,7 +82,7 @@ def test_killed_at_a_random_step_resumes_to_the_uninterrupted_result(method, mod
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists()  # nothing of a half-finished run is where the result goes
-    saved = torch.load(checkpoint_folder(out) / CHECKPOINT_FILE, weights_only=False)
+    saved = read_checkpoint(checkpoint_folder(out) / CHECKPOINT_FILE)
     assert saved["epoch"] * (n_steps(bb, shapes) // EPOCHS) + saved["step_in_epoch"] == kill_at
     resumed = run(vp.RunConfig.from_sources(**values, output=str(out), progress=False))
     assert resumed["test"] == reference["test"]
@@ -139,7 +139,7 @@ def test_keep_checkpoints_moves_the_last_one_into_the_run(shapes, bb, tmp_path):
     values = settings(shapes, "coop", "feature_bank", "fp32")
     run(vp.RunConfig.from_sources(**values, keep_checkpoints=True, output=str(tmp_path / "run"), progress=False),
         backbone=bb)
-    kept = torch.load(tmp_path / "run" / "checkpoint" / CHECKPOINT_FILE, weights_only=False)
+    kept = read_checkpoint(tmp_path / "run" / "checkpoint" / CHECKPOINT_FILE)
     assert kept["epoch"] == EPOCHS and kept["step_in_epoch"] == 0
     assert not checkpoint_folder(tmp_path / "run").exists()
 

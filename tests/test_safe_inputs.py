@@ -326,6 +326,10 @@ def test_a_run_with_relative_paths_evaluates_from_another_directory(shapes, tmp_
               f"dataset folder {data / 'shapes'}", "recorded in", "config.yaml", "--dataset NEW_FOLDER")
     assert main(["eval", str(tmp_path / "work" / "runs" / "r"), "--dataset", str(tmp_path / "moved"),
                  "--output", "e3", "--quiet"]) == 0
+    moved = json.loads((elsewhere / "e3" / "metrics.json").read_text())
+    # The dataset is the same one wherever it lies: its fingerprint (classes, relative paths, labels) is kept.
+    assert moved["data"]["fingerprint"] == evaluated["data"]["fingerprint"] == trained["data"]["fingerprint"]
+    assert moved["data"]["root"] != evaluated["data"]["root"] and moved["test"] == evaluated["test"]
 
 
 # -- threads -----------------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ Four sources, chosen explicitly by the caller:
   dict in ``.pt`` / ``.pth`` / ``.bin`` / ``.safetensors``;
 - ``name="path/to/arch.json"``: a custom architecture description (tests use tiny ones);
 - neither: random initialisation from a fixed seed, with a loud warning that accuracy is meaningless.
+
+No weights file can run code when read: safetensors files are read by safetensors, pickled state dicts by
+``torch.load(weights_only=True)`` (tensors and plain values only), TorchScript archives by a restricted reader
+(`torchscript_reader`), never by ``torch.jit.load``. Files open_clip downloads for a tag go through the same.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import contextlib
 import io
 import json
 import os
+import pickle
+import re
 import socket
+import threading
 import warnings
 import zipfile
 from importlib import resources
@@ -27,6 +34,7 @@ from ..errors import VlpromptError
 from ..utils.hardware import resolve_precision
 from ..utils.progress import logger as vlprompt_logger
 from .backbone import Backbone, BackboneSource
+from .torchscript_reader import read_torchscript_state_dict
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 RANDOM_WARNING = (
@@ -37,6 +45,7 @@ RANDOM_WARNING = (
 
 HUB_HOST = ("huggingface.co", 443)
 log = vlprompt_logger.getChild("backbones")  # "vlprompt.backbones": see vlprompt.utils.progress
+_OPEN_CLIP_PATCH = threading.Lock()  # see _open_clip_reads_safely
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
@@ -127,24 +136,23 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _read_state_dict(path: Path) -> tuple[dict, bool]:
-    """(state dict, came from a TorchScript archive). OpenAI's released .pt files are TorchScript."""
+    """(state dict, came from a TorchScript archive). OpenAI's released .pt files are TorchScript: their tensors
+    are read by our restricted reader, never by torch.jit.load; other .pt/.pth/.bin/.ckpt files by torch.load with
+    weights_only=True (tensors and plain values only); .safetensors by safetensors."""
     if path.stat().st_size == 0:
         raise VlpromptError(f"weights file {path} is empty (0 bytes)")
     if _is_torchscript(path):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.load is deprecated, but it is OpenAI's format
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
-        except Exception as exc:
-            raise VlpromptError(f"cannot read TorchScript weights {path}: {str(exc).splitlines()[0][:200]}") from None
+        return read_torchscript_state_dict(path), True
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says it all
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise VlpromptError(f"cannot read weights file {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise _weights_file_error(path, exc) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
@@ -156,6 +164,50 @@ def _read_state_dict(path: Path) -> tuple[dict, bool]:
     if next(iter(sd)).startswith("module."):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd, False
+
+
+def _weights_file_error(path: Path, exc: Exception) -> VlpromptError:
+    """One line for a weights file torch.load or safetensors refused. torch's own text for a refused pickle
+    suggests loading it with weights_only=False; vlprompt never does that, so it says what it found instead."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text) if isinstance(exc, pickle.UnpicklingError) else None
+    if found:
+        return VlpromptError(f"weights file {path} is a pickle naming the global '{found.group(1)}'; vlprompt reads "
+                             "only tensors and plain values from weights files and does not load it, because "
+                             "loading it could run code")
+    if isinstance(exc, pickle.UnpicklingError):  # garbage, or a pickle in a form torch's safe reader refuses
+        return VlpromptError(f"cannot read weights file {path}: not a file of tensors that can be read without "
+                             "running code")
+    first = text.splitlines()[0][:200] if text.strip() else ""
+    if isinstance(exc, (RuntimeError, OSError)) and first and "weights_only" not in first:
+        return VlpromptError(f"cannot read weights file {path}: {first}")
+    return VlpromptError(f"cannot read weights file {path}: not a PyTorch or safetensors weights file "
+                         f"({type(exc).__name__})")
+
+
+@contextlib.contextmanager
+def _open_clip_reads_safely(oc):
+    """open_clip reads a pretrained tag's downloaded file (or a ``pretrained`` file path) with its
+    ``factory.load_state_dict``: torch.load with weights_only=True, but on a TypeError again with torch's default,
+    which unpickles anything on torch < 2.6 or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set. While a model is
+    created, that function is ours: the file goes through `_read_state_dict` (TorchScript without
+    torch.jit.load). A lock keeps two threads from swapping it at once."""
+    with _OPEN_CLIP_PATCH:
+        original = oc.factory.load_state_dict
+        oc.factory.load_state_dict = _state_dict_for_open_clip
+        try:
+            yield
+        finally:
+            oc.factory.load_state_dict = original
+
+
+def _state_dict_for_open_clip(checkpoint_path, device="cpu", weights_only=True) -> dict:
+    """What open_clip's ``load_state_dict`` returns, read by vlprompt's readers."""
+    sd, is_jit = _read_state_dict(Path(checkpoint_path))
+    if is_jit:  # OpenAI's archives carry these as buffers; open_clip drops them too
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            sd.pop(key, None)
+    return sd
 
 
 def _load_state(model, sd: dict, path: Path, arch: str) -> None:
@@ -237,9 +289,12 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
         oc = _open_clip()
         used_quick = pretrained == "openai" if quick_gelu is None else quick_gelu
         try:
-            with _offline_unless_reachable() as offline, contextlib.redirect_stderr(io.StringIO()):
+            with _offline_unless_reachable() as offline, contextlib.redirect_stderr(io.StringIO()), \
+                    _open_clip_reads_safely(oc):
                 model = oc.create_model(arch, pretrained=pretrained, force_quick_gelu=used_quick,
                                         cache_dir=cache_dir)
+        except VlpromptError:
+            raise  # our reader's line about the downloaded or named file
         except Exception as exc:
             if offline:
                 why = f"no model hub is reachable and '{pretrained}' weights for {arch} are not in the local cache"

@@ -218,6 +218,19 @@ def write_run_files(folder: Path, cfg: RunConfig, metrics: dict) -> None:
     atomic_write_json(folder / "metrics.json", metrics)
 
 
+def dataset_fingerprint(ds) -> str:
+    """The dataset as used, independent of where it lies: a hash of its class names and of every image of
+    every split as (path relative to the dataset folder, label). A moved dataset keeps its fingerprint."""
+    root = str(ds.info.get("root") or "")
+    digest = hashlib.sha256(json.dumps(ds.classnames).encode())
+    for split in (ds.train, ds.val, ds.test):
+        digest.update(b"|split|")
+        for item in split:
+            path = os.path.relpath(item.path, root) if root else item.path
+            digest.update(f"{path}\t{item.label}\n".encode())
+    return digest.hexdigest()[:20]
+
+
 def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, trains: bool) -> dict:
     """The fields every metrics.json starts with (one schema for trained, zero-shot and evaluated runs):
     the CLIP_benchmark-style summary (dataset, model, pretrained, task, metrics as fractions), then the
@@ -236,7 +249,8 @@ def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, tra
                     "mean_per_class_recall": report["macro_accuracy"] / 100.0},
         "config_key": config_key(cfg.to_dict()),
         "method": cfg.method,
-        "data": {"name": ds.name, "root": ds.info.get("root"), "shots": cfg.shots, "seed": cfg.seed,
+        "data": {"name": ds.name, "root": ds.info.get("root"), "fingerprint": dataset_fingerprint(ds),
+                 "shots": cfg.shots, "seed": cfg.seed,
                  "subsample": cfg.subsample, "template": cfg.template or ds.template,
                  "num_classes": ds.num_classes, "n_train": len(ds.train), "n_val": len(ds.val),
                  "n_test": len(ds.test), "classnames": ds.classnames,

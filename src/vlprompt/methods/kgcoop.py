@@ -3,10 +3,20 @@
 ``L = CE(100 z W_s^T, y) + w * (1 - mean_c cos(w_c^s, w_c^h))`` with ``w = 8``; ``w^h`` are the frozen
 hand-crafted features of the dataset's template, encoded once per run. The helpers here (options shared
 with dual-view MI, building the learner) serve every method that pairs soft prompts with a hand-crafted view.
+
+KgCoOp encodes ``w^h`` with a second, half-precision copy of CLIP, even in its fp32 runs (its target is fp16).
+vlprompt encodes it with the run's frozen backbone (``handcrafted_precision=backbone``, recorded as a deviation
+in every run); ``fp16`` follows KgCoOp with a float16 copy of the text tower, and ``fp32`` / ``bf16`` use a copy
+in that precision; the features are kept at that precision, as KgCoOp keeps its fp16 target. On a CPU, fp16 is
+real float16 arithmetic, with a warning: float16 matrix products run about 100x slower than float32 on CPUs
+without fast float16 kernels (the text tower took 2x its fp32 time on the project's CPU with PyTorch 2.13), and
+emulating float16 by rounding in float32 came no closer to real float16 than fp32 did (random-weight towers).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -14,12 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VlpromptError
+from ..prompts import zeroshot
 from ..prompts.guided import GuidedCoOp
 from ..prompts.templates import ensemble_templates
 from .base import MethodBase, Objective, option
 
 HAND_CHOICES = ("dataset", "ensemble")
 KGCOOP_DTD_TEMPLATE = "a photo of a {}, a type of texture."  # KgCoOp's DTD template (SPEC 5.4)
+HAND_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HAND_PRECISIONS = ("backbone", *HAND_DTYPES)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,17 +72,57 @@ def kg_term(soft: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
 @dataclass
 class KgCoOpOptions(HandViewOptions):
     weight: float = option(8.0, "w, the weight of the knowledge-guided term (KgCoOp: 8.0)")
+    handcrafted_precision: str = option("backbone", "the hand-crafted features' encoder: backbone (the run's "
+                                                    "frozen encoder) | fp16 (KgCoOp's: a float16 copy) | fp32 | "
+                                                    "bf16")
 
     def __post_init__(self):
         self.check_hand()
         if self.weight < 0:
             raise VlpromptError(f"option weight: must be >= 0, got {self.weight}")
+        if self.handcrafted_precision not in HAND_PRECISIONS:
+            raise VlpromptError(f"option handcrafted_precision: '{self.handcrafted_precision}' is not one of "
+                                f"{list(HAND_PRECISIONS)}")
+
+
+def resolve_hand_precision(option_value: str, bb) -> str:
+    """The precision the hand-crafted features are encoded in, for ``bb``."""
+    return bb.precision if option_value == "backbone" else option_value
+
+
+class TextTowerAt:
+    """A copy of ``bb``'s model without its image tower, cast to ``precision``, offering the ``encode_texts``
+    that `zeroshot.handcrafted_text_features` calls."""
+
+    def __init__(self, bb, precision: str):
+        self.bb, self.dtype = bb, HAND_DTYPES[precision]
+        visual = getattr(bb.model, "visual", None)
+        memo = {} if visual is None else {id(visual): torch.nn.Identity()}  # the image tower is not copied
+        self.model = copy.deepcopy(bb.model, memo).to(self.dtype)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        out = [self.model.encode_text(self.bb.tokenize(texts[i:i + batch_size]))
+               for i in range(0, len(texts), batch_size)]
+        return torch.cat(out).float()
+
+
+def encode_hand(bb, classnames: Sequence[str], templates: Sequence[str], precision: str) -> torch.Tensor:
+    """(C, d) hand-crafted features encoded by a ``precision`` copy of the text tower and kept at that
+    precision (KgCoOp's target is float16)."""
+    if precision == "fp16" and bb.device.type == "cpu":
+        log.warning("kgcoop: hand-crafted features encoded in float16 on the CPU, as KgCoOp does on GPU; this can "
+                    "be slow on CPUs without fast float16 kernels (handcrafted_precision=fp32 is faster)")
+    tower = TextTowerAt(bb, precision)
+    return zeroshot.handcrafted_text_features(tower, classnames, templates).to(tower.dtype).float()
 
 
 class KgCoOpObjective(Objective):
-    def __init__(self, options: KgCoOpOptions, dataset_name: str = "", template: str = ""):
+    def __init__(self, options: KgCoOpOptions, dataset_name: str = "", template: str = "",
+                 hand_precision: Optional[str] = None):
         super().__init__(options)
         self.dataset_name, self.template = dataset_name, template
+        self.hand_precision = hand_precision  # the precision the hand-crafted features were encoded in
 
     def loss(self, learner: GuidedCoOp, batch):
         soft = learner.soft_features()
@@ -81,6 +135,9 @@ class KgCoOpObjective(Objective):
     @property
     def deviations(self) -> list[str]:
         out = []
+        if self.hand_precision not in (None, "fp16"):
+            out.append(f"kgcoop: hand-crafted text features encoded in {self.hand_precision} (KgCoOp: by an fp16 copy "
+                       "of CLIP, even in fp32 runs; option handcrafted_precision=fp16 follows it)")
         if self.options.hand_templates != "dataset":
             out.append("kgcoop: hand-crafted view from the template ensemble (KgCoOp: the dataset's template)")
         if self.dataset_name == "dtd" and self.template != KGCOOP_DTD_TEMPLATE:
@@ -117,5 +174,13 @@ class KgCoOpMethod(GuidedMethod):
     name = "kgcoop"
     Options = KgCoOpOptions
 
+    def build(self, backbone, classnames: Sequence[str], config) -> GuidedCoOp:
+        learner = super().build(backbone, classnames, config)
+        precision = resolve_hand_precision(config.options.handcrafted_precision, backbone)
+        if precision != backbone.precision:  # else the learner's own encoding is already this one
+            learner.hand = encode_hand(backbone, learner.classnames, learner.templates, precision)
+        return learner
+
     def objective(self, learner: GuidedCoOp, config) -> KgCoOpObjective:
-        return KgCoOpObjective(config.options, config.dataset, config.template)
+        precision = resolve_hand_precision(config.options.handcrafted_precision, learner.backbone)
+        return KgCoOpObjective(config.options, config.dataset, config.template, hand_precision=precision)

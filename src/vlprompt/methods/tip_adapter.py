@@ -5,11 +5,15 @@
 ``f`` the normalised test feature, ``W`` the hand-crafted text features (the dataset's template), ``K`` the
 keys: each training image's raw features averaged over ``augment_passes`` augmented views (RandomResizedCrop
 scale (0.5, 1), flip) and then normalised; ``L`` their one-hot labels. alpha and beta are searched on the
-validation split: beta over 200 values 0.1 + i (S_beta - 0.1) / 200, alpha over 20 values 0.1 + i (S_alpha -
-0.1) / 20, starting from (init_beta, init_alpha) and keeping only strictly better accuracies. Deviations
-(recorded in each run): the search uses CoOp's few-shot validation subset (Tip's main.py uses the full val
-split; on ImageNet Tip searches on the test set, which vlprompt never does: the initial values are kept),
-and the few-shot training set is CoOp's (Tip samples its own).
+validation split: beta over 200 values i (S_beta - 0.1) / 200 + 0.1, alpha over 20 values i (S_alpha - 0.1) /
+20 + 0.1, beta in the outer loop. Tip's rule (``search_rule=official``, the default) takes the best grid pair,
+the first found on ties, and never scores the initial pair (if no pair scores above 0 %, Tip's code returns
+alpha = beta = 0, and so does this one); ``keep_initial`` keeps the initial pair unless a grid pair is strictly
+better (vlprompt's reading before; recorded as a deviation). The run records the search in ``train.fit.search``
+(``{"validated": false, "reason": ...}`` where nothing was searched). Deviations (recorded in each run): the
+search uses CoOp's few-shot validation subset (Tip's main.py uses the full val split; on ImageNet Tip searches on
+the test set, which vlprompt never does: the initial values are kept), and the few-shot training set is CoOp's
+(Tip samples its own).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..errors import VlpromptError
 from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..prompts.zeroshot import handcrafted_text_features
+from ..utils.progress import Progress
 from .base import MethodBase, Needs, option, parse_options
 
 # Tip's configs/*.yaml: [S_beta, S_alpha] and init_alpha per dataset (init_beta is 1 everywhere).
@@ -35,6 +40,8 @@ SEARCH = {"imagenet": (7, 3, 1.17), "caltech101": (12, 5, 3.0), "dtd": (13, 13, 
           "ucf101": (7, 3, 3.0)}
 DEFAULT_SEARCH = (7, 3, 1.17)  # datasets Tip has no config for: ImageNet's (its smallest ranges)
 TIP_SCALE = 100.0  # Tip's formula uses CLIP's 100, whatever the backbone's own logit scale
+BETA_STEPS, ALPHA_STEPS = 200, 20  # Tip's search_step, the same in every config
+SEARCH_RULES = ("official", "keep_initial")
 
 
 @dataclass
@@ -45,8 +52,13 @@ class TipAdapterOptions:
     init_alpha: Optional[float] = option(None, "default: Tip's value for the dataset")
     init_beta: float = option(1.0, "the starting beta (Tip: 1 everywhere)")
     search: bool = option(True, "False: keep the initial alpha and beta")
+    search_rule: str = option("official", "official: the best grid pair, the first on ties (Tip never scores the "
+                                          "initial pair) | keep_initial: the initial pair unless a grid pair is "
+                                          "strictly better")
 
     def __post_init__(self):
+        if self.search_rule not in SEARCH_RULES:
+            raise VlpromptError(f"option search_rule: '{self.search_rule}' is not one of {list(SEARCH_RULES)}")
         if self.augment_passes < 1:
             raise VlpromptError(f"option augment_passes: must be >= 1, got {self.augment_passes}")
         for key in ("search_scale_beta", "search_scale_alpha", "init_alpha"):
@@ -64,32 +76,48 @@ def tip_logits(f: torch.Tensor, text: torch.Tensor, keys: torch.Tensor, values: 
                beta: float) -> torch.Tensor:
     """Tip-Adapter's logits for raw image features ``f`` (normalised here)."""
     f = F.normalize(f.float(), dim=-1)
-    affinity = f @ keys.T
-    return TIP_SCALE * f @ text.T + alpha * torch.exp(-beta * (1.0 - affinity)) @ values
+    return TIP_SCALE * f @ text.T + cache_logits(f @ keys.T, values, beta) * alpha
+
+
+def cache_logits(affinity: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+    """exp(-beta (1 - affinity)) L, with Tip's order of operations (exp(-(beta - beta affinity)))."""
+    return torch.exp(-(beta - beta * affinity)) @ values
+
+
+def tip_grid(scale: float, steps: int) -> list[float]:
+    """Tip's search values i (S - 0.1) / steps + 0.1 for i < steps: the upper end S is never reached."""
+    return [i * (scale - 0.1) / steps + 0.1 for i in range(steps)]
 
 
 def search_alpha_beta(f: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, keys: torch.Tensor,
                       values: torch.Tensor, scale_beta: float, scale_alpha: float, init_alpha: float,
-                      init_beta: float) -> tuple[float, float, float]:
-    """Tip's exhaustive search: (alpha, beta, accuracy in %) of the best pair, strictly better only."""
+                      init_beta: float, rule: str = "official", progress: bool = False) -> tuple[float, float, float]:
+    """Tip's exhaustive search, beta in the outer loop: (alpha, beta, accuracy in %) of the first pair with the
+    most correct predictions. ``rule`` (module docstring) says whether the initial pair competes."""
+    if rule not in SEARCH_RULES:
+        raise VlpromptError(f"search rule '{rule}' is not one of {list(SEARCH_RULES)}")
     f = F.normalize(f.float(), dim=-1)
     clip_part = TIP_SCALE * f @ text.T
     affinity = f @ keys.T
 
-    def acc(logits):
-        return 100.0 * float((logits.argmax(dim=-1) == labels).float().mean())
+    def correct(alpha: float, cache: torch.Tensor) -> int:
+        return int(((clip_part + cache * alpha).argmax(dim=-1) == labels).sum())
 
-    best_alpha, best_beta = init_alpha, init_beta
-    best = acc(clip_part + init_alpha * torch.exp(-init_beta * (1.0 - affinity)) @ values)
-    for i in range(200):
-        beta = 0.1 + i * (scale_beta - 0.1) / 200
-        cache = torch.exp(-beta * (1.0 - affinity)) @ values
-        for j in range(20):
-            alpha = 0.1 + j * (scale_alpha - 0.1) / 20
-            a = acc(clip_part + alpha * cache)
-            if a > best:
-                best, best_alpha, best_beta = a, alpha, beta
-    return best_alpha, best_beta, best
+    if rule == "official":
+        best, best_alpha, best_beta = 0, 0.0, 0.0  # Tip's starting point: only a pair scoring above 0 % replaces it
+    else:
+        best = correct(init_alpha, cache_logits(affinity, values, init_beta))
+        best_alpha, best_beta = init_alpha, init_beta
+    n = max(len(labels), 1)
+    bar = Progress("searching alpha and beta", BETA_STEPS, enabled=progress, every_s=3.0)
+    for beta in tip_grid(scale_beta, BETA_STEPS):
+        cache = cache_logits(affinity, values, beta)
+        for alpha in tip_grid(scale_alpha, ALPHA_STEPS):
+            hits = correct(alpha, cache)
+            if hits > best:
+                best, best_alpha, best_beta = hits, alpha, beta
+        bar.update(1, extra=f"best {100.0 * best / n:.1f}% (alpha {best_alpha:.2f}, beta {best_beta:.2f})")
+    return best_alpha, best_beta, 100.0 * best / n
 
 
 class TipAdapter(TextClassifier):
@@ -157,11 +185,11 @@ class TipAdapterMethod(MethodBase):
         views = augmented_passes(bb, ds.train, options.augment_passes, cfg)
         learner.set_cache(views.mean(dim=1), torch.tensor([d.label for d in ds.train], device=bb.device))
         learner.alpha, learner.beta = init_alpha, init_beta
-        selected, deviations = search_on_val(learner, bb, ds, cfg, store, options, s_beta, s_alpha, init_alpha,
-                                             init_beta, self.name)
-        return {"selected": selected, "deviations": deviations,
+        selected, search, deviations = search_on_val(learner, bb, ds, cfg, store, options, s_beta, s_alpha,
+                                                     init_alpha, init_beta, self.name)
+        return {"selected": selected, "search": search, "deviations": deviations,
                 "options": {"search_scale": [s_beta, s_alpha], "init_alpha": init_alpha, "init_beta": init_beta,
-                            "augment_passes": options.augment_passes}}
+                            "augment_passes": options.augment_passes, "search_rule": options.search_rule}}
 
 
 def augmented_passes(bb, items, passes: int, cfg) -> torch.Tensor:
@@ -176,20 +204,37 @@ def augmented_passes(bb, items, passes: int, cfg) -> torch.Tensor:
 
 
 def search_on_val(learner: TipAdapter, bb, ds, cfg, store, options, s_beta, s_alpha, init_alpha, init_beta,
-                  name: str) -> tuple[dict, list[str]]:
-    """Tip's alpha/beta search on the few-shot val split (never on test); sets them on ``learner``."""
+                  name: str) -> tuple[dict, dict, list[str]]:
+    """Tip's alpha/beta search on the few-shot val split (never on test); sets them on ``learner``.
+
+    Returns (selected values, the search record ``{"validated": bool, ...}``, deviations)."""
     deviations = [f"{name}: CoOp's few-shot training subset (Tip samples its own)"]
     selected = {"alpha": init_alpha, "beta": init_beta, "val_accuracy": None}
-    if options.search and ds.val and ds.name != "imagenet":
-        vf, vy = store.get(bb, ds.val, cfg, desc="encoding validation images", dataset=ds.name)
-        alpha, beta, acc = search_alpha_beta(vf, vy.to(vf.device), learner.text, learner.keys, learner.values,
-                                             s_beta, s_alpha, init_alpha, init_beta)
-        learner.alpha, learner.beta = alpha, beta
-        selected = {"alpha": alpha, "beta": beta, "val_accuracy": acc}
-        deviations.append(f"{name}: alpha/beta searched on CoOp's few-shot val subset (Tip's main.py: the full "
-                          "val split)")
-    elif options.search:
-        deviations.append(f"{name}: no validation split to search alpha/beta on ({ds.name}"
-                          + ("; Tip searches on ImageNet's test set, vlprompt never does" if ds.name == "imagenet"
-                             else "") + f"); the initial alpha={init_alpha}, beta={init_beta} are kept")
-    return selected, deviations
+    reason = unvalidated_reason(options, ds)
+    if reason is not None:
+        deviations.append(f"{name}: alpha/beta not searched on {ds.name}, {reason}; the initial "
+                          f"alpha={init_alpha}, beta={init_beta} are kept")
+        return selected, {"validated": False, "reason": reason}, deviations
+    vf, vy = store.get(bb, ds.val, cfg, desc="encoding validation images", dataset=ds.name)
+    alpha, beta, acc = search_alpha_beta(vf, vy.to(vf.device), learner.text, learner.keys, learner.values,
+                                         s_beta, s_alpha, init_alpha, init_beta, options.search_rule, cfg.progress)
+    learner.alpha, learner.beta = alpha, beta
+    selected = {"alpha": alpha, "beta": beta, "val_accuracy": acc}
+    deviations.append(f"{name}: alpha/beta searched on CoOp's few-shot val subset (Tip's main.py: the full "
+                      "val split)")
+    if options.search_rule != "official":
+        deviations.append(f"{name}: search_rule={options.search_rule}: the initial alpha/beta kept unless a grid "
+                          "pair is strictly better (Tip: the best grid pair; the initial pair is never scored)")
+    return selected, {"validated": True, "split": "val", "n_images": len(ds.val), "rule": options.search_rule,
+                      "val_accuracy": acc}, deviations
+
+
+def unvalidated_reason(options, ds) -> Optional[str]:
+    """Why alpha and beta are not searched on this dataset, or None when they are."""
+    if not options.search:
+        return "search turned off (option search=false)"
+    if ds.name == "imagenet":
+        return "no validation split (ImageNet's val split is its test split; Tip searches on it)"
+    if not ds.val:
+        return "no validation split"
+    return None

@@ -4,10 +4,10 @@ The keys (initialised as in Tip-Adapter) are the only parameters; values, text f
 stay fixed during training at their initial values (init_alpha, init_beta), and the keys are not
 re-normalised. AdamW (lr 0.001, eps 1e-4), cosine schedule over all iterations stepped every iteration, no
 warm-up, batch 256, cross-entropy on Tip's logits, 20 epochs (EuroSAT 100). Then alpha and beta are searched
-on the validation split as in Tip-Adapter. Deviations (recorded in each run): the result is the last epoch
-(Tip-F keeps the epoch that scores best on the TEST set, and reports the larger of two test accuracies); the
-training views are drawn from the cache's augmented passes (Tip-F augments afresh every iteration); the
-search uses CoOp's few-shot val subset.
+on the validation split as in Tip-Adapter (the same rule, option ``search_rule``). Deviations (recorded in each
+run): the result is the last epoch (Tip-F keeps the epoch that scores best on the TEST set, and reports the
+larger of two test accuracies); the training views are drawn from the cache's augmented passes (Tip-F augments
+afresh every iteration); the search uses CoOp's few-shot val subset.
 """
 
 from __future__ import annotations
@@ -95,12 +95,12 @@ class TipAdapterFMethod(TipAdapterMethod):
         history = train_keys(learner, F.normalize(views, dim=-1), labels, init_alpha, init_beta, epochs, options.lr,
                              options.train_batch_size, cfg.seed)
         learner.alpha, learner.beta = init_alpha, init_beta
-        selected, deviations = search_on_val(learner, bb, ds, cfg, store, options, s_beta, s_alpha, init_alpha,
-                                             init_beta, self.name)
+        selected, search, deviations = search_on_val(learner, bb, ds, cfg, store, options, s_beta, s_alpha,
+                                                     init_alpha, init_beta, self.name)
         deviations += [f"{self.name}: the last epoch's keys (Tip-F keeps the epoch best on the TEST set)",
                        f"{self.name}: training views drawn from the cache's {options.augment_passes} augmented passes "
                        "(Tip-F augments afresh every iteration)"]
-        return {"selected": selected, "epochs": history, "deviations": deviations,
+        return {"selected": selected, "search": search, "epochs": history, "deviations": deviations,
                 "options": {"search_scale": [s_beta, s_alpha], "init_alpha": init_alpha, "init_beta": init_beta,
-                            "augment_passes": options.augment_passes, "train_epochs": epochs, "lr": options.lr,
-                            "train_batch_size": options.train_batch_size}}
+                            "augment_passes": options.augment_passes, "search_rule": options.search_rule,
+                            "train_epochs": epochs, "lr": options.lr, "train_batch_size": options.train_batch_size}}

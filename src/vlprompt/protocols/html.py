@@ -1,6 +1,7 @@
 """The report's HTML page: one self-contained, offline-readable file (inline CSS, no scripts, no external URLs).
 
-`table_html` turns a header and rows of strings into escaped ``<table>`` markup; `write_html` puts such tables
+`table_html` turns a header and rows of strings into escaped ``<table>`` markup (`list_html` a list of lines into
+``<ul>``); `write_html` puts such tables
 (as given: they are already HTML) and the figures (PNG shown, PDF linked when it lies beside it) on
 ``out_dir/index.html``, referring to every file by a path relative to ``out_dir``.
 """
@@ -15,6 +16,8 @@ from typing import Iterable, Optional
 from urllib.parse import quote
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*(±\s*\d+(\.\d*)?)?%?$")
+# A report cell: a number or "–", then the random mark, "(k/n)" runs and "[X]" marks (report.cell).
+_REPORT_CELL = re.compile(r"^(?P<value>[^†(\[]*?)†?( \(\d+/\d+\))?( \[[A-Z]\])*( \(paper .*\))?$")
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
@@ -32,6 +35,7 @@ tbody tr:nth-child(even) { background: #fafafa; }
 figure { margin: 1.5em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e0e0e0; }
 figcaption { font-size: .9em; color: #555; margin-top: .3em; }
+ul.notes { font-size: .85em; color: #444; margin-top: -.8em; }
 """
 
 
@@ -49,12 +53,21 @@ def table_html(header: list[str], body: list[list[str]], caption: Optional[str] 
         cells = []
         for c in row:
             text = _cell(c)
-            cls = ' class="num"' if _NUMBER.match(text.strip()) else ""
+            cls = ' class="num"' if _is_number(text.strip()) else ""
             cells.append(f"<td{cls}>{html.escape(text)}</td>")
         lines.append("<tr>" + "".join(cells) + "</tr>")
     lines.append("</tbody>")
     lines.append("</table>")
     return "\n".join(lines)
+
+
+def list_html(items: Iterable[str], cls: Optional[str] = None) -> str:
+    """A ``<ul>`` of escaped ``items`` (``class="cls"`` where given); empty when there are none."""
+    items = [str(i) for i in items]
+    if not items:
+        return ""
+    attr = f' class="{html.escape(cls)}"' if cls else ""
+    return "\n".join([f"<ul{attr}>"] + [f"<li>{html.escape(i)}</li>" for i in items] + ["</ul>"])
 
 
 def write_html(out_dir: Path, title: str, sections: list[tuple[str, str]], images: list[Path]) -> Path:
@@ -126,6 +139,14 @@ def _rel(path: Path, out_dir: Path) -> str:
     """``path`` relative to ``out_dir`` as a URL path (forward slashes, percent-encoded)."""
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir))
     return quote(Path(rel).as_posix())
+
+
+def _is_number(text: str) -> bool:
+    """A number as `_NUMBER` reads it, also with a report cell's marks after it (``71.20 ± 0.40† (2/3) [F]``)."""
+    if _NUMBER.match(text):
+        return True
+    found = _REPORT_CELL.match(text)
+    return bool(found) and found.group("value") != text and bool(_NUMBER.match(found.group("value").strip()))
 
 
 def _cell(c) -> str:

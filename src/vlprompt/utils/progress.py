@@ -90,8 +90,8 @@ def configure_cli_logging(quiet: bool = False) -> logging.Handler:
 
 
 class Progress:
-    """``desc: done/total (pct%) seconds`` lines at INFO, at most one every ``every_s`` seconds (and the
-    last one)."""
+    """``desc: done/total (pct%) seconds ETA 12 s`` lines at INFO, at most one every ``every_s`` seconds (and
+    the last one, which has no ETA). The ETA assumes the rate so far holds for the rest."""
 
     def __init__(self, desc: str, total: int, enabled: bool = True, every_s: float = 5.0):
         self.desc, self.total, self.enabled, self.every_s = desc, total, enabled, every_s
@@ -103,9 +103,21 @@ class Progress:
         now = time.perf_counter()
         if self.enabled and (now - self.last >= self.every_s or self.done >= self.total):
             self.last = now
+            elapsed = now - self.start
             pct = 100.0 * self.done / max(self.total, 1)
-            msg = f"{self.desc}: {self.done}/{self.total} ({pct:.0f}%) {now - self.start:.1f}s"
+            msg = f"{self.desc}: {self.done}/{self.total} ({pct:.0f}%) {elapsed:.1f}s"
+            if 0 < self.done < self.total:
+                msg += f" ETA {self.eta_text(elapsed * (self.total - self.done) / self.done)}"
             logger.info(msg + (f" {extra}" if extra else ""))
+
+    @staticmethod
+    def eta_text(seconds: float) -> str:
+        """``12 s``, ``7 min`` or ``1.5 h``: as precise as an estimate deserves."""
+        if seconds < 100:
+            return f"{seconds:.0f} s"
+        if seconds < 6000:
+            return f"{seconds / 60:.0f} min"
+        return f"{seconds / 3600:.1f} h"
 
 
 def say(msg: str, enabled: bool = True) -> None:
