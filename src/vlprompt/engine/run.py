@@ -40,7 +40,7 @@ from ..utils.hardware import resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.progress import say
 from ..utils.safe_yaml import load_yaml_file
-from ..utils.threads import apply_threads, choose_threads
+from ..utils.threads import ThreadChoice, apply_threads, choose_threads
 from .checkpoint import Checkpointer, checkpoint_folder, differing_keys
 from .evaluate import accuracy_report, classify
 from .feature_store import FeatureStore
@@ -218,6 +218,15 @@ def write_run_files(folder: Path, cfg: RunConfig, metrics: dict) -> None:
     atomic_write_json(folder / "metrics.json", metrics)
 
 
+def use_threads(cfg: RunConfig, bb: Backbone) -> Optional[ThreadChoice]:
+    """Set this run's CPU threads (`utils.threads`); None on a GPU, where they do not decide the speed."""
+    if bb.device.type != "cpu":
+        return None
+    choice = choose_threads(cfg.threads, bb.text.width)
+    apply_threads(choice)
+    return choice
+
+
 def dataset_fingerprint(ds) -> str:
     """The dataset as used, independent of where it lies: a hash of its class names and of every image of
     every split as (path relative to the dataset folder, label). A moved dataset keeps its fingerprint."""
@@ -322,9 +331,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     t = time.perf_counter()
     bb = backbone if backbone is not None else backbone_from_config(cfg)  # checked above
     timings["load_backbone_s"] = time.perf_counter() - t
-    threads = choose_threads(cfg.threads, bb.text.width) if bb.device.type == "cpu" else None
-    if threads is not None:
-        apply_threads(threads)
+    threads = use_threads(cfg, bb)
     say(f"backbone {bb.source.describe()} ({bb.precision})"
         + (f", {threads.threads} thread(s): {threads.reason}" if threads else ""), cfg.progress)
 
@@ -500,11 +507,13 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     out = Path(output) if output else default_eval_output(path, cfg)
     check_output(out, cfg, eval_key(cfg, trained_record(path).get("config_key")))
     stage = stage_run_folder(out)
+    threads_before = torch.get_num_threads()
     try:
         metrics = _evaluate_into(stage, path, cfg, backbone, store if store is not None else FeatureStore())
         commit_run_folder(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
+        torch.set_num_threads(threads_before)
     metrics["output"] = str(out)
     return metrics
 
@@ -519,6 +528,7 @@ def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: Fea
     if not ds.test:
         raise VlpromptError(f"dataset {ds.name} has no test images")
     bb = backbone if backbone is not None else backbone_from_config(cfg)  # checked above
+    threads = use_threads(cfg, bb)
     learner = method.load(str(path), bb, ds.classnames, dataset=ds, template=cfg.template)
     t = time.perf_counter()
     feats, labels = store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
@@ -531,6 +541,7 @@ def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: Fea
         "timings": {"evaluate_s": time.perf_counter() - t},
         "versions": versions(),
         "deviations": deviations(cfg, bb, 0, 0, False, ds.info.get("notes")),
+        "execution": {"threads": threads.as_record() if threads else None},
     }
     metrics["config_key"] = eval_key(cfg, metrics["prompt"]["config_key"])
     write_run_files(stage, cfg, metrics)
