@@ -55,7 +55,7 @@ def outcome(folder: Path) -> tuple[dict, dict]:
     """(trained tensors, metrics without what may differ between two identical runs: times and paths)."""
     tensors = load_file(str(folder / "prompt" / "prompt.safetensors"))
     metrics = json.loads((folder / "metrics.json").read_text())
-    for key in ("timings", "output"):
+    for key in ("timings", "output", "finished_at", "execution"):
         metrics.pop(key, None)
     for record in metrics["train"]["epochs"]:
         record.pop("seconds")

@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -257,6 +258,7 @@ def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, tra
                     "acc5": None if report["top5_accuracy"] is None else report["top5_accuracy"] / 100.0,
                     "mean_per_class_recall": report["macro_accuracy"] / 100.0},
         "config_key": config_key(cfg.to_dict()),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": cfg.method,
         "data": {"name": ds.name, "root": ds.info.get("root"), "fingerprint": dataset_fingerprint(ds),
                  "shots": cfg.shots, "seed": cfg.seed,

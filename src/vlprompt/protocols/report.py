@@ -30,7 +30,7 @@ from typing import Iterable, Optional
 
 from . import base2new, dg, fewshot, xd
 from .published import lookup
-from .store import PlannedRun, Results, RunRecord, collect, scan
+from .store import PlannedRun, Results, RunRecord, scan
 from .units import dataset_label
 
 FORMATS = ("md", "csv", "latex", "json")
@@ -44,11 +44,12 @@ MARKS = {
     "does-not-transfer": ("[T]", "does not transfer: the method's head is over its training classes, so it has "
                                  "no accuracy on new classes or other datasets"),
     "failed": ("[F]", "failed: a run behind the cell failed (its error is under 'Failed runs')"),
-    "missing": ("[M]", "missing: a run behind the cell has not finished (not run yet, pending or interrupted)"),
+    "missing": ("[M]", "missing: a run behind the cell has not finished (not run yet, pending, interrupted, or "
+                       "no run folder)"),
     "broken": ("[B]", "broken run folder: a run's metrics.json or config.yaml cannot be read; it is left out "
                       "(under 'Warnings')"),
-    "not-validated": ("[V]", "search kept its initial values: no validation split to select the method's "
-                             "hyperparameters on"),
+    "not-validated": ("[V]", "search kept its initial values: the fitted method selected no hyperparameters "
+                             "on validation data (the note says why)"),
     "partial-average": ("[P]", "partial average: over fewer datasets than planned, or over cells with fewer "
                                "runs than planned"),
 }
@@ -255,7 +256,9 @@ def _count_runs(cells: dict, records: list[RunRecord]) -> None:
     for r in records:
         by_cell[_record_key(r)].append(r)
     for key, group in by_cell.items():
-        row = cells[key]
+        row = cells.get(key)
+        if row is None:
+            continue  # `aggregate` made no row of these runs (none: it groups the same records)
         row["n_runs"] = len(group)
         kept = [r.not_validated for r in group if r.not_validated]
         if kept:
@@ -265,10 +268,14 @@ def _count_runs(cells: dict, records: list[RunRecord]) -> None:
 
 def _planned_backbone(results: Results):
     """The backbone a planned run uses: its own record's; else that of a finished run of the same method (a
-    method's backbone is one setting); else the only backbone of the study's runs; else the study's setting."""
-    by_method = {p.record.method: p.record.backbone for p in results.planned if p.record is not None}
-    seen = list(dict.fromkeys(r.backbone for r in results.records))
+    method's backbone is one setting); else the method's own setting in study.yaml; else the only backbone of
+    the study's runs; else the study's setting, the protocol's default or RunConfig's."""
     study = results.study or {}
+    by_method = {str(m.get("label") or m.get("method")): m["overrides"]["backbone"]
+                 for m in study.get("methods") or [] if isinstance(m, dict) and isinstance(m.get("overrides"), dict)
+                 and m["overrides"].get("backbone")}
+    by_method.update({p.record.method: p.record.backbone for p in results.planned if p.record is not None})
+    seen = list(dict.fromkeys(r.backbone for r in results.records))
     settings = study.get("settings") if isinstance(study.get("settings"), dict) else {}
     module = _PROTOCOLS.get(study.get("protocol"))
     fallback = (seen[0] if len(seen) == 1 else None) or settings.get("backbone") or (
@@ -483,13 +490,15 @@ def _distinct(values: Iterable) -> str:
 
 
 def _epochs(records: list[RunRecord], order: list[str]) -> str:
-    """Training epochs per method as the runs record them (fitted methods say so; zero-shot ones are left out)."""
+    """Training epochs per method as the runs record them (fitted methods say so; zero-shot ones and
+    evaluations are left out)."""
     per: dict = defaultdict(list)
     for r in records:
+        epochs = r.facts.get("epochs")
         if r.facts.get("fitted"):
-            per[r.method].append("fitted (no epochs)")
-        elif r.facts.get("epochs") is not None:
-            per[r.method].append(r.facts["epochs"])
+            per[r.method].append(f"fitted, {epochs} epochs" if epochs else "fitted")
+        elif epochs is not None:
+            per[r.method].append(epochs)
     ranked = sorted(per, key=lambda m: order.index(m) if m in order else len(order))
     return "; ".join(f"{m} {_distinct(per[m])}" for m in ranked) or "–"
 

@@ -92,14 +92,19 @@ def _load_json(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
-def _load_yaml(path: Path) -> Optional[dict]:
-    import yaml
+def _load_yaml(path: Path) -> tuple[Optional[dict], Optional[str]]:
+    """``(mapping, None)``, or ``(None, why not)`` naming the file by its name (bounded parsing)."""
+    from ..utils.safe_yaml import load_yaml_text
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+        data = load_yaml_text(path.read_text(encoding="utf-8"), path.name)
+    except OSError as exc:
+        return None, f"{path.name} cannot be read ({exc.strerror or exc})"
+    except UnicodeDecodeError:
+        return None, f"{path.name} is not UTF-8 text"
+    except VlpromptError as exc:
+        return None, str(exc)
+    return (data, None) if isinstance(data, dict) else (None, f"{path.name} is not a YAML mapping")
 
 
 def _data_section(m: dict) -> dict:
@@ -130,8 +135,8 @@ def not_validated(m: dict) -> Optional[str]:
     """Why a fitted method's hyperparameter search kept its initial values, or None (searched, or no search).
 
     Read from ``train.fit.search = {"validated": bool, "reason": str}`` where a run records it; in records
-    written before that field: a linear probe with an empty search log, a Tip-Adapter whose search was on but
-    selected nothing on a validation split."""
+    written before that field: a linear probe with an empty search log, a Tip-Adapter whose search was turned
+    off or selected nothing on a validation split."""
     fit = (m.get("train") or {}).get("fit") if isinstance(m.get("train"), dict) else None
     if not isinstance(fit, dict):
         return None
@@ -146,7 +151,9 @@ def not_validated(m: dict) -> Optional[str]:
     else:
         options = m.get("method_options") if isinstance(m.get("method_options"), dict) else {}
         selected = fit.get("selected") if isinstance(fit.get("selected"), dict) else {}
-        kept = options.get("search", True) is not False and selected.get("val_accuracy", 0) is None
+        if options.get("search") is False:
+            return "search turned off (option search=false)"
+        kept = selected.get("val_accuracy", 0) is None
     return "no validation split" if kept else None
 
 
@@ -156,13 +163,20 @@ def run_facts(m: dict, cfg: dict, metrics_path: Path) -> dict:
     recipe = m.get("recipe") if isinstance(m.get("recipe"), dict) else {}
     train = m.get("train") if isinstance(m.get("train"), dict) else {}
     versions = m.get("versions") if isinstance(m.get("versions"), dict) else {}
-    try:
-        finished = datetime.fromtimestamp(metrics_path.stat().st_mtime, timezone.utc)
-    except OSError:
-        finished = None
+    finished = None
+    if isinstance(m.get("finished_at"), str):  # recorded by the run (vlprompt >= this version)
+        try:
+            finished = datetime.fromisoformat(m["finished_at"])
+        except ValueError:
+            finished = None
+    if finished is None:  # earlier records: the file's time
+        try:
+            finished = datetime.fromtimestamp(metrics_path.stat().st_mtime, timezone.utc)
+        except OSError:
+            finished = None
     return {"backbone_source": bb.get("source"), "precision": bb.get("precision") or cfg.get("precision"),
             "pretrained": m.get("pretrained") or cfg.get("pretrained"), "weights": cfg.get("weights"),
-            "epochs": recipe.get("epochs") if m.get("kind") == "train" and "fit" not in train else None,
+            "epochs": recipe.get("epochs") if m.get("kind") == "train" else None,
             "fitted": "fit" in train, "vlprompt": versions.get("vlprompt"), "finished": finished}
 
 
@@ -177,9 +191,9 @@ def load_run(folder: Path, role: Optional[dict] = None) -> tuple[Optional[RunRec
         return None, problem
     if not (folder / "config.yaml").is_file():
         return None, "no config.yaml"
-    cfg = _load_yaml(folder / "config.yaml")
+    cfg, why = _load_yaml(folder / "config.yaml")
     if cfg is None:
-        return None, "config.yaml is not a readable YAML mapping"
+        return None, why
     data = _data_section(m)
     trains = m.get("task") == "prompt_classification" or bool(m.get("train")) or m.get("kind") == "eval"
     dataset = data.get("name") or str(m.get("dataset"))
@@ -229,9 +243,10 @@ def scan(folder: str | Path) -> Results:
     if index is not None:
         study = None
         if (root / "study.yaml").is_file():
-            study = _load_yaml(root / "study.yaml")
+            study, why = _load_yaml(root / "study.yaml")
             if study is None:
-                warnings.append(f"{root / 'study.yaml'} cannot be read: the report names no study settings")
+                warnings.append(f"{why}: the report names no study settings, and lists zero-shot methods "
+                                "first, then alphabetical")
         return _scan_study(root, index["units"], study, warnings)
     return _scan_loose(root, warnings)
 
