@@ -143,6 +143,10 @@ def _read_state_dict(path: Path) -> tuple[dict, bool]:
         raise VlpromptError(f"weights file {path} is empty (0 bytes)")
     if _is_torchscript(path):
         return read_torchscript_state_dict(path), True
+    if path.suffix != ".safetensors" and not _safe_torch_load():
+        raise VlpromptError(f"weights file {path} is a pickle, and torch {torch.__version__} cannot read pickles "
+                            "without the risk of running code (fixed in torch 2.6); upgrade torch, or use a "
+                            ".safetensors file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -164,6 +168,13 @@ def _read_state_dict(path: Path) -> tuple[dict, bool]:
     if next(iter(sd)).startswith("module."):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd, False
+
+
+def _safe_torch_load() -> bool:
+    """Whether torch.load(weights_only=True) is safe: before torch 2.6 a crafted file could still run code
+    through it (CVE-2025-32434)."""
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return found is not None and (int(found.group(1)), int(found.group(2))) >= (2, 6)
 
 
 def _weights_file_error(path: Path, exc: Exception) -> VlpromptError:

@@ -24,8 +24,11 @@ from ..backbones.backbone import Backbone
 from ..data.types import Datum
 from ..utils.faults import fault_point
 from ..utils.io import atomic_write_bytes
+from ..utils.progress import logger
 
 TEST_TRANSFORM_ID = "resize-shorter-bicubic+center-crop+normalize/v1"
+
+log = logger.getChild("cache")
 
 
 def default_cache_dir() -> Path:
@@ -94,13 +97,16 @@ class FeatureCache:
         from safetensors import safe_open
 
         path = self.path(key)
+        if not path.is_file():
+            return None
         try:
             with safe_open(str(path), framework="pt") as f:
                 stored = json.loads((f.metadata() or {}).get(KEY_FIELD, "null"))
                 if stored != json.loads(json.dumps(key)):
                     return None  # a foreign entry under this name: never used
                 feats, stored_labels = f.get_tensor("features"), f.get_tensor("labels")
-        except Exception:  # missing, truncated or not a safetensors file: recomputed
+        except Exception:  # truncated or not a safetensors file: recomputed (and replaced)
+            log.warning(f"feature cache: {path} is not a valid cache entry: ignored, the features are computed again")
             return None
         n, width = key["n_items"], key.get("width")
         if (feats.dtype != torch.float32 or feats.dim() != 2 or feats.shape[0] != n

@@ -36,7 +36,7 @@ from ..presets import resolve_preset
 from ..engine.run_folder import clean_stale_tree, recorded_key
 from ..utils.folder_lock import FolderLock
 from ..utils.io import atomic_write_json, atomic_write_text
-from ..utils.progress import say
+from ..utils.progress import logger, say
 from . import base2new, dg, fewshot, xd
 from .units import Planner, Unit
 
@@ -235,8 +235,12 @@ def read_index(study_dir: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}  # written atomically, so only a foreign file gets here: start the index afresh
+    except (OSError, ValueError):  # not UTF-8 or not JSON
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("units"), list):
+        # written atomically, so only a foreign file gets here: the index is rebuilt from the run folders
+        logger.warning(f"study: {path} is not a study index: ignored (rebuilt from the run folders)")
+        return {}
     return {u["uid"]: u for u in data.get("units", []) if isinstance(u, dict) and "uid" in u}
 
 
