@@ -59,6 +59,9 @@ def test_linear_probe_equals_sklearn_fitted_directly_with_the_selected_c(caltech
     c = fit["selected"]["c"]
     steps = fit["search"]["steps"]
     assert fit["search"]["validated"] is True and fit["search"]["split"] == "val"
+    # 100 classes in 100 images: scikit-learn's "more classes than half the samples" on each of the 24 fits,
+    # counted instead of shown.
+    assert fit["warnings"]["silenced"] == {"more classes than half the samples": 7 + 2 * 8 + 1}
     assert [e["c"] for e in steps[:7]] == list(C_GRID) and len(steps) == 7 + 8
     ds = vp.load_dataset("caltech101", str(caltech_root), shots=1, seed=1)
     assert len(ds.val) == 100  # min(1, 4) per class: the split C was selected on

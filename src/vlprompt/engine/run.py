@@ -69,8 +69,9 @@ def option_deviations(method, options) -> list[str]:
     if options is None or method_recipe(method.name) is None:
         return []
     defaults = dataclasses.asdict(method.Options())
+    official = {f.name: f.metadata.get("official") for f in dataclasses.fields(method.Options)}
     return [f"{method.name} option {k}={v} (recipe: {defaults[k]})"
-            for k, v in dataclasses.asdict(options).items() if v != defaults[k]]
+            for k, v in dataclasses.asdict(options).items() if v != defaults[k] and v != official[k]]
 
 
 def set_seed(seed: int) -> None:

@@ -47,9 +47,11 @@ class Objective:
         return dataclasses.asdict(self.options) if self.options is not None else {}
 
 
-def option(default, help: str):
-    """One method setting: its default and the help text `vlprompt methods` prints (declared once)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default, help: str, official=None):
+    """One method setting: its default and the help text `vlprompt methods` prints (declared once).
+    ``official``: the value that follows the official code where the default does not (choosing it is no
+    deviation from the method's recipe)."""
+    return dataclasses.field(default=default, metadata={"help": help, "official": official})
 
 
 @dataclass(frozen=True)

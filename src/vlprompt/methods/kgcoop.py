@@ -74,7 +74,7 @@ class KgCoOpOptions(HandViewOptions):
     weight: float = option(8.0, "w, the weight of the knowledge-guided term (KgCoOp: 8.0)")
     handcrafted_precision: str = option("backbone", "the hand-crafted features' encoder: backbone (the run's "
                                                     "frozen encoder) | fp16 (KgCoOp's: a float16 copy) | fp32 | "
-                                                    "bf16")
+                                                    "bf16", official="fp16")
 
     def __post_init__(self):
         self.check_hand()
