@@ -156,7 +156,8 @@ def test_bad_study_values_are_one_line_naming_the_file_and_key(tmp_path, capsys,
     ("method_options: {weight: {a: 1}}", "method_options.weight: expected a number"),
     ("template: '{0[0]}'", "not a plain '{}'"),
     ("template: 5", "no '{}'"),
-    ("threads: 0", "threads: must be >= 1"),
+    ("threads: 0", "threads: must be a number >= 1 or 'auto'"),
+    ("threads: some", "threads: must be a number >= 1 or 'auto'"),
     ("1: 2", "unknown key 1"),
 ])
 def test_bad_config_file_values_are_one_line(tmp_path, capsys, text, match):
@@ -336,28 +337,34 @@ def test_a_run_with_relative_paths_evaluates_from_another_directory(shapes, tmp_
 
 def test_threads_are_chosen_recorded_and_settable(shapes, tmp_path):
     import torch
+    from safetensors.torch import load_file
 
     before = torch.get_num_threads()
-    assert main(["train", "--dataset", shapes, *TINY, "--epochs", "1", "--shots", "2", "--output",
-                 str(tmp_path / "a"), "--quiet"]) == 0
-    chosen = json.loads((tmp_path / "a" / "metrics.json").read_text())["execution"]["threads"]
+    runs = {}
+    for name, extra in (("a", []), ("again", []), ("b", ["--threads", "2"]), ("auto", ["--threads", "auto"])):
+        assert main(["train", "--dataset", shapes, *TINY, "--epochs", "1", "--shots", "2", "--output",
+                     str(tmp_path / name), "--quiet", *extra]) == 0
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    chosen = runs["a"]["execution"]["threads"]
     assert chosen == choose_threads(None, 64).as_record() and chosen["threads"] == 1  # the tiny model: width 64
-    assert main(["train", "--dataset", shapes, *TINY, "--epochs", "1", "--shots", "2", "--output",
-                 str(tmp_path / "b"), "--threads", "2", "--quiet"]) == 0
-    asked = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert asked["execution"]["threads"] == {"threads": 2, "reason": "asked for (--threads)"}
+    assert runs["b"]["execution"]["threads"] == {"threads": 2, "reason": "asked for (--threads)"}
+    assert runs["auto"]["execution"]["threads"]["threads"] == 1  # a small model takes one thread in any case
     assert torch.get_num_threads() == before  # the run's choice ended with it
-    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    assert asked["config_key"] == a["config_key"]  # threads never change a result's identity
-    assert asked["test"] == a["test"]
+    assert len({r["config_key"] for r in runs.values()}) == 1  # threads never change a result's identity
+    # The default does not depend on the load, so the same command gives the same prompt to the last bit.
+    a, again = (load_file(str(tmp_path / n / "prompt" / "prompt.safetensors")) for n in ("a", "again"))
+    assert a.keys() == again.keys() and all(torch.equal(a[k], again[k]) for k in a)
+    assert runs["a"]["test"] == runs["again"]["test"]
 
 
-def test_the_thread_choice_follows_the_free_cores(monkeypatch):
+def test_the_thread_choice_follows_the_model_and_with_auto_the_free_cores(monkeypatch):
     import vlprompt.utils.threads as threads
 
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)
     for busy, want in ((0.0, 8), (2.0, 6), (7.4, 1), (20.0, 1)):
         monkeypatch.setattr(threads, "busy_cores", lambda busy=busy: busy)
-        assert threads.choose_threads(None, SMALL_MODEL_WIDTH).threads == want
+        assert threads.choose_threads("auto", SMALL_MODEL_WIDTH).threads == want
+        assert threads.choose_threads(None, SMALL_MODEL_WIDTH).threads == 8  # the default ignores the load
     assert threads.choose_threads(None, SMALL_MODEL_WIDTH - 1).threads == 1
-    assert threads.choose_threads(3, SMALL_MODEL_WIDTH - 1).threads == 3
+    assert threads.choose_threads("auto", SMALL_MODEL_WIDTH - 1).threads == 1
+    assert threads.choose_threads("3", SMALL_MODEL_WIDTH - 1).threads == 3

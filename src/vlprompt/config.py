@@ -82,9 +82,9 @@ class RunConfig:
     bank_views: int = setting(10, "augmented views per training image in feature_bank mode", "recipe")
     test_batch_size: int = setting(100, "images per batch when encoding test images", "execution")
     num_workers: int = setting(0, "image-loading worker processes", "execution")
-    threads: Optional[int] = setting(None, "CPU threads for this run; default: chosen when the run starts from the "
-                                     "cores other processes leave free and the model's size (recorded in "
-                                     "metrics.json)", "execution")
+    threads: Optional[str] = setting(None, "CPU threads: N, or auto (the cores other processes leave free when the "
+                                     "run starts; the last bits of results depend on the thread count); default: "
+                                     "1 for small models, else every core (recorded in metrics.json)", "execution")
     feature_cache: bool = setting(True, "keep encoded test splits on disk, keyed by everything that changes them",
                                   "execution", flag="--no-feature-cache")
     cache_dir: Optional[str] = setting(None, "feature cache folder; default $VLPROMPT_CACHE/features or "
@@ -129,8 +129,8 @@ class RunConfig:
             raise VlpromptError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.momentum < 1:
             raise VlpromptError(f"momentum: must be in [0, 1), got {self.momentum}")
-        if self.threads is not None and self.threads < 1:
-            raise VlpromptError(f"threads: must be >= 1, got {self.threads}")
+        if self.threads is not None and self.threads != "auto" and not (self.threads.isdigit() and int(self.threads) > 0):
+            raise VlpromptError(f"threads: must be a number >= 1 or 'auto', got {self.threads!r}")
         if self.warmup_epochs < 0 or self.num_workers < 0:
             raise VlpromptError("warmup_epochs and num_workers must be >= 0")
 

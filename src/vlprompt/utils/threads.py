@@ -3,9 +3,10 @@
 PyTorch starts one intra-op thread per core. Beside other busy processes those threads outnumber the free
 cores, and every one of a training step's many small operations waits for its slowest thread, which the
 scheduler has put behind another process: measured here, a run slowed 4.8x beside two busy processes where
-its fair share is 2x. So a run takes the cores that are free when it starts (never fewer than one), and a
-small model, whose operations are too small to split, takes one. ``threads`` overrides the choice; the
-number used and why are recorded in the run's metrics.
+its fair share is 2x. A small model, whose operations are too small to split, takes one thread; others take
+every core, or with ``threads="auto"`` the cores that are free when the run starts (never fewer than one).
+The default depends only on the machine and the model, never on the load, because the thread count decides
+how sums are split and so the last bits of a result. The number used and why are recorded in the run.
 """
 
 from __future__ import annotations
@@ -65,19 +66,23 @@ def busy_cores(samples: int = 7, interval_s: float = 0.02) -> float:
         return 0.0
 
 
-def choose_threads(requested: Optional[int], model_width: Optional[int] = None) -> ThreadChoice:
-    """``requested`` threads when given; else one for a small model, else the cores free now."""
+def choose_threads(requested: Optional[str], model_width: Optional[int] = None) -> ThreadChoice:
+    """The threads of a run. ``requested``: a number, ``"auto"`` (the cores free now), or None: one thread for
+    a small model, every core otherwise. The default never depends on the load: the thread count changes
+    how sums are split, and so the last bits of a result, and the same command must give the same result."""
     cores = usable_cores()
-    if requested:
-        return ThreadChoice(requested, "asked for (--threads)")
+    if requested not in (None, "auto"):
+        return ThreadChoice(int(requested), "asked for (--threads)")
     if model_width is not None and model_width < SMALL_MODEL_WIDTH:
         return ThreadChoice(1, f"small model (width {model_width} < {SMALL_MODEL_WIDTH}): its operations are "
                                "too small to split")
+    if requested is None:
+        return ThreadChoice(cores, f"every core ({cores}); --threads auto takes only the free ones")
     busy = busy_cores()
     free = max(1, min(cores, round(cores - busy)))
     if free == cores:
-        return ThreadChoice(cores, f"all {cores} cores are free")
-    return ThreadChoice(free, f"{free} of {cores} cores free ({busy:g} busy with other work)")
+        return ThreadChoice(cores, f"--threads auto: all {cores} cores are free")
+    return ThreadChoice(free, f"--threads auto: {free} of {cores} cores free ({busy:g} busy with other work)")
 
 
 def apply_threads(choice: ThreadChoice) -> None:
