@@ -24,7 +24,7 @@ that this machine's drifting speed affects both alike (DESIGN.md, Performance):
              bf16: seconds, images/s, speedups, max logit difference.
 - fits:      fit time of the fitted baselines: the linear probe's C search, Tip-Adapter's alpha/beta search.
 - shared:    the tiny CoOp run alone and beside one and two busy processes, with vlprompt's thread choice,
-             every core and one thread.
+             every core (torch's default) and --threads auto.
 - e2e:       a full 16-shot Caltech-101 CoOp run (paper recipe: 200 epochs, 10,000 steps) with ViT-B/16
              in feature-bank mode, then its test evaluation; wall time split into feature extraction,
              training and evaluation. Needs the Caltech-101 images (VLPROMPT_DATA, see README).
@@ -577,20 +577,23 @@ def section_e2e(out: dict, bank_views: int, precision: str, epochs: int | None) 
           + ", ".join(f"K={k} {v / 60:.1f} min" for k, v in res["projected_wall_s_by_views"].items()))
 
 
-BUSY = "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"  # another training, all threads
+# Two kinds of busy neighbour: a single-threaded CPU loop, and another training (a matmul loop on torch's
+# default threads, one per core).
+BUSY = {"python loop": "while True:\n    pass\n",
+        "torch, every core": "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"}
 
 
 def section_shared(out: dict, epochs: int, repeats: int) -> None:
-    """A run on a shared machine: the tiny CoOp run (exact mode, tiny ViT, generated images) alone, beside one
-    and beside two busy processes (each a matmul loop on torch's default threads, as another training is),
-    with vlprompt's thread choice against torch's default (every core) and one thread, alternated in one
-    process. The ratio that matters is each figure over the quiet run with vlprompt's choice."""
+    """A run on a shared machine: the tiny CoOp run (exact mode, tiny ViT, generated images) alone, and beside
+    one and two busy processes of each kind in `BUSY`, with vlprompt's default choice (one thread for this
+    small model), torch's default (every core) and ``--threads auto`` (the free cores), alternated in one
+    process. Each figure is also given over the quiet run with vlprompt's choice."""
     import subprocess
 
     from vlprompt.data import make_synthetic_dataset
 
-    modes = {"chosen": None, "all cores": os.cpu_count() or 1, "1 thread": 1}
-    res: dict = {"epochs": epochs, "cores": os.cpu_count(), "seconds": {}}
+    modes = {"chosen": None, "all cores": str(os.cpu_count() or 1), "auto": "auto"}
+    res: dict = {"epochs": epochs, "cores": os.cpu_count(), "seconds": {}, "threads_used": {}}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = make_synthetic_dataset(str(Path(tmp) / "d"), n_train_per_class=4, n_test_per_class=5, seed=0)
@@ -603,32 +606,33 @@ def section_shared(out: dict, epochs: int, repeats: int) -> None:
             m = vp.run(cfg)
             return time.perf_counter() - t, m["execution"]["threads"]["threads"]
 
-        one_run(1, "warm")
-        for busy in (0, 1, 2):
-            procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
+        one_run("1", "warm")
+        loads = [("quiet", 0)] + [(kind, n) for kind in BUSY for n in (1, 2)]
+        for kind, busy in loads:
+            procs = [subprocess.Popen([sys.executable, "-c", BUSY[kind]]) for _ in range(busy)]
             try:
                 time.sleep(1.0 if busy else 0.0)
                 times = {m: [] for m in modes}
                 used = {}
                 for r in range(repeats):
                     for mode, threads in modes.items():
-                        seconds, used[mode] = one_run(threads, f"{busy}-{mode}-{r}")
+                        seconds, used[mode] = one_run(threads, f"{kind}-{busy}-{mode}-{r}")
                         times[mode].append(seconds)
             finally:
                 for p in procs:
                     p.kill()
                     p.wait()
-            res["seconds"][busy] = {m: statistics.median(v) for m, v in times.items()}
-            res.setdefault("threads_used", {})[busy] = used
-    quiet = res["seconds"][0]["chosen"]
+            label = "alone" if not busy else f"{busy} x {kind}"
+            res["seconds"][label] = {m: statistics.median(v) for m, v in times.items()}
+            res["threads_used"][label] = used
+    quiet = res["seconds"]["alone"]["chosen"]
     print(f"\nshared machine: the tiny CoOp run ({epochs} epochs, exact mode), median of {repeats}; "
           f"x = over the quiet run with vlprompt's choice ({quiet:.2f} s)")
-    print(f"  {'busy processes':<16}" + "".join(f"{m:>22}" for m in modes))
-    for busy, row in res["seconds"].items():
-        cells = "".join(f"{row[m]:>9.2f} s x{row[m] / quiet:<5.2f}({res['threads_used'][busy][m]}t)"
+    print(f"  {'beside':<26}" + "".join(f"{m:>22}" for m in modes))
+    for label, row in res["seconds"].items():
+        cells = "".join(f"{row[m]:>9.2f} s x{row[m] / quiet:<5.2f}({res['threads_used'][label][m]}t)"
                         for m in modes)
-        print(f"  {busy:<16}{cells}")
-    res["ratio_beside_two"] = res["seconds"][2]["chosen"] / quiet
+        print(f"  {label:<26}{cells}")
     out["shared"] = res
 
 
@@ -646,7 +650,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bank-views", type=int, default=vp.RunConfig.bank_views)
     ap.add_argument("--e2e-precision", default="bf16")
     ap.add_argument("--e2e-epochs", type=int, default=None, help="default: the paper recipe (200)")
-    ap.add_argument("--shared-epochs", type=int, default=20, help="epochs of the tiny run in the shared section")
+    ap.add_argument("--shared-epochs", type=int, default=100, help="epochs of the tiny run in the shared section")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one step in a fresh process
     args = ap.parse_args(argv)
