@@ -336,3 +336,16 @@ def test_good_templates_and_class_names_with_braces_format_as_written(tmp_path):
     ds = load_dataset(root, template="photo: {}")
     assert ds.classnames == ["a_{b", "{x}"] and ds.template == "photo: {}"
     assert format_prompts(ds.template, ds.classnames) == ["photo: a {b", "photo: {x}"]
+
+
+# -- found by trying it ------------------------------------------------------------------------------------------
+
+def test_a_class_name_with_a_control_character_is_refused_in_a_csv_and_a_split_json(tmp_path):
+    # A NUL in a class name was accepted and `vlprompt datasets` said "ok": it went into prompts and records.
+    root, csv_path = csv_dataset(tmp_path, "img/c.png,bi\x00rd,test")
+    message = error_of(str(root))
+    assert message == f"{csv_path}:5: classname holds the control character '\\x00'"
+    bad = {**GOOD_JSON, "test": [["img/a.png", 0, "c\x1bat"]]}
+    root, json_path = json_dataset(tmp_path / "j", bad)
+    message = error_of(str(root))
+    assert str(json_path) in message and "control character '\\x1b'" in message and "\n" not in message

@@ -349,3 +349,27 @@ def test_an_unreadable_config_or_study_file_is_named_and_the_rest_still_reported
     assert bad_study.startswith("study.yaml is not valid YAML")
     assert rows.context.method_order == ["zeroshot", "coop", "linear_probe"]
     assert dict(rows.context.settings)["protocol"] == "fewshot"  # from the runs, as for loose folders
+
+
+# -- found by trying it ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -50, 250])
+def test_an_accuracy_that_is_not_a_percentage_is_a_broken_run(fewshot_study, tmp_path, value):
+    # Was shown in the table as nan / inf / -50.00 as if it were a result.
+    study = copy_of(fewshot_study, tmp_path)
+    path = study / "runs" / "alpha/coop/1shots_seed2/metrics.json"
+    m = json.loads(path.read_text())
+    m["test"]["accuracy"] = value
+    path.write_text(json.dumps(m))
+    rows = build_report(study)
+    (warning,) = [w for w in rows.context.warnings if "alpha/coop/1shots_seed2" in w]
+    assert "not a percentage in [0, 100]" in warning
+    cell = row(rows, dataset="alpha", method="coop")
+    assert (cell["n_runs"], cell["n_expected"], cell["marks"]) == (2, 3, ["broken"])
+
+
+def test_a_deeply_nested_metrics_file_is_a_broken_run_not_a_traceback(fewshot_study, tmp_path, capsys):
+    study = copy_of(fewshot_study, tmp_path)
+    (study / "runs" / "alpha/coop/1shots_seed2/metrics.json").write_text("[" * 100_000)
+    assert main(["report", str(study)]) == 0  # was a RecursionError stack trace, exit 1
+    assert "broken run folder runs/alpha/coop/1shots_seed2" in capsys.readouterr().err

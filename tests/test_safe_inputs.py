@@ -368,3 +368,111 @@ def test_the_thread_choice_follows_the_model_and_with_auto_the_free_cores(monkey
     assert threads.choose_threads(None, SMALL_MODEL_WIDTH - 1).threads == 1
     assert threads.choose_threads("auto", SMALL_MODEL_WIDTH - 1).threads == 1
     assert threads.choose_threads("3", SMALL_MODEL_WIDTH - 1).threads == 3
+
+
+# -- found by trying it ------------------------------------------------------------------------------------------
+
+def test_a_planted_lock_symlink_is_refused_and_its_target_left_intact(tmp_path, capsys):
+    # The lock file was opened through the link and truncated: a study folder copied from someone else with
+    # `.lock -> ~/precious` emptied that file.
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / ".lock").symlink_to(precious)
+    with pytest.raises(VlpromptError, match="is a symbolic link"):
+        FolderLock(study, "study").acquire()
+    assert precious.read_text() == "keep me"
+
+
+def test_a_study_folder_that_is_a_file_is_named_as_such(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("x")
+    with pytest.raises(VlpromptError, match="is a file, not a folder"):  # was "cannot lock ...: File exists"
+        FolderLock(path, "study").acquire()
+    assert path.read_text() == "x"
+
+
+def test_a_study_inside_another_studys_runs_is_refused(shapes, tmp_path, capsys):
+    outer = tmp_path / "outer"
+    (outer / "runs" / "shapes").mkdir(parents=True)
+    (outer / "study.yaml").write_text("protocol: fewshot\n")
+    (outer / "index.json").write_text('{"units": []}')
+    study = tmp_path / "s.yaml"
+    study.write_text(f"protocol: fewshot\ndatasets: [{shapes}]\nmethods: [coop]\nseeds: [1]\nshots: [1]\n")
+    inner = outer / "runs" / "shapes" / "coop"
+    one_error(capsys, ["study", "run", str(study), "--output", str(inner), "--quiet"],
+              "lies inside the runs of the study in", str(outer))
+    assert not inner.exists()
+
+
+def test_a_study_of_no_seeds_is_refused(shapes, tmp_path, capsys):
+    study = tmp_path / "s.yaml"
+    study.write_text(f"protocol: fewshot\ndatasets: [{shapes}]\nmethods: [coop]\nseeds: []\n")
+    # Was exit 0 with an empty study folder and report.
+    one_error(capsys, ["study", "run", str(study), "--output", str(tmp_path / "o"), "--quiet"], "no seeds")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_deeply_nested_study_index_is_ignored_not_a_traceback(tmp_path, caplog):
+    from vlprompt.protocols.study import read_index
+
+    (tmp_path / "index.json").write_text("[" * 100_000)
+    assert read_index(tmp_path) == {}  # was a RecursionError stack trace
+    assert "is not a study index" in caplog.text
+
+
+def test_a_deeply_nested_metrics_file_in_the_output_is_one_error_line(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("[" * 100_000)
+    one_error(capsys, ["train", "--dataset", shapes, *TINY, "--epochs", "1", "--output", str(out), "--quiet"],
+              str(out), "holds no finished run")
+
+
+def test_duplicate_keys_in_a_yaml_file_are_refused(shapes, tmp_path, capsys):
+    # PyYAML keeps the last one silently: `epochs: 1` then `epochs: 50` trained 50 epochs.
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 1\nshots: 2\nepochs: 50\n")
+    one_error(capsys, ["train", "--config", str(config), "--dataset", shapes, *TINY, "--output",
+                       str(tmp_path / "o")], str(config), "'epochs' is given twice", "line 3")
+    assert not (tmp_path / "o").exists()
+    assert load_yaml_text("a: &x {b: 1}\nc:\n  <<: *x\n  b: 2\n", "t") == {"a": {"b": 1}, "c": {"b": 2}}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+def test_a_method_option_that_is_not_finite_is_refused_before_training(shapes, tmp_path, capsys, value):
+    # Was accepted, and training stopped later with "the loss is nan".
+    one_error(capsys, ["train", "--dataset", shapes, *TINY, "--epochs", "1", "--method", "kgcoop", "--option",
+                       f"weight={value}", "--output", str(tmp_path / "o"), "--quiet"],
+              "option weight must be a finite number", value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_class_names_file_with_control_bytes_or_too_big_is_one_line(tmp_path):
+    from vlprompt.practice import MAX_CLASSNAMES_BYTES, parse_classnames
+
+    binary = tmp_path / "names.bin"
+    binary.write_bytes(b"cat\ndo\x00g\n")  # was read as the class names "cat" and "do\x00g"
+    with pytest.raises(VlpromptError, match=r"line 2: control character '\\x00'"):
+        parse_classnames(file=str(binary))
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_CLASSNAMES_BYTES + 1)
+    with pytest.raises(VlpromptError, match="more than the"):
+        parse_classnames(file=str(huge))
+    tabbed = tmp_path / "ok.txt"
+    tabbed.write_text("a\tb\nc\n")
+    assert parse_classnames(file=str(tabbed)) == ["a\tb", "c"]
+
+
+def test_a_class_name_too_long_is_quoted_short_in_its_error():
+    from support import tiny_backbone
+
+    from vlprompt.prompts.coop import CoOp
+
+    name = "a" * 200_000
+    with pytest.raises(VlpromptError) as err:  # the message held the whole 200,000-character name
+        CoOp(tiny_backbone(), ["cat", name])
+    message = str(err.value)
+    assert "class name too long" in message and "200,000 characters" in message and len(message) < 300

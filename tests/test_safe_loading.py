@@ -412,3 +412,72 @@ def test_before_torch_2_6_a_pickle_weights_file_is_not_read_at_all(tmp_path, mon
         vp.load_backbone(TINY_VIT, weights=str(weights))
     message = one_line(err)
     assert str(weights) in message and "torch 2.5.1" in message and ".safetensors" in message
+
+
+# -- found by trying it ------------------------------------------------------------------------------------------
+
+def _real_with(real: bytes, tmp_path: Path, change) -> bytes:
+    """The real checkpoint with its state tree edited by ``change(tree)``: still a well-formed file."""
+    from safetensors import safe_open
+
+    src = tmp_path / "real.safetensors"
+    src.write_bytes(real)
+    with safe_open(str(src), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    tree = json.loads(meta[STATE_FIELD])
+    change(tree)
+    return save(tensors, metadata={**meta, STATE_FIELD: json.dumps(tree)})
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda t: t.update(epoch="x"), "damaged: epoch x"),
+    (lambda t: t.update(epoch=-5), "damaged: epoch -5"),
+    (lambda t: t.update(step_in_epoch=10**9), "damaged: step_in_epoch"),
+    (lambda t: t.update(history="x"), "history is not a list"),
+    (lambda t: t.update(partial=[1, 2]), "partial epoch is malformed"),
+    (lambda t: t.update(learner=[]), "is not a mapping"),
+    (lambda t: t.update(generator=5), "generator is not a tensor"),
+    (lambda t: t.update(learner={"ctx": 3}), "cannot restore its state"),
+    (lambda t: t.update(optimizer={}), "cannot restore its state"),
+    (lambda t: t["random"].update(python=[1]), "cannot restore its state"),
+])
+def test_a_well_formed_checkpoint_with_wrong_values_is_one_error_line(shapes, bb, tmp_path, real_checkpoint,
+                                                                     change, why):
+    # Each of these was a TypeError / KeyError / ValueError stack trace from the trainer (or, for the epoch and
+    # step, a run that silently trained the wrong number of epochs).
+    out = tmp_path / "run"
+    path = checkpoint_folder(out) / CHECKPOINT_FILE
+    path.parent.mkdir()
+    path.write_bytes(_real_with(real_checkpoint, tmp_path, change))
+    with pytest.raises(VlpromptError) as err:
+        run(cfg(shapes, out), backbone=bb)
+    message = one_line(err)
+    assert str(path) in message and why in message and "remove it or pass --resume never" in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("edit, why", [
+    ({"backbone": []}, "field 'backbone' has a value of the wrong type"),
+    ({"n_ctx": "x"}, "field 'n_ctx'"),
+    ({"n_ctx": True}, "field 'n_ctx'"),
+    ({"ctx_init": 5}, "field 'ctx_init'"),
+    ({"classnames": [1, 2]}, "'classnames' must be a list of strings"),
+])
+def test_a_prompt_config_with_a_value_of_the_wrong_type_is_one_error_line(shapes, bb, tmp_path, edit, why):
+    out = tmp_path / "run"
+    run(cfg(shapes, out), backbone=bb)
+    config = out / "prompt" / "prompt_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **edit}))
+    with pytest.raises(VlpromptError) as err:  # was an AttributeError / ValueError stack trace
+        vp.load_prompt(str(out), bb)
+    message = one_line(err)
+    assert str(config) in message and why in message
+
+
+def test_a_deeply_nested_prompt_config_is_one_error_line(shapes, bb, tmp_path):
+    out = tmp_path / "run"
+    run(cfg(shapes, out), backbone=bb)
+    (out / "prompt" / "prompt_config.json").write_text("[" * 100_000)
+    with pytest.raises(VlpromptError) as err:  # was a RecursionError stack trace
+        vp.load_prompt(str(out), bb)
+    assert "nested too deeply" in one_line(err)

@@ -25,7 +25,7 @@ import random
 from vlprompt.errors import VlpromptError
 
 from .containment import OutsideEntry, brief, check_path_text, folder_prefix, leaves_folder, outside_message
-from .readers import RawSplits, list_images, list_subdirs, read_split_json
+from .readers import RawSplits, control_char, list_images, list_subdirs, read_split_json
 from .types import Datum
 
 SPLITS = ("train", "val", "test")
@@ -117,6 +117,8 @@ def _read_csv(path: str) -> RawSplits:
             name = row[col["classname"]].strip()
             if not name:
                 raise VlpromptError(f"{path}:{line}: empty classname")
+            if control_char(name):
+                raise VlpromptError(f"{path}:{line}: classname holds the control character {control_char(name)!r}")
         image = os.path.normpath(os.path.join(base, rel))
         if leaves_folder(prefix, rel):
             outside.append(OutsideEntry(outside_message(f"{path}:{line}", rel, prefix), image))

@@ -149,6 +149,12 @@ def _read_json(json_path: str) -> dict:
     return data
 
 
+def control_char(text: str):
+    """The first control character (NUL, newline, ...) in a class name, or None: such a name comes from a
+    damaged or binary file and would end up in prompts, tables and record keys."""
+    return next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+
+
 def _split_entry(where: str, entry) -> tuple[str, int, str]:
     """``[relative_path, label, classname]`` with each value of the right type, else one line naming it."""
     if not isinstance(entry, (list, tuple)) or len(entry) != 3:
@@ -159,6 +165,8 @@ def _split_entry(where: str, entry) -> tuple[str, int, str]:
         problem = f"label must be an integer >= 0, got {brief(label)}"
     elif not isinstance(classname, str) or not classname.strip():
         problem = f"class name must be a non-empty string, got {brief(classname)}"
+    elif control_char(classname):
+        problem = f"class name holds the control character {control_char(classname)!r}"
     else:
         problem = None
     if problem:

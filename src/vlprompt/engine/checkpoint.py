@@ -199,6 +199,38 @@ def read_checkpoint(path: str | Path) -> dict:
     return {"format": FORMAT, **state}
 
 
+def check_progress(state: dict, path: Path, epochs: int, per_epoch: int) -> None:
+    """The plain fields of a read checkpoint, checked before the trainer uses them: the file is safe to read but
+    may still be crafted or damaged, and a wrong type there would otherwise surface as a stack trace mid-run."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    part = state["partial"]
+    problems = [
+        (not (whole(state["epoch"]) and 0 <= state["epoch"] <= epochs), f"epoch {str(state['epoch'])[:20]}"),
+        (not (whole(state["step_in_epoch"]) and 0 <= state["step_in_epoch"] <= per_epoch),
+         f"step_in_epoch {str(state['step_in_epoch'])[:20]}"),
+        (not (isinstance(state["history"], list) and all(isinstance(h, dict) for h in state["history"])),
+         "history is not a list of epochs"),
+        (part is not None and not (isinstance(part, dict) and isinstance(part.get("sums"), dict)
+                                   and whole(part.get("correct")) and whole(part.get("seen"))),
+         "partial epoch is malformed"),
+        (not isinstance(state["learner"], dict) or not isinstance(state["optimizer"], dict)
+         or not isinstance(state["random"], dict) or not isinstance(state["objective"], dict),
+         "learner, optimizer, random or objective is not a mapping"),
+        (not isinstance(state["generator"], torch.Tensor), "generator is not a tensor"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise _unusable(path, f"damaged: {what}")
+
+
+def restore_failed(path: Path, exc: BaseException) -> VlpromptError:
+    """One line for a checkpoint whose (well-typed) state torch or Python refuses to restore."""
+    first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    return _unusable(path, f"damaged: cannot restore its state: {first}")
+
+
 def _no_constant(name: str):
     raise MalformedCheckpoint(f"a bare JSON {name}")
 

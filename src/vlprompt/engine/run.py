@@ -492,7 +492,7 @@ def trained_record(prompt: Path) -> dict:
     source = prompt.parent / "metrics.json"
     try:
         return json.loads(source.read_text()) if source.is_file() else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return {}
 
 

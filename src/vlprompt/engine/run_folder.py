@@ -127,6 +127,6 @@ def recorded_key(out: Path) -> Optional[str]:
     """The ``config_key`` a finished run folder records, or None."""
     try:
         key = json.loads((out / "metrics.json").read_text()).get("config_key")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: nested too deeply
         return None
     return key if isinstance(key, str) else None

@@ -24,8 +24,8 @@ from ..data.types import Datum
 from ..errors import VlpromptError
 from ..utils.faults import fault_point
 from ..utils.progress import Progress, say
-from .checkpoint import (Checkpointer, generators_state, global_random_state, set_generators_state,
-                         set_global_random_state)
+from .checkpoint import (Checkpointer, check_progress, generators_state, global_random_state, restore_failed,
+                         set_generators_state, set_global_random_state)
 from .features import encode_items
 from .schedule import batches_per_epoch, coop_lr
 
@@ -252,14 +252,18 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: i
     start_epoch, start_step, partial = 0, 0, None
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
-        learner.load_state_dict(saved["learner"])
-        opt.load_state_dict(saved["optimizer"])
-        gen.set_state(saved["generator"])
+        check_progress(saved, checkpoint.path, settings.epochs, per_epoch)
+        try:  # a crafted or damaged state of the right types: one line, not a stack trace
+            learner.load_state_dict(saved["learner"])
+            opt.load_state_dict(saved["optimizer"])
+            gen.set_state(saved["generator"])
+            set_global_random_state(saved["random"])
+            if objective is not None:
+                set_generators_state(objective, saved["objective"])
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+            raise restore_failed(checkpoint.path, exc) from None
         history, partial = saved["history"], saved["partial"]
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
-        set_global_random_state(saved["random"])
-        if objective is not None:
-            set_generators_state(objective, saved["objective"])
         say(f"resuming from {checkpoint.path}: epoch {start_epoch + 1}, step {start_step + 1} of {per_epoch}",
             progress)
 

@@ -8,6 +8,7 @@ line, ``method_options:`` in YAML) and validated in its ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence, get_type_hints
 
@@ -159,4 +160,7 @@ def parse_options(method: str, options_cls: Optional[type], values: Optional[dic
         if key not in known:
             raise VlpromptError(f"method {method}: unknown option '{key}' (known: {', '.join(known)})")
     coerced = {k: coerce(f"{method} option {k}", v, hints[k]) for k, v in values.items()}
+    for key, value in coerced.items():  # no option means anything as inf or nan; they would surface mid-run
+        if isinstance(value, float) and not math.isfinite(value):
+            raise VlpromptError(f"method {method}: option {key} must be a finite number, got {values[key]!r}")
     return options_cls(**coerced)

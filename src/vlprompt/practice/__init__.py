@@ -67,6 +67,9 @@ def open_prompt(prompt, overrides: Optional[dict] = None, classnames: Optional[S
     return OpenedPrompt(learner, bb, cfg, path, pcfg, cfg.method)
 
 
+MAX_CLASSNAMES_BYTES = 16 * 1024 * 1024  # ~a million names; far above any label space
+
+
 def parse_classnames(text: Optional[str] = None, file: Optional[str] = None) -> Optional[list[str]]:
     """Class names from ``--classnames a,b,c`` or ``--classnames-file FILE`` (one per line, blank lines
     skipped); None when neither is given."""
@@ -76,10 +79,18 @@ def parse_classnames(text: Optional[str] = None, file: Optional[str] = None) -> 
         return None
     if file is not None:
         try:
+            size = Path(file).expanduser().stat().st_size
+            if size > MAX_CLASSNAMES_BYTES:
+                raise VlpromptError(f"class names file {file}: {size:,} bytes, more than the "
+                                    f"{MAX_CLASSNAMES_BYTES:,} a list of class names may have")
             lines = Path(file).expanduser().read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise VlpromptError(f"cannot read class names file {file}: "
                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+        for number, line in enumerate(lines, 1):
+            bad = next((c for c in line if ord(c) < 32 and c != "\t"), None)
+            if bad is not None:  # a NUL or other control byte: a binary or damaged file, not names
+                raise VlpromptError(f"class names file {file}, line {number}: control character {bad!r}")
         names, where = [line.strip() for line in lines if line.strip()], f"--classnames-file {file}"
     else:
         names, where = [n.strip() for n in text.split(",") if n.strip()], "--classnames"

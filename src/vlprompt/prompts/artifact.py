@@ -59,15 +59,42 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         cfg = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VlpromptError(f"{cfg_path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise VlpromptError(f"{cfg_path}: nested too deeply to read") from None
     if not isinstance(cfg, dict):
         raise VlpromptError(f"{cfg_path}: expected a JSON object")
     if not isinstance(cfg.get("classnames"), list):
         raise VlpromptError(f"{cfg_path}: missing field 'classnames'")
+    check_field_types(cfg, cfg_path)
     try:
         tensors = load_file(str(w_path))
     except Exception as exc:
         raise VlpromptError(f"cannot read {w_path}: {str(exc).splitlines()[0][:200]}") from None
     return cfg, tensors
+
+
+_STR, _INT, _NUM = (str,), (int,), (int, float)
+# The type of every field some learner reads back (absent fields are left to the learner's own defaults): a
+# hand-edited or crafted config is refused here in one line instead of failing inside a constructor.
+FIELD_TYPES = {"type": _STR, "learner": _STR, "method": _STR, "vlprompt_version": _STR, "format_version": _INT,
+               "backbone": (dict,), "n_ctx": _INT, "ctx_dim": _INT, "vis_dim": _INT, "meta_hidden": _INT,
+               "embed_dim": _INT, "reduction": _INT, "ctx_init": (str, type(None)), "hand_view": (str, type(None)),
+               "csc": (bool,), "class_token_position": _STR, "ctx_init_rule": _STR, "ensemble_hand": _NUM,
+               "alpha": _NUM, "beta": _NUM, "ratio": _NUM, "c": (int, float, type(None))}
+LIST_OF_STR = ("classnames", "templates")
+
+
+def check_field_types(cfg: dict, cfg_path) -> None:
+    for key, types in FIELD_TYPES.items():
+        value = cfg.get(key)
+        if key in cfg and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise VlpromptError(f"{cfg_path}: field {key!r} has a value of the wrong type ({str(value)[:40]!r})")
+    for key in LIST_OF_STR:
+        if key in cfg and not (isinstance(cfg[key], list) and all(isinstance(v, str) for v in cfg[key])):
+            raise VlpromptError(f"{cfg_path}: field {key!r} must be a list of strings")
+    for key, value in (cfg.get("backbone") or {}).items():
+        if key in ("name", "pretrained", "weights", "fingerprint") and not isinstance(value, (str, type(None))):
+            raise VlpromptError(f"{cfg_path}: field 'backbone.{key}' has a value of the wrong type ({str(value)[:40]!r})")
 
 
 def check_learner(cfg: dict, path, cls) -> None:

@@ -134,7 +134,8 @@ class CoOp(TextClassifier):
         too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != 0]
         if too_long:
             raise VlpromptError(f"class name too long for the {bb.context_length}-token context with "
-                                f"{self.n_ctx} context tokens: '{too_long[0]}'")
+                                f"{self.n_ctx} context tokens: {too_long[0][:80]!r}"
+                                + (f" ({len(too_long[0]):,} characters)" if len(too_long[0]) > 80 else ""))
         with torch.no_grad():
             embedded = bb.text.token_embedding(tokens).float()
         length = tokens.shape[1]

@@ -87,7 +87,7 @@ class Results:
 def _load_json(path: Path) -> Optional[dict]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         return None
     return data if isinstance(data, dict) else None
 
@@ -126,6 +126,8 @@ def metrics_problem(m: Optional[dict], needs_method: bool) -> Optional[str]:
         return "metrics.json has no 'test' results"
     if not _is_number(m["test"].get("accuracy")):
         return "metrics.json has no number at 'test.accuracy'"
+    if not 0 <= m["test"]["accuracy"] <= 100:  # also false for NaN: a hand-edited or damaged record
+        return f"metrics.json has 'test.accuracy' {m['test']['accuracy']!r}, not a percentage in [0, 100]"
     if needs_method and not m.get("method"):
         return "metrics.json does not name its 'method'"
     return None

@@ -99,6 +99,8 @@ class StudySpec:
             parse_options(m.method, get_method(m.method).Options, m.options)
         self.shots = [int(k) for k in (self.shots or module.SHOTS)]
         self.seeds = [int(s) for s in self.seeds]
+        if not self.seeds:  # else a study of no runs that "succeeds"
+            raise VlpromptError("study: no seeds (seeds: [1, 2, 3])")
         if module.TRANSFER:
             self.source = self.source or "imagenet"
             self.targets = list(self.targets or module.default_targets(self.source))
@@ -235,7 +237,7 @@ def read_index(study_dir: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):  # not UTF-8 or not JSON
+    except (OSError, ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("units"), list):
         # written atomically, so only a foreign file gets here: the index is rebuilt from the run folders
@@ -307,8 +309,19 @@ def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False
     """Carry out (or continue) a study in this process; see the module docstring for what is kept. One
     process drives a study folder at a time: another one refuses in one line naming the holder, or with
     ``wait`` waits for it (and then skips what it finished)."""
+    _not_inside_a_study(Path(study_dir))
     with FolderLock(Path(study_dir), "study", wait=wait, on_wait=lambda msg: say(msg, progress)):
         return _run_study(spec, Path(study_dir), retry_failed, rerun, progress)
+
+
+def _not_inside_a_study(study_dir: Path) -> None:
+    """A study folder inside another study's ``runs/`` would mix its runs into that study's (and its reports)."""
+    here = study_dir.expanduser().resolve()
+    for parent in here.parents:
+        if (parent / "study.yaml").is_file() and (parent / "index.json").is_file() \
+                and (here == parent / "runs" or parent / "runs" in here.parents):
+            raise VlpromptError(f"study folder {study_dir} lies inside the runs of the study in {parent}; "
+                                "give a folder outside it")
 
 
 def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool, progress: bool) -> StudyResult:

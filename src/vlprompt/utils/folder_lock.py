@@ -50,10 +50,16 @@ class FolderLock:
     def acquire(self) -> None:
         import fcntl
 
+        if self.folder.exists() and not self.folder.is_dir():
+            raise VlpromptError(f"{self.what} folder {self.folder} is a file, not a folder; give another path")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a planted `.lock` symlink must not make us truncate the file it points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if self.path.is_symlink():
+                raise VlpromptError(f"cannot lock the {self.what} folder {self.folder}: {self.path} is a symbolic "
+                                    "link (not written through; remove it)") from None
             raise VlpromptError(f"cannot lock the {self.what} folder {self.folder}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

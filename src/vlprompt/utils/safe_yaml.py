@@ -42,6 +42,7 @@ def _expanded_size(root: yaml.Node, where: str) -> int:
             children = node.value
         elif isinstance(node, yaml.MappingNode):
             children = [part for pair in node.value for part in pair]
+            _no_duplicate_keys(node, where)
         else:
             children = []
         for child in children:
@@ -54,6 +55,17 @@ def _expanded_size(root: yaml.Node, where: str) -> int:
         return total
 
     return size(root, 0)
+
+
+def _no_duplicate_keys(node: yaml.MappingNode, where: str) -> None:
+    """PyYAML keeps the last of two equal keys without a word: in a config that silently drops a setting."""
+    seen: set = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            if key.value in seen:
+                raise VlpromptError(f"{where}: key {key.value[:60]!r} is given twice in one mapping "
+                                    f"(line {key.start_mark.line + 1})")
+            seen.add(key.value)
 
 
 def load_yaml_text(text: str, where: str) -> Any:
