@@ -24,7 +24,7 @@ from vlprompt.data import make_synthetic_dataset
 from vlprompt.engine.run import run
 from vlprompt.methods.base import method_config
 from vlprompt.methods.kgcoop import encode_hand
-from vlprompt.methods.linear_probe import C_GRID, FitWarnings, fit_logistic, search_c
+from vlprompt.methods.linear_probe import FitWarnings, fit_logistic, search_c
 from vlprompt.methods.tip_adapter import search_alpha_beta
 from vlprompt.prompts import zeroshot
 from vlprompt.utils import progress as progress_mod

@@ -476,3 +476,34 @@ def test_a_class_name_too_long_is_quoted_short_in_its_error():
         CoOp(tiny_backbone(), ["cat", name])
     message = str(err.value)
     assert "class name too long" in message and "200,000 characters" in message and len(message) < 300
+
+
+def test_a_checkpoint_folder_planted_as_a_link_is_not_written_through(shapes, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / ".r.checkpoint").symlink_to(elsewhere, target_is_directory=True)
+    one_error(capsys, ["train", "--dataset", shapes, *TINY, "--epochs", "1", "--shots", "2", "--output",
+                       str(tmp_path / "r")], ".r.checkpoint is a symbolic link")
+    assert list(elsewhere.iterdir()) == [] and not (tmp_path / "r").exists()
+
+
+def test_a_report_of_a_file_says_it_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    one_error(capsys, ["report", str(tmp_path / "f")], "is a file, not a folder")
+    one_error(capsys, ["report", str(tmp_path / "missing")], "results folder not found")
+
+
+def test_a_run_record_too_large_or_too_deep_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    import vlprompt.utils.io as io
+    from vlprompt.utils.io import read_json
+
+    record = tmp_path / "metrics.json"
+    record.write_text('{"config_key": "' + "k" * 2000 + '"}')
+    assert read_json(record)["config_key"] == "k" * 2000
+    monkeypatch.setattr(io, "MAX_JSON_BYTES", 1000)
+    with pytest.raises(ValueError, match="more than the 1,000"):
+        read_json(record)
+    monkeypatch.undo()
+    record.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_json(record)

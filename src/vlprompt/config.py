@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
 from .errors import VlpromptError

@@ -296,6 +296,8 @@ class Checkpointer:
 
     def check_writable(self) -> None:
         """Fail before any work when the checkpoint cannot be written (read-only or missing output)."""
+        if self.folder.is_symlink():  # planted: checkpoints would be written wherever it points
+            raise VlpromptError(f"checkpoint folder {self.folder} is a symbolic link (not written through; remove it)")
         made = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from ..presets import method_recipe
 from ..prompts.artifact import read_artifact
 from ..utils.faults import fault_point
 from ..utils.hardware import resolve_precision
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text, read_json
 from ..utils.progress import say
 from ..utils.safe_yaml import load_yaml_file
 from ..utils.threads import ThreadChoice, apply_threads, choose_threads
@@ -491,8 +491,8 @@ def trained_record(prompt: Path) -> dict:
     """The metrics.json of the run a prompt folder belongs to ({} for a bare prompt folder)."""
     source = prompt.parent / "metrics.json"
     try:
-        return json.loads(source.read_text()) if source.is_file() else {}
-    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
+        return read_json(source) if source.is_file() else {}
+    except (OSError, ValueError):
         return {}
 
 

@@ -9,7 +9,6 @@ replacement leaves the previous finished run in its ``.old-`` copy: it is put ba
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..errors import VlpromptError
+from ..utils.io import read_json
 from ..utils.progress import logger
 
 log = logger.getChild("runs")
@@ -126,7 +126,7 @@ def commit_run_folder(stage: Path, out: Path) -> None:
 def recorded_key(out: Path) -> Optional[str]:
     """The ``config_key`` a finished run folder records, or None."""
     try:
-        key = json.loads((out / "metrics.json").read_text()).get("config_key")
-    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: nested too deeply
+        key = read_json(out / "metrics.json").get("config_key")
+    except (OSError, ValueError, AttributeError):
         return None
     return key if isinstance(key, str) else None

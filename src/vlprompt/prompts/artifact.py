@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VlpromptError
-from ..utils.io import atomic_write_bytes, atomic_write_text
+from ..utils.io import atomic_write_bytes, atomic_write_text, read_json
 
 CONFIG_NAME = "prompt_config.json"
 WEIGHTS_NAME = "prompt.safetensors"
@@ -56,11 +56,9 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         if not p.is_file():
             raise VlpromptError(f"prompt folder {folder} has no {p.name}")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        cfg = read_json(cfg_path)
+    except (OSError, ValueError) as exc:  # not JSON, not UTF-8, too large or nested too deeply
         raise VlpromptError(f"{cfg_path} is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise VlpromptError(f"{cfg_path}: nested too deeply to read") from None
     if not isinstance(cfg, dict):
         raise VlpromptError(f"{cfg_path}: expected a JSON object")
     if not isinstance(cfg.get("classnames"), list):

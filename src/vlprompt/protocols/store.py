@@ -12,13 +12,13 @@ could not be read (a broken folder is left out of the tables and listed, never d
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 from ..errors import VlpromptError
+from ..utils.io import read_json
 
 DG_DATASETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 # Methods whose fit searches hyperparameters on the validation split, in records written before the fit
@@ -86,8 +86,8 @@ class Results:
 
 def _load_json(path: Path) -> Optional[dict]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
+        data = read_json(path)
+    except (OSError, ValueError):  # not UTF-8, not JSON, too large or nested too deeply
         return None
     return data if isinstance(data, dict) else None
 
@@ -235,7 +235,8 @@ def scan(folder: str | Path) -> Results:
     folder of loose run folders (every ``metrics.json`` under it, hidden staging folders skipped)."""
     root = Path(folder)
     if not root.is_dir():
-        raise VlpromptError(f"results folder not found: {root}")
+        raise VlpromptError(f"results folder {root} is a file, not a folder" if root.exists()
+                            else f"results folder not found: {root}")
     warnings: list[str] = []
     index = _load_json(root / "index.json") if (root / "index.json").is_file() else None
     if (root / "index.json").is_file() and (index is None or not isinstance(index.get("units"), list)):

@@ -19,7 +19,6 @@ atomically, so a kill at any point loses nothing that had finished.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from ..methods.base import parse_options
 from ..presets import resolve_preset
 from ..engine.run_folder import clean_stale_tree, recorded_key
 from ..utils.folder_lock import FolderLock
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text, read_json
 from ..utils.progress import logger, say
 from . import base2new, dg, fewshot, xd
 from .units import Planner, Unit
@@ -236,8 +235,8 @@ def read_index(study_dir: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
+        data = read_json(path)
+    except (OSError, ValueError):  # not UTF-8, not JSON, too large or nested too deeply
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("units"), list):
         # written atomically, so only a foreign file gets here: the index is rebuilt from the run folders

@@ -1,4 +1,6 @@
-"""Atomic file writes: a crash or a full disk never leaves a half-written result or checkpoint."""
+"""Atomic file writes (a crash or a full disk never leaves a half-written result or checkpoint), and bounded
+reads of the JSON records vlprompt writes (a planted or damaged record is refused, never a memory or stack
+exhaustion)."""
 
 from __future__ import annotations
 
@@ -40,3 +42,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a metrics.json of 1000 classes and 200 epochs is well under 1 MB
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file's value. ``ValueError`` (the error every caller already handles for invalid JSON) for a file
+    larger than `MAX_JSON_BYTES`, one that is not UTF-8 or not JSON, or one nested too deeply to parse."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{size:,} bytes, more than the {MAX_JSON_BYTES:,} a vlprompt record may have")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+
