@@ -19,7 +19,7 @@ import pytest
 
 from vlprompt.cli import main
 from vlprompt.data import make_synthetic_dataset
-from vlprompt.engine.run_folder import clean_stale, commit_run_folder, owner_tag, stage_run_folder
+from vlprompt.engine.run_folder import clean_stale, commit_run_folder, stage_run_folder, this_host
 from vlprompt.errors import VlpromptError
 from vlprompt.utils.folder_lock import FolderLock
 from vlprompt.utils.safe_yaml import MAX_NODES, load_yaml_text
@@ -255,7 +255,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_staging_and_replaced_copies_are_cleaned_by_owner(tmp_path):
-    host = owner_tag().rsplit("-", 1)[0]
+    host = this_host()
     dead, alive = _dead_pid(), os.getppid()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text("{}")
@@ -276,7 +276,7 @@ def test_stale_staging_and_replaced_copies_are_cleaned_by_owner(tmp_path):
 
 
 def test_a_run_moved_aside_by_a_killed_replacement_is_put_back(tmp_path):
-    host = owner_tag().rsplit("-", 1)[0]
+    host = this_host()
     aside = tmp_path / f".run.old-{host}-{_dead_pid()}"
     aside.mkdir()
     (aside / "metrics.json").write_text('{"config_key": "k"}')
@@ -293,7 +293,7 @@ def test_a_study_cleans_what_a_kill_9_left_in_its_runs(shapes, tmp_path):
     assert main(["study", "fewshot", "--datasets", shapes, "--methods", "zeroshot", *TINY, "--output", str(folder),
                  "--quiet"]) == 0
     unit = next((folder / "runs").rglob("metrics.json")).parent
-    host = owner_tag().rsplit("-", 1)[0]
+    host = this_host()
     stale = [unit.parent / f".{unit.name}.partial-{host}-{_dead_pid()}", unit.parent / f".x.old-{_dead_pid()}"]
     for path in stale:
         path.mkdir()

@@ -242,7 +242,7 @@ def check_plain_mapping(value: Any, where: str) -> None:
 
 def check_template(template: str) -> None:
     """A prompt template takes the class name through exactly one ``{}`` (`prompts.templates.check_template`)."""
-    from .prompts.templates import check_template as check
+    from .prompts.templates import check_template as check  # lazy: vlprompt.prompts imports the torch models
 
     check(template)
 

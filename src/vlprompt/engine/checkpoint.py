@@ -158,6 +158,10 @@ def checkpoint_bytes(state: dict) -> bytes:
     return save(tensors, metadata={FORMAT_FIELD: str(FORMAT), STATE_FIELD: json.dumps(tree, allow_nan=False)})
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+
+
 def _unusable(path: Path, why: str) -> VlpromptError:
     return VlpromptError(f"checkpoint {path} is not a vlprompt checkpoint of format {FORMAT} ({why}); "
                          "remove it or pass --resume never")
@@ -177,8 +181,7 @@ def read_checkpoint(path: str | Path) -> dict:
             meta = f.metadata() or {}
             stored = {name: f.get_tensor(name).clone() for name in f.keys()}  # clone: not views of the mapping
     except Exception as exc:  # safetensors' own errors: not a safetensors file, cut short, unreadable
-        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise _unusable(path, f"not a readable safetensors file: {first}") from None
+        raise _unusable(path, f"not a readable safetensors file: {_first_line(exc)}") from None
     if FORMAT_FIELD not in meta or STATE_FIELD not in meta:
         raise _unusable(path, "a safetensors file without vlprompt's checkpoint metadata")
     if meta[FORMAT_FIELD] != str(FORMAT):
@@ -227,8 +230,7 @@ def check_progress(state: dict, path: Path, epochs: int, per_epoch: int) -> None
 
 def restore_failed(path: Path, exc: BaseException) -> VlpromptError:
     """One line for a checkpoint whose (well-typed) state torch or Python refuses to restore."""
-    first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-    return _unusable(path, f"damaged: cannot restore its state: {first}")
+    return _unusable(path, f"damaged: cannot restore its state: {_first_line(exc)}")
 
 
 def _no_constant(name: str):

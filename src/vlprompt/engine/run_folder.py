@@ -25,10 +25,14 @@ log = logger.getChild("runs")
 HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 
 
+def this_host() -> str:
+    """This machine's name as hidden folders carry it (without characters that folder names should not carry)."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", socket.gethostname()) or "host"
+
+
 def owner_tag() -> str:
-    """``<host>-<pid>`` of this process (the host without characters that folder names should not carry)."""
-    host = re.sub(r"[^A-Za-z0-9_.]+", "_", socket.gethostname()) or "host"
-    return f"{host}-{os.getpid()}"
+    """``<host>-<pid>`` of this process."""
+    return f"{this_host()}-{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -45,7 +49,7 @@ def _left_behind(match: re.Match) -> bool:
     """Whether a hidden folder's owner is gone: it ran on this host and its pid is not alive (or is ours,
     from an earlier attempt in this process)."""
     host = match.group("host")
-    if host is not None and host != owner_tag().rsplit("-", 1)[0]:
+    if host is not None and host != this_host():
         return False  # another machine's (shared storage): it cannot be judged from here
     pid = int(match.group("pid"))
     return pid == os.getpid() or not _pid_alive(pid)

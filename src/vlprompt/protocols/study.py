@@ -167,17 +167,15 @@ def _typed_list(value, kind, where: str) -> list:
         raise VlpromptError(f"{where}: expected a list, got {type(value).__name__}")
     out = []
     for i, v in enumerate(value):
-        if kind is int:
-            try:
-                if isinstance(v, bool) or isinstance(v, float):
-                    raise ValueError
-                out.append(int(v))
-            except (TypeError, ValueError):
-                raise VlpromptError(f"{where}[{i}]: expected a whole number, got {v!r}") from None
-        elif isinstance(v, (str, int)) and not isinstance(v, bool):
+        if not isinstance(v, (str, int)) or isinstance(v, bool):  # a float, a list, a mapping, true/false
+            raise VlpromptError(f"{where}[{i}]: expected {'a whole number' if kind is int else 'a name'}, got {v!r}")
+        if kind is str:
             out.append(str(v))
-        else:
-            raise VlpromptError(f"{where}[{i}]: expected a name, got {v!r}")
+            continue
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise VlpromptError(f"{where}[{i}]: expected a whole number, got {v!r}") from None
     return out
 
 
