@@ -25,7 +25,7 @@ from torch import nn
 import vlprompt as vp
 from vlprompt.backbones import Backbone, builtin_config_dir
 from vlprompt.text import encode_shared_prefix, encode_truncated, reference_encode
-from vlprompt.text.fast import attention_parts, block_unsupported, open_clip_version
+from vlprompt.backbones.blocks import attention_parts, block_unsupported, open_clip_version
 from vlprompt.utils import progress as progress_mod
 
 TINY = "vlprompt-tiny-ViT"
@@ -179,7 +179,7 @@ def test_image_attention_with_an_extra_part_falls_back_to_open_clip(tmp_path):
 def test_missing_private_open_clip_helper_falls_back(ref, monkeypatch):
     from open_clip.transformer import VisionTransformer
 
-    from vlprompt.image import fast_image_unsupported
+    from vlprompt.backbones.vit import fast_image_unsupported
 
     monkeypatch.delattr(VisionTransformer, "_embeds")
     why = fast_image_unsupported(ref.model.visual)

@@ -9,7 +9,7 @@ import torch
 from support import tiny_backbone
 
 from vlprompt.backbones import builtin_config_dir
-from vlprompt.image import encode_vit_cls, fast_image_unsupported
+from vlprompt.backbones.vit import encode_vit_cls, fast_image_unsupported
 
 
 def images(bb, n: int, seed: int = 0) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_direct_call_equals_visual_forward():
 def test_bf16_per_image_attention_equals_float32_attention():
     """The bf16 CPU attention (per image, float32 softmax) against fp32 attention on the same inputs:
     only bf16 rounding of the probabilities and the output may differ."""
-    from vlprompt.image.fast import _attend_per_image
+    from vlprompt.backbones.vit import _attend_per_image
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 10, 16, generator=g).bfloat16() for _ in range(3))

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import VlpromptError
-from ..image.fast import FAST_IMAGE_ID, encode_vit_cls, fast_image_unsupported
-from ..text.fast import attention_parts
+from .blocks import attention_parts
+from .vit import FAST_IMAGE_ID, encode_vit_cls, fast_image_unsupported
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

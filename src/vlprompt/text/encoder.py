@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # only for annotations: backbones.backbone imports the text package (through image.fast)
+if TYPE_CHECKING:
     from ..backbones.backbone import Backbone
 
 

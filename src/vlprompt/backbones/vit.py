@@ -9,7 +9,7 @@ plain per-image product with a float32 softmax is faster; GELU and QuickGELU run
 equals ``model.encode_image`` up to floating-point rounding. Inference only (frozen tower).
 
 Towers this does not cover (ResNets, average or attentional pooling, blocks with parts it does not compute
-(`vlprompt.text.fast.block_unsupported`: blocks are recognised by their parts, not their class), timm
+(`vlprompt.backbones.blocks.block_unsupported`: blocks are recognised by their parts, not their class), timm
 towers, an open_clip without the private ``VisionTransformer._embeds`` it reuses) use open_clip's own
 forward: `fast_image_unsupported` names the reason.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VlpromptError
-from ..text.fast import block_unsupported, open_clip_version, read_parts
+from .blocks import block_unsupported, open_clip_version, read_parts
 
 # Recorded in the feature-cache key: features from another implementation are never mixed in.
 FAST_IMAGE_ID = "vit-cls-last-layer+sdpa/v2"
