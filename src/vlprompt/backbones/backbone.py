@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import VlpromptError
 from .blocks import attention_parts
-from .vit import FAST_IMAGE_ID, encode_vit_cls, fast_image_unsupported
+from .vit import FAST_IMAGE_ID, encode_vit_cls, encode_vit_prompted, fast_image_unsupported, prompted_image_unsupported
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -147,6 +147,7 @@ class Backbone(nn.Module):
         # The exact class-token shortcut where the tower allows it, open_clip's own forward otherwise.
         self.fast_image_unsupported: Optional[str] = fast_image_unsupported(model.visual)
         self.image_encoder_id = "open_clip" if self.fast_image_unsupported else FAST_IMAGE_ID
+        self.prompted_image_unsupported: Optional[str] = prompted_image_unsupported(model.visual)
         # Frozen: no gradients for any backbone weight, eval mode forever, weights cast once
         # (bf16 autocast is slow on CPU for open_clip's attention; a one-off cast is not).
         self.fingerprint: str = weights_fingerprint(model)
@@ -195,6 +196,15 @@ class Backbone(nn.Module):
         if self.fast_image_unsupported is None:
             return encode_vit_cls(self.model.visual, images).float()
         return self.model.encode_image(images).float()
+
+    def encode_images_prompted(self, images: torch.Tensor, prompts: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """Raw float32 image features with deep visual prompts (`vit.encode_vit_prompted`), differentiable with
+        respect to the prompts: prompts are arguments, never state on the backbone, so one backbone serves a
+        frozen teacher and any number of prompted learners."""
+        if self.prompted_image_unsupported is not None:
+            raise VlpromptError(f"backbone {self.source.name}: deep visual prompts cannot enter its image tower: "
+                                f"{self.prompted_image_unsupported}")
+        return encode_vit_prompted(self.model.visual, images.to(self.device, self.dtype), list(prompts)).float()
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:

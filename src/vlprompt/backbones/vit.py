@@ -70,8 +70,9 @@ def fast_image_unsupported(visual: nn.Module) -> Optional[str]:
     return None
 
 
-def _attend(block: nn.Module, x: torch.Tensor, query_rows: Optional[int]) -> torch.Tensor:
-    """Self-attention of one block on (B, N, D) with queries for every token, or the first ``query_rows``."""
+def _attend(block: nn.Module, x: torch.Tensor, query_rows: Optional[int], per_image: bool = True) -> torch.Tensor:
+    """Self-attention of one block on (B, N, D) with queries for every token, or the first ``query_rows``;
+    ``per_image``: bf16 on CPU one image at a time (`_attend_per_image`, inference only)."""
     parts = read_parts(block)  # checked by fast_image_unsupported
     width = x.shape[-1]
     w, b = parts.in_proj_weight, parts.in_proj_bias
@@ -82,7 +83,7 @@ def _attend(block: nn.Module, x: torch.Tensor, query_rows: Optional[int]) -> tor
         k, v = F.linear(h, w[width:], None if b is None else b[width:]).chunk(2, dim=-1)
         q = F.linear(h[:, :query_rows], w[:width], None if b is None else b[:width])
     q, k, v = (t.unflatten(-1, (parts.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
-    if query_rows is None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+    if per_image and query_rows is None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
         out = _attend_per_image(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
@@ -139,4 +140,70 @@ def encode_vit_cls(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
             x = x[:, :1] + block.ls_1(_attend(block, x, 1))
         x = x + block.ls_2(_mlp(block, block.ln_2(x)))
     pooled = visual.ln_post(x[:, 0])  # per-token norm: the same before or after pooling
+    return pooled if visual.proj is None else pooled @ visual.proj
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompted image tower: deep visual prompts as arguments of a differentiable forward
+# ----------------------------------------------------------------------------------------------
+
+def prompted_image_unsupported(visual: nn.Module) -> Optional[str]:
+    """None when `encode_vit_prompted` can run this image tower, else why not. Prompt tokens need a ViT
+    (a ResNet has no tokens); any block open_clip builds is run, through its own forward where the shortcut
+    does not recognise it."""
+    vision_transformer, _ = _open_clip_classes()
+    if vision_transformer is None or type(visual) is not vision_transformer:
+        return f"image tower {type(visual).__name__} is not a ViT (deep visual prompts are tokens of a ViT)"
+    missing = [n for n in ("conv1", "class_embedding", "positional_embedding", "patch_dropout", "ln_pre", "ln_post",
+                           "proj", "transformer") if not hasattr(visual, n)]
+    if missing:
+        return f"open_clip {open_clip_version()}: VisionTransformer has no {', '.join(missing)}"
+    if getattr(visual, "output_tokens", False):
+        return "the tower returns its tokens"
+    return None
+
+
+def _prompt_rows(prompt: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, D) prompt -> (B, N, D) rows in the tower's dtype (differentiable)."""
+    return prompt.to(dtype).unsqueeze(0).expand(batch, -1, -1)
+
+
+def encode_vit_prompted(visual: nn.Module, images: torch.Tensor, prompts: list) -> torch.Tensor:
+    """(B, d) pooled, projected features of a ViT with deep visual prompts; differentiable with respect to the
+    prompts (the tower's own weights stay frozen). ``prompts[0]`` (N, D) is appended after the patch tokens,
+    with no positional embedding, and normalised by ``ln_pre`` together with them; ``prompts[i]`` for i >= 1
+    (None: keep) replaces the last N rows at the input of block i, before its ``ln_1``. The prompt rows are
+    never pooled. With an empty list this is the frozen tower's forward.
+
+    The caller has checked `prompted_image_unsupported(visual)` and passes images in the tower's dtype."""
+    b = images.shape[0]
+    x = visual.conv1(images)
+    x = x.reshape(b, x.shape[1], -1).permute(0, 2, 1)
+    x = torch.cat([visual.class_embedding.to(x.dtype).expand(b, 1, -1), x], dim=1)
+    x = x + visual.positional_embedding.to(x.dtype)
+    x = visual.patch_dropout(x)  # identity in eval mode; before the prompts, so they are never dropped
+    n = 0
+    if prompts and prompts[0] is not None:
+        n = prompts[0].shape[0]
+        x = torch.cat([x, _prompt_rows(prompts[0], b, x.dtype)], dim=1)
+    x = visual.ln_pre(x)
+    blocks = visual.transformer.resblocks
+    by_class_token = fast_image_unsupported(visual) is None  # class-token pooling and recognised blocks
+    for i, block in enumerate(blocks):
+        if 0 < i < len(prompts) and prompts[i] is not None:
+            if prompts[i].shape[0] != n:
+                raise VlpromptError(f"deep visual prompt of block {i} has {prompts[i].shape[0]} rows, layer 0 has {n}")
+            x = torch.cat([x[:, :x.shape[1] - n], _prompt_rows(prompts[i], b, x.dtype)], dim=1)
+        if not by_class_token:
+            x = block(x)
+        elif i < len(blocks) - 1:
+            x = x + block.ls_1(_attend(block, x, None, per_image=False))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        else:  # only the class token's row is read after the last layer
+            x = x[:, :1] + block.ls_1(_attend(block, x, 1))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    if by_class_token:
+        pooled = visual.ln_post(x[:, 0])
+    else:
+        pooled, _ = visual._pool(x[:, :x.shape[1] - n])  # prompt rows are never pooled (average, attention)
     return pooled if visual.proj is None else pooled @ visual.proj

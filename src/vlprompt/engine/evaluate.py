@@ -23,7 +23,7 @@ def class_logits(learner, features: torch.Tensor, batch_size: int = 4096) -> tor
 
 def classify(learner, features: torch.Tensor, batch_size: int = 4096, k: int = TOP_K) -> torch.Tensor:
     """(N, min(k, C)) label indices, best first (`class_logits` ranked)."""
-    return class_logits(learner, features, batch_size).topk(min(k, len(learner.classnames)), dim=-1).indices
+    return rank_logits(class_logits(learner, features, batch_size), len(learner.classnames), k)
 
 
 def accuracy_report(preds: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> dict:
@@ -55,3 +55,32 @@ def accuracy_report(preds: torch.Tensor, labels: torch.Tensor, classnames: Seque
         "per_class": per_class,
         "n": n,
     }
+
+
+@torch.inference_mode()
+def image_logits(learner, items, batch_size: int = 100, num_workers: int = 0, progress: bool = True,
+                 desc: str = "classifying test images") -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, C) float32 logits, (N,) labels) of test images through a learner whose image features depend on
+    its parameters (``learner.from_pixels``: deep visual prompts): batched, with progress, never through the
+    frozen feature cache. The class text features are computed once."""
+    from ..data.transforms import test_transform
+    from ..utils.progress import Progress
+    from .features import make_loader
+
+    bb = learner.backbone
+    tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
+    text = learner.text_features()
+    bar = Progress(desc, len(items), enabled=progress)
+    parts, labels = [], []
+    for images, y in make_loader(items, tf, batch_size, num_workers):
+        parts.append(learner.logits(learner.image_features(images), text).float())
+        labels.append(y)
+        bar.update(len(y))
+    if not parts:
+        return torch.empty(0, len(learner.classnames)), torch.empty(0, dtype=torch.long)
+    return torch.cat(parts), torch.cat(labels)
+
+
+def rank_logits(logits: torch.Tensor, n_classes: int, k: int = TOP_K) -> torch.Tensor:
+    """(N, min(k, C)) label indices, best first."""
+    return logits.topk(min(k, n_classes), dim=-1).indices

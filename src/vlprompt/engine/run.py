@@ -43,11 +43,11 @@ from ..utils.progress import say
 from ..utils.safe_yaml import load_yaml_file
 from ..utils.threads import ThreadChoice, apply_threads, choose_threads
 from .checkpoint import Checkpointer, checkpoint_folder, differing_keys
-from .evaluate import accuracy_report, classify
+from .evaluate import accuracy_report, classify, image_logits, rank_logits
 from .feature_store import FeatureStore
 from .run_folder import commit_run_folder, recorded_key, stage_run_folder
 from .schedule import default_epochs
-from .trainer import ExactFeatures, FeatureBank, TrainSettings, train_prompt
+from .trainer import ExactFeatures, FeatureBank, PixelSource, TrainSettings, train_prompt
 
 # RunConfig's defaults are the paper recipe (SPEC 2.4); any other value is a recorded deviation.
 PAPER_RECIPE = {k: RunConfig.__dataclass_fields__[k].default
@@ -285,6 +285,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
     timings = {}
     method = get_method(cfg.method)
     parse_options(method.name, method.Options, cfg.method_options)  # a bad option fails before any work
+    check_train_mode(method, cfg)
     out = Path(cfg.output or default_output(cfg))
     check_output(out, cfg, config_key(cfg.to_dict()))
     stage = stage_run_folder(out)
@@ -315,6 +316,34 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
     return metrics
 
 
+def check_train_mode(method, cfg: RunConfig) -> None:
+    """A learner whose image features depend on its parameters cannot draw them from a feature bank."""
+    if cfg.train_mode == "feature_bank" and not method.needs.cacheable_features:
+        raise VlpromptError(f"train_mode feature_bank: method {method.name} prompts the image tower, so its image "
+                            "features change at every step and cannot be encoded once; use train_mode exact")
+
+
+def frozen_test_features(method, bb: Backbone, ds, cfg: RunConfig, store: FeatureStore):
+    """(features, labels) of the test split from the frozen tower (cached), for methods that classify frozen
+    features; None for a method whose image features depend on it (its test images are checked to exist)."""
+    if method.needs.cacheable_features:
+        return store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
+    missing = next((d.path for d in ds.test if not os.path.isfile(d.path)), None)
+    if missing is not None:
+        raise VlpromptError(f"test image not found: {missing}")
+    return None
+
+
+def test_report(learner, ds, cfg: RunConfig, test_features) -> dict:
+    """The accuracy report of ``learner`` on the test split: from the frozen features, or through the learner's
+    own image tower (``test_features`` None)."""
+    if test_features is not None:
+        feats, labels = test_features
+        return accuracy_report(classify(learner, feats), labels, ds.classnames)
+    logits, labels = image_logits(learner, ds.test, cfg.test_batch_size, cfg.num_workers, cfg.progress)
+    return accuracy_report(rank_logits(logits, len(ds.classnames)), labels, ds.classnames)
+
+
 def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, timings, t_total,
               checkpoint: Optional[Checkpointer]) -> dict:
     if backbone is not None:
@@ -340,7 +369,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
 
     # The test split first: an unreadable test image is found before training, not after it.
     t = time.perf_counter()
-    feats, labels = store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
+    test_features = frozen_test_features(method, bb, ds, cfg, store)
     timings["encode_test_s"] = time.perf_counter() - t
 
     torch.manual_seed(cfg.seed)  # prompt initialisation does not depend on how the backbone was obtained
@@ -371,8 +400,10 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
         if cfg.train_mode == "feature_bank":
             source = FeatureBank(bb, ds.train, views, settings, cfg.progress, bank_views=cfg.bank_views)
             timings["feature_bank_s"] = time.perf_counter() - t
-        else:
+        elif method.needs.cacheable_features:
             source = ExactFeatures(bb, ds.train, views, settings, cfg.progress)
+        else:  # image features depend on the learner: pixels only
+            source = PixelSource(bb, ds.train, views, settings, cfg.progress)
         objective.prepare(bb, ds.train, source)
         t = time.perf_counter()
         history = train_prompt(learner, objective.loss, source, len(ds.train), settings, progress=cfg.progress,
@@ -386,7 +417,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
         learner.save_pretrained(stage / "prompt")
 
     t = time.perf_counter()
-    report = accuracy_report(classify(learner, feats), labels, ds.classnames)
+    report = test_report(learner, ds, cfg, test_features)
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_total
 
@@ -534,8 +565,7 @@ def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: Fea
     threads = use_threads(cfg, bb)
     learner = method.load(str(path), bb, ds.classnames, dataset=ds, template=cfg.template)
     t = time.perf_counter()
-    feats, labels = store.get(bb, ds.test, cfg, desc="encoding test images", dataset=ds.name)
-    report = accuracy_report(classify(learner, feats), labels, ds.classnames)
+    report = test_report(learner, ds, cfg, frozen_test_features(method, bb, ds, cfg, store))
     trained = trained_record(path)
     metrics = {
         **result_record("eval", cfg, ds, bb, report, method.trains),

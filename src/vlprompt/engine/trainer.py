@@ -24,8 +24,9 @@ from ..data.types import Datum
 from ..errors import VlpromptError
 from ..utils.faults import fault_point
 from ..utils.progress import Progress, say
-from .checkpoint import (Checkpointer, check_progress, generators_state, global_random_state, restore_failed,
-                         set_generators_state, set_global_random_state)
+from ..methods.base import Objective
+from .checkpoint import (OBJECTIVE_LAYOUT, Checkpointer, check_progress, global_random_state, objective_state,
+                         restore_failed, set_global_random_state)
 from .features import encode_items
 from .schedule import batches_per_epoch, coop_lr
 
@@ -129,9 +130,10 @@ class TrainingSource(Protocol):
     def stored_features(self, view: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-class ExactFeatures:
-    """Exact mode: every step augments afresh (images decoded once and kept in memory) and encodes its
-    batch, all views in one image-tower call."""
+class PixelSource:
+    """For learners whose image features depend on their parameters (``Needs.cacheable_features=False``): every
+    step augments afresh, exactly as `ExactFeatures`, and hands over the normalised images only; the frozen
+    tower runs only when the objective asks for it (``TrainBatch.encode``, e.g. a frozen teacher)."""
 
     deviation = None
 
@@ -143,21 +145,35 @@ class ExactFeatures:
         self.bb, self.names, self.num_workers = bb, list(views), settings.num_workers
         self.dataset = ViewsDataset(items, views, DecodedImages(items, settings.cache_images, progress))
 
-    def epoch(self, batches: list[list[int]], seed: int, start: int = 0):
+    def loader(self, batches: list[list[int]], seed: int, start: int = 0):
+        """(images per view, labels, indices) of each batch from ``start`` on."""
         # The loader's own generator only seeds its workers; it keeps the loader off the global random state.
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=seeded_batches(batches, seed)[start:],
-                                             num_workers=self.num_workers,
-                                             generator=torch.Generator().manual_seed(seed))
-        for images, y, idx in loader:
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=seeded_batches(batches, seed)[start:],
+                                           num_workers=self.num_workers,
+                                           generator=torch.Generator().manual_seed(seed))
+
+    def epoch(self, batches: list[list[int]], seed: int, start: int = 0):
+        dev = self.bb.device
+        for images, y, idx in self.loader(batches, seed, start):
+            pixels = {name: x.to(dev) for name, x in zip(self.names, images)}
+            yield TrainBatch({}, y.to(dev), idx.to(dev), pixels, self.encode)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen raw features of ``images`` as a normal tensor (not an inference-mode one), no graph."""
+        return self.bb.encode_images(images).clone()
+
+
+class ExactFeatures(PixelSource):
+    """Exact mode: every step augments afresh (images decoded once and kept in memory) and encodes its
+    batch, all views in one frozen image-tower call."""
+
+    def epoch(self, batches: list[list[int]], seed: int, start: int = 0):
+        for images, y, idx in self.loader(batches, seed, start):
             # .clone() gives a normal tensor: inference-mode tensors cannot enter autograd.
             feats = self.bb.encode_images(torch.cat(images)).clone().chunk(len(images))
             dev = feats[0].device
             pixels = {name: x.to(dev) for name, x in zip(self.names, images)}
             yield TrainBatch(dict(zip(self.names, feats)), y.to(dev), idx.to(dev), pixels, self.encode)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw features of ``images`` as a normal tensor (not an inference-mode one), no graph."""
-        return self.bb.encode_images(images).clone()
 
 
 class FeatureBank:
@@ -230,21 +246,31 @@ def _epoch_plan(n_items: int, settings: TrainSettings, gen: torch.Generator):
     return batches, int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
-def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: int, settings: TrainSettings,
-                 progress: bool = True, backward: Optional[Callable] = None,
-                 checkpoint: Optional[Checkpointer] = None, objective=None) -> dict:
+class LossObjective(Objective):
+    """An objective that is its loss function alone (``loss_fn(learner, batch)``), every other step the default."""
+
+    def __init__(self, loss_fn: Callable):
+        super().__init__()
+        self.loss = loss_fn
+
+
+def train_prompt(learner: torch.nn.Module, objective: Objective | Callable, source, n_items: int,
+                 settings: TrainSettings, progress: bool = True, checkpoint: Optional[Checkpointer] = None) -> dict:
     """Train ``learner`` in place on batches from ``source`` (`ExactFeatures` or `FeatureBank`).
 
-    ``loss_fn(learner, batch: TrainBatch) -> (loss, {term: value})``; a ``logits`` term (B, C) gives the
-    training accuracy. ``backward(params, loss, terms)`` sets the parameters' gradients where a method
-    does more than ``loss.backward()`` (ProGrad's projection). With ``checkpoint``, training resumes from its
-    saved state when there is one and saves at the end of every epoch (and every ``checkpoint.every`` steps);
-    ``objective``'s own generators are saved with it. A non-finite loss stops training with one error line.
-    Returns the per-epoch history: lr, mean of each logged term, training accuracy, seconds.
+    ``objective`` (a `methods.base.Objective`, or a bare ``loss(learner, batch) -> (loss, {term: value})``)
+    builds the optimiser, gives each step's loss (a ``logits`` term (B, C) gives the training accuracy) and its
+    gradients (``objective.backward``), and is told when an epoch (``on_epoch_end``, 0-based) and the training
+    (``on_train_end``) end. The learning rate of every param group is set here per epoch (`coop_lr`). With
+    ``checkpoint``, training resumes from its saved state when there is one and saves at the end of every
+    epoch (and every ``checkpoint.every`` steps), the objective's ``state_dict()`` included. A non-finite loss
+    stops training with one error line. Returns the per-epoch history: lr, mean of each logged term, training
+    accuracy, seconds.
     """
+    if not isinstance(objective, Objective):
+        objective = LossObjective(objective)
     params = [p for p in learner.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                          weight_decay=settings.weight_decay, dampening=0, nesterov=False)
+    opt = objective.optimizer(params, settings)
     gen = torch.Generator().manual_seed(settings.seed)
     history = []
     per_epoch = batches_per_epoch(n_items, settings.batch_size)
@@ -258,8 +284,7 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: i
             opt.load_state_dict(saved["optimizer"])
             gen.set_state(saved["generator"])
             set_global_random_state(saved["random"])
-            if objective is not None:
-                set_generators_state(objective, saved["objective"])
+            objective.load_state_dict(objective_state(saved))
         except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
             raise restore_failed(checkpoint.path, exc) from None
         history, partial = saved["history"], saved["partial"]
@@ -270,8 +295,8 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: i
     def save(epoch: int, step_in_epoch: int, epoch_state, part) -> None:
         checkpoint.save({"learner": learner.state_dict(), "optimizer": opt.state_dict(), "generator": epoch_state,
                          "epoch": epoch, "step_in_epoch": step_in_epoch, "history": history, "partial": part,
-                         "random": global_random_state(),
-                         "objective": generators_state(objective) if objective is not None else {}})
+                         "random": global_random_state(), "objective": objective.state_dict(),
+                         "objective_layout": OBJECTIVE_LAYOUT})
 
     bar = Progress("training", n_steps, enabled=progress, every_s=10.0)
     bar.done = start_epoch * per_epoch + start_step
@@ -289,15 +314,12 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: i
         sums, correct, seen = dict(part["sums"]), part["correct"], part["seen"]
         for step, batch in enumerate(source.epoch(batches, seed, first), start=first):
             y = batch.labels
-            loss, terms = loss_fn(learner, batch)
+            loss, terms = objective.loss(learner, batch)
             if not torch.isfinite(loss.detach()).all():
                 raise VlpromptError(f"training stopped: the loss is {float(loss.detach())} at epoch {epoch + 1}, "
                                     f"step {step + 1} (lr {lr:g}, weight_decay {settings.weight_decay:g})")
             opt.zero_grad(set_to_none=True)
-            if backward is None:
-                loss.backward()
-            else:
-                backward(params, loss, terms)
+            objective.backward(params, loss, terms)
             opt.step()
             for k, v in terms.items():
                 if k != "logits":
@@ -315,8 +337,10 @@ def train_prompt(learner: torch.nn.Module, loss_fn: Callable, source, n_items: i
                   "train_accuracy": 100.0 * correct / max(seen, 1),
                   "seconds": part["seconds"] + time.perf_counter() - t0}
         history.append(record)
+        objective.on_epoch_end(epoch, learner)  # before the save: what it changes belongs to this epoch
         if checkpoint is not None:
             save(epoch + 1, 0, gen.get_state(), None)
-    learner.eval()
+    objective.on_train_end(learner)  # after the last checkpoint (it holds the learner before this) and before
+    learner.eval()                   # the caller saves the learner
     say(f"training done in {time.perf_counter() - t_start:.1f}s", progress)
     return {"epochs": history, "steps": n_steps, "seconds": time.perf_counter() - t_start}

@@ -7,6 +7,7 @@ from .clip_adapter import ClipAdapterMethod
 from .cocoop import CoCoOpMethod
 from .coop import CoOpMethod
 from .cpt import CPTMethod, CPTOptions
+from .deep_prompts import DeepLanguageOptions, DeepPromptMethod, IVLPOptions, VPTDeepOptions
 from .dualview import DualViewMethod
 from .kgcoop import KgCoOpMethod
 from .linear_probe import LinearProbeMethod
@@ -28,6 +29,9 @@ METHODS = {
     "tip_adapter": TipAdapterMethod(),
     "tip_adapter_f": TipAdapterFMethod(),
     "clip_adapter": ClipAdapterMethod(),
+    "ivlp": DeepPromptMethod("ivlp", IVLPOptions, prompts_image=True),
+    "vpt_deep": DeepPromptMethod("vpt_deep", VPTDeepOptions, prompts_image=True),
+    "deep_language": DeepPromptMethod("deep_language", DeepLanguageOptions, prompts_image=False),
 }
 
 

@@ -8,7 +8,11 @@ from torch import nn
 
 
 class TextClassifier(nn.Module):
-    """Subclasses provide ``text_features()`` -> (C, d) normalised, and set ``self.backbone``."""
+    """Subclasses provide ``text_features()`` -> (C, d) normalised, and set ``self.backbone``. A learner whose
+    image features depend on its parameters sets ``from_pixels`` and provides ``image_features(images)``: it
+    is trained from pixels and evaluated from images (`engine.evaluate.image_logits`)."""
+
+    from_pixels = False
 
     def text_features(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -29,12 +29,13 @@ it.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..backbones.blocks import read_parts
+from ..errors import VlpromptError
 
 if TYPE_CHECKING:
     from ..backbones.backbone import Backbone
@@ -141,9 +142,11 @@ def _eot_attention(q_eot, k, v, k_pre: Optional[torch.Tensor], v_pre: Optional[t
     return out.reshape(c, -1)
 
 
-def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengths: torch.Tensor,
+         deep: Sequence[Optional[torch.Tensor]] = ()) -> torch.Tensor:
     """(C, d) float32 pooled outputs of sequences ``[prefix, seqs[c, :lengths[c]]]`` read at their last token.
-    ``prefix`` (P, D) and ``seqs`` (C, >=max length, D) already carry their positional embeddings."""
+    ``prefix`` (P, D) and ``seqs`` (C, >=max length, D) already carry their positional embeddings. ``deep[i]``
+    (N, D) for i >= 1 (None: keep) replaces prefix rows 1..N at the input of block i (`check_deep`)."""
     blocks = bb.text.blocks
     width = seqs.shape[-1]
     p = prefix.shape[0] if prefix is not None else 0
@@ -152,6 +155,8 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
     if p:
         x = torch.cat([prefix, x])
     for i, block in enumerate(blocks):
+        if 0 < i < len(deep) and deep[i] is not None:  # deep rows shared by every class sit in the prefix
+            x = torch.cat([x[:1], deep[i].to(x.dtype), x[1 + deep[i].shape[0]:]])
         last = i == len(blocks) - 1
         parts = read_parts(block)  # checked once, when the backbone was built (TextTower)
         heads = parts.heads
@@ -182,17 +187,30 @@ def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor)
     return _run(bb, None, prompts[:, :length].to(bb.dtype) + pos[:length], eot_idx + 1)
 
 
+def check_deep(deep: Sequence[Optional[torch.Tensor]], prefix_rows: int, blocks: int) -> None:
+    """Deep text prompts replace rows 1..N (after SOS), which must lie in the shared prefix, in existing blocks."""
+    if len(deep) > blocks:
+        raise VlpromptError(f"{len(deep)} deep text prompts for a text tower of {blocks} blocks")
+    for i, rows in enumerate(deep):
+        if i and rows is not None and 1 + rows.shape[0] > prefix_rows:
+            raise VlpromptError(f"deep text prompt of block {i} has {rows.shape[0]} rows; the shared prefix holds "
+                                f"{prefix_rows - 1} after SOS")
+
+
 def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tensor,
-                         suffix_len: torch.Tensor) -> torch.Tensor:
+                         suffix_len: torch.Tensor, deep: Sequence[Optional[torch.Tensor]] = ()) -> torch.Tensor:
     """(C, d) float32 features for prompts ``[prefix, suffix_c[:suffix_len_c]]`` pooled at their last token.
 
     ``prefix``: (P, D) embeddings shared by every class (SOS + context); ``suffix``: (C, S, D) each class's
-    own embeddings (name, '.', EOT, padding); ``suffix_len``: (C,) tokens up to and including EOT.
+    own embeddings (name, '.', EOT, padding); ``suffix_len``: (C,) tokens up to and including EOT. ``deep``:
+    deep prompt rows per block (index 0 unused: layer 0's context is in ``prefix``), shared by every class,
+    so they stay in the prefix and the shared-prefix saving holds.
     """
     pos = bb.text.positional_embedding.to(bb.dtype)
     p = prefix.shape[0]
     s = int(suffix_len.max())
-    return _run(bb, prefix.to(bb.dtype) + pos[:p], suffix[:, :s].to(bb.dtype) + pos[p:p + s], suffix_len)
+    check_deep(deep, p, len(bb.text.blocks))
+    return _run(bb, prefix.to(bb.dtype) + pos[:p], suffix[:, :s].to(bb.dtype) + pos[p:p + s], suffix_len, deep)
 
 
 def encode_per_image_prefix(bb: Backbone, prefixes: torch.Tensor, suffix: torch.Tensor,
