@@ -129,7 +129,8 @@ class DeepPrompts(TextClassifier):
 
     # -- the prompts as the towers take them --------------------------------------------------------
     def _round(self, p: torch.Tensor) -> torch.Tensor:
-        """The official code's fp16 cast at insertion: the value used is fp16, the gradient passes through."""
+        """The official code's fp16 cast at insertion: the value used is fp16, and so is the gradient on its way
+        back (the cast's backward), before it reaches the float32 master weight."""
         return p.half().float() if self.rounding == "fp16" else p
 
     def text_prompts(self) -> tuple[torch.Tensor, list]:
