@@ -14,3 +14,8 @@ def tiny_backbone(arch: str = TINY_VIT, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return vp.load_backbone(arch, **kw)
+
+
+# The deep-prompt methods' recipes prompt 12 blocks; the tiny towers have 2.
+TINY_OPTIONS = {"ivlp": {"depth_text": 2, "depth_vision": 2}, "vpt_deep": {"depth_vision": 2},
+                "deep_language": {"depth_text": 2}}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpromptError
 from ..prompts.guided import GuidedCoOp
-from .base import Objective, option
+from .base import Needs, Objective, option
 from .kgcoop import GuidedMethod, HandViewOptions
 
 AUGMENTATIONS = ("mix_softlabel", "mix_virtual_class", "feat_gauss", "proto_mix")
@@ -287,6 +287,7 @@ class DualViewObjective(Objective):
 class DualViewMethod(GuidedMethod):
     name = "dualview_mi"
     Options = DualViewOptions
+    needs = Needs(pixels=True)  # mixes the augmented images in exact mode (features in feature-bank mode)
 
     def objective(self, learner: GuidedCoOp, config) -> DualViewObjective:
         return DualViewObjective(config.options, seed=config.seed, train_mode=config.train_mode)

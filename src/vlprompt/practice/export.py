@@ -66,6 +66,9 @@ def not_linear_reason(learner, method: str) -> Optional[str]:
     from ..methods.tip_adapter import TipAdapter
     from ..prompts.base import TextClassifier
 
+    if getattr(learner, "from_pixels", False):
+        return (f"method '{method}' prompts the image tower (learned tokens inside it), so its classifier is not a "
+                "head over the frozen image features; use `vlprompt predict` instead")
     if getattr(learner, "conditional", False):
         return (f"method '{method}' conditions its prompts on each image (a meta-network shifts the context per "
                 "image), so its classifier is not one fixed linear head; use `vlprompt predict` instead")

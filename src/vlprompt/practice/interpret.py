@@ -46,7 +46,7 @@ def nearest_words(learner, bb, top_k: int = 5) -> list[dict]:
     if not isinstance(ctx, torch.Tensor):
         method = getattr(learner, "method", type(learner).__name__)
         raise VlpromptError(f"method '{method}' has no learned context vectors to interpret (its classifier is "
-                            f"{type(learner).__name__}); interpret reads CoOp-family prompts")
+                            f"{type(learner).__name__}); interpret reads a learned text context")
     if int(top_k) < 1:
         raise VlpromptError(f"--top-k: must be >= 1, got {top_k}")
     emb = bb.text.token_embedding.weight.detach().float().cpu()

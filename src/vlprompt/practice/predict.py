@@ -19,7 +19,8 @@ from typing import Sequence
 
 import torch
 
-from ..engine.evaluate import class_logits
+from ..data.types import Datum
+from ..engine.evaluate import class_logits, image_logits
 from ..errors import VlpromptError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -62,7 +63,6 @@ def encode_paths(bb, paths: Sequence[str], batch_size: int = 100, progress: bool
     """(N, d) raw image features of ``paths`` under the backbone's test transform (as ``vlprompt eval``); an
     unreadable image is one error line naming it."""
     from ..data.transforms import test_transform
-    from ..data.types import Datum
     from ..engine.features import encode_items
 
     items = [Datum(str(p), 0, "") for p in paths]
@@ -98,6 +98,10 @@ def predict(opened, images: Sequence[str], top_k: int = 5, batch_size: int = 100
     if int(batch_size) < 1:
         raise VlpromptError(f"--batch-size: must be >= 1, got {batch_size}")
     paths = collect_images(images)
+    if getattr(opened.learner, "from_pixels", False):  # prompted image tower: the images go through the learner itself
+        items = [Datum(str(p), 0, "") for p in paths]
+        logits, _ = image_logits(opened.learner, items, batch_size=batch_size, progress=progress, desc="predicting")
+        return rank(opened.learner, logits, paths, top_k)
     feats = encode_paths(opened.backbone, paths, batch_size=batch_size, progress=progress)
     return rank(opened.learner, class_logits(opened.learner, feats), paths, top_k)
 

@@ -98,6 +98,7 @@ class DeepPrompts(TextClassifier):
                                                  for _ in range(self.depth_vision - 1)])
         if self.n_text:
             self.phrase, init = phrase_context(backbone, getattr(options, "ctx_init", None), self.n_text)
+            self.ctx_init = self.phrase if init is not None else None  # what the context started from
             self.ctx = nn.Parameter(init.to(dev)) if init is not None else _normal((self.n_text, backbone.ctx_dim), dev)
             self.text_deep = nn.ParameterList([_normal((self.n_text, backbone.ctx_dim), dev)
                                                for _ in range(self.depth_text - 1)])
