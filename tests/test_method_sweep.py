@@ -9,12 +9,12 @@ import shutil
 import warnings
 
 import pytest
-from support import tiny_backbone
+from support import TINY_OPTIONS, tiny_backbone
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
 from vlprompt.data.transforms import test_transform
-from vlprompt.engine.evaluate import accuracy_report, classify
+from vlprompt.engine.evaluate import accuracy_report, classify, image_logits, rank_logits
 from vlprompt.engine.features import encode_items
 from vlprompt.engine.run import evaluate_prompt, run
 from vlprompt.methods import METHODS
@@ -41,10 +41,20 @@ def test_features(shapes, bb):
 
 
 def train_one(method: str, shapes, out, bb, **kw):
+    kw.setdefault("method_options", TINY_OPTIONS.get(method))
     cfg = vp.RunConfig.from_sources(dataset=shapes, method=method, backbone="vlprompt-tiny-ViT",
                                     pretrained="random", shots=2, epochs=1, batch_size=8, output=str(out),
                                     progress=False, **kw)
     return run(cfg, backbone=bb)
+
+
+def ranked(learner, ds, feats, n=None):
+    """Ranked predictions of the first ``n`` test images: from the frozen features, or through the learner's own
+    image tower when its image features depend on it."""
+    if learner.from_pixels:
+        logits, _ = image_logits(learner, ds.test[:n], progress=False)
+        return rank_logits(logits, len(learner.classnames))
+    return classify(learner, feats[:n])
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -62,15 +72,15 @@ def test_every_registered_method_sweep(name, shapes, bb, test_features, tmp_path
     assert saved["vlprompt_version"] == vp.__version__
     learner = vp.load_prompt(tmp_path / name, bb)
     assert learner.method == name
-    again = accuracy_report(classify(learner, feats), labels, ds.classnames)
+    again = accuracy_report(ranked(learner, ds, feats), labels, ds.classnames)
     assert again["accuracy"] == m["test"]["accuracy"] and again["per_class"] == m["test"]["per_class"]
     evaluated = evaluate_prompt(str(tmp_path / name), {}, output=str(tmp_path / f"{name}_eval"), backbone=bb)
     assert evaluated["test"]["accuracy"] == m["test"]["accuracy"] and evaluated["kind"] == "eval"
     new_names = ["teapot", "violin", "zebra"]
     if method.needs.transfers:
         moved = vp.load_prompt(tmp_path / name, bb, classnames=new_names)
-        ranked = classify(moved, feats[:6])  # classified among the 3 new classes
-        assert moved.classnames == new_names and ranked.shape == (6, 3) and int(ranked.max()) == 2
+        among_new = ranked(moved, ds, feats, 6)  # classified among the 3 new classes
+        assert moved.classnames == new_names and among_new.shape == (6, 3) and int(among_new.max()) == 2
         assert type(moved) is type(learner)
     else:
         with pytest.raises(vp.VlpromptError):

@@ -66,7 +66,7 @@ def not_linear_reason(learner, method: str) -> Optional[str]:
     from ..methods.tip_adapter import TipAdapter
     from ..prompts.base import TextClassifier
 
-    if getattr(learner, "from_pixels", False):
+    if learner.from_pixels:
         return (f"method '{method}' prompts the image tower (learned tokens inside it), so its classifier is not a "
                 "head over the frozen image features; use `vlprompt predict` instead")
     if getattr(learner, "conditional", False):

@@ -98,7 +98,7 @@ def predict(opened, images: Sequence[str], top_k: int = 5, batch_size: int = 100
     if int(batch_size) < 1:
         raise VlpromptError(f"--batch-size: must be >= 1, got {batch_size}")
     paths = collect_images(images)
-    if getattr(opened.learner, "from_pixels", False):  # prompted image tower: the images go through the learner itself
+    if opened.learner.from_pixels:  # prompted image tower: the images go through the learner itself
         items = [Datum(str(p), 0, "") for p in paths]
         logits, _ = image_logits(opened.learner, items, batch_size=batch_size, progress=progress, desc="predicting")
         return rank(opened.learner, logits, paths, top_k)
