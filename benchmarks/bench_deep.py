@@ -1,0 +1,254 @@
+"""Deep-prompt (IVLP) speed and memory benchmark (printed figures, never asserted).
+
+    .venv/bin/python benchmarks/bench_deep.py                  # every section
+    .venv/bin/python benchmarks/bench_deep.py --sections step --classes 100
+
+Each speed figure is a ratio against a reference measured in the same process, the two alternated (see
+bench.py). The backbone is a randomly initialised ViT-B/16 (cost does not depend on the weights).
+
+- step:   one whole IVLP training step (2+2 context, depth 12 in both towers, the MaPLe paper's recipe) at
+          100 classes and batch 4: text features of every class, the prompted image tower on the batch,
+          cross-entropy, backward, SGD step. vlprompt (shared-prefix text path with the deep rows in the
+          prefix, class-token last layer in the image tower) against the straightforward computation (every
+          class's 77-token prompt through every text block with the rows replaced, then the prompted image
+          tower block by block through open_clip's own blocks), fp32 and bf16; and the text side alone.
+- image:  the prompted image tower's forward + backward (batch 4 and 32) in GFLOP/s and as a fraction of
+          this machine's matmul peak.
+- eval:   test images per second through a prompted learner against the frozen tower (batch 100).
+- memory: peak memory of one step at batch 4 and 32 (a fresh process each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED.*")
+
+import vlprompt as vp  # noqa: E402
+from bench import (ARCH, _layer_flops, alternate, best_peak, class_names, image_forward_flops,  # noqa: E402
+                   matmul_peak, peak_rss_reset, rss_kb)
+from vlprompt.methods import METHODS  # noqa: E402
+from vlprompt.methods.base import MethodConfig, PromptLayout, parse_options  # noqa: E402
+from vlprompt.text import reference_encode  # noqa: E402
+
+
+def ivlp(bb, n_cls: int):
+    method = METHODS["ivlp"]
+    options = parse_options("ivlp", method.Options, {})  # 2 + 2 context, depth 12 / 12
+    torch.manual_seed(0)
+    return method.build(bb, class_names(n_cls), MethodConfig("ivlp", options, PromptLayout(), "", "", 4, 1,
+                                                             "exact", 0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The straightforward computation (what the official code does, in open_clip's batch-first layout)
+
+def reference_text(learner):
+    bb = learner.backbone
+    names = [n.replace("_", " ") for n in learner.classnames]
+    tokens = bb.tokenize([f"{learner.phrase} {n}." for n in names])
+    emb = bb.text.token_embedding(tokens).float()
+    c, n = len(names), learner.n_text
+    emb = torch.cat([emb[:, :1], learner._round(learner.ctx).expand(c, -1, -1), emb[:, 1 + n:]], dim=1)
+    deep = [None] + [learner._round(p) for p in learner.text_deep]
+    return F.normalize(reference_encode(bb, emb, bb.eot_index(tokens), deep), dim=-1)
+
+
+def reference_image(learner, images):
+    bb = learner.backbone
+    v = bb.model.visual
+    x = v.conv1(images.to(bb.dtype))
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    b = x.shape[0]
+    x = torch.cat([v.class_embedding.to(x.dtype).expand(b, 1, -1), x], dim=1) + v.positional_embedding.to(x.dtype)
+    prompts = learner.vision_prompts()
+    n = prompts[0].shape[0]
+    x = v.ln_pre(torch.cat([x, prompts[0].to(x.dtype).expand(b, -1, -1)], dim=1))
+    for i, block in enumerate(v.transformer.resblocks):
+        if 0 < i < len(prompts):
+            x = torch.cat([x[:, :-n], prompts[i].to(x.dtype).expand(b, -1, -1)], dim=1)
+        x = block(x)
+    return (v.ln_post(x[:, 0]) @ v.proj).float()
+
+
+def make_step(learner, images, labels, opt, reference: bool, text_only: bool = False):
+    """One training step; ``text_only``: the image side is a fixed feature batch (the text side alone)."""
+    frozen = learner.backbone.encode_images(images).clone() if text_only else None
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        if reference:
+            text = reference_text(learner)
+            img = frozen if text_only else reference_image(learner, images)
+        else:
+            text = learner.text_features()
+            img = frozen if text_only else learner.image_features(images)
+        loss = F.cross_entropy(learner.logits(img, text), labels)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def section_step(out: dict, n_cls: int, batch: int, repeats: int) -> None:
+    print(f"\nIVLP step, {ARCH}, {n_cls} classes, batch {batch} (2+2 context, depth 12/12): vlprompt against the "
+          "straightforward computation")
+    print(f"{'prec':>5} {'what':>6} {'ref s':>8} {'vlprompt s':>11} {'speedup':>8}")
+    rows = []
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        learner = ivlp(bb, n_cls)
+        images = torch.randn(batch, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
+        labels = torch.randint(0, n_cls, (batch,), generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=1e-9, momentum=0.9)
+        for what, text_only in (("whole", False), ("text", True)):
+            t = alternate({"ref": make_step(learner, images, labels, opt, True, text_only),
+                           "fast": make_step(learner, images, labels, opt, False, text_only)}, repeats)
+            row = {"precision": precision, "what": what, "ref_s": t["ref"], "fast_s": t["fast"],
+                   "speedup": t["ref"] / t["fast"], "classes": n_cls, "batch": batch}
+            rows.append(row)
+            print(f"{precision:>5} {what:>6} {t['ref']:8.3f} {t['fast']:11.3f} {row['speedup']:7.2f}x", flush=True)
+    out["step"] = rows
+
+
+def prompted_image_flops(bb, n_prompts: int) -> float:
+    """Forward + input-gradient backward FLOPs of one image through the prompted ViT (class-token last layer)."""
+    vis = bb.model.visual
+    width, layers = vis.conv1.out_channels, len(vis.transformer.resblocks)
+    mlp = vis.transformer.resblocks[0].mlp.c_fc.out_features
+    n = vis.grid_size[0] * vis.grid_size[1] + 1 + n_prompts
+    full = (layers - 1) * _layer_flops(n, n, width, mlp)
+    last = 2 * 2 * n * 2 * width * width + _layer_flops(1, n, width, mlp) - 2 * 2 * 2 * width * width
+    return full + last  # the patch embedding has no gradient to compute (the prompts enter after it)
+
+
+def section_image(out: dict, repeats: int) -> None:
+    print(f"\nprompted image tower, {ARCH}: forward + backward to the prompts (2 tokens, depth 12)")
+    print(f"{'prec':>5} {'batch':>6} {'s':>8} {'img/s':>8} {'GFLOP/s':>8} {'floor %':>8}")
+    rows = []
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        learner = ivlp(bb, 10)
+        for batch in (4, 32):
+            images = torch.randn(batch, 3, bb.image_size, bb.image_size)
+
+            def fwd_bwd(images=images):
+                learner.image_features(images).sum().backward()
+
+            t = alternate({"fb": fwd_bwd}, repeats)["fb"]
+            gflops = batch * prompted_image_flops(bb, learner.n_vision) / t / 1e9
+            row = {"precision": precision, "batch": batch, "s": t, "img_s": batch / t, "gflops": gflops,
+                   "floor_pct": 100 * gflops / best_peak(out, precision)}
+            rows.append(row)
+            print(f"{precision:>5} {batch:6d} {t:8.3f} {batch / t:8.1f} {gflops:8.0f} {row['floor_pct']:7.0f}%",
+                  flush=True)
+    out["image"] = rows
+
+
+def section_eval(out: dict, repeats: int) -> None:
+    print(f"\nevaluation from images, {ARCH}, batch 100: a prompted learner against the frozen tower")
+    print(f"{'prec':>5} {'frozen img/s':>13} {'prompted img/s':>15} {'ratio':>7}")
+    rows = []
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        learner = ivlp(bb, 100)
+        images = torch.randn(100, 3, bb.image_size, bb.image_size)
+        with torch.inference_mode():
+            text = learner.text_features()
+
+        def frozen():
+            with torch.inference_mode():
+                learner.logits(bb.encode_images(images), text)
+
+        def prompted():
+            with torch.inference_mode():
+                learner.logits(learner.image_features(images), text)
+
+        t = alternate({"frozen": frozen, "prompted": prompted}, repeats)
+        row = {"precision": precision, "frozen_img_s": 100 / t["frozen"], "prompted_img_s": 100 / t["prompted"],
+               "ratio": t["frozen"] / t["prompted"]}
+        rows.append(row)
+        print(f"{precision:>5} {row['frozen_img_s']:13.1f} {row['prompted_img_s']:15.1f} {row['ratio']:7.2f}",
+              flush=True)
+    out["eval"] = rows
+
+
+def _memory_child(spec: str) -> None:
+    precision, batch, reference = spec.split(",")
+    bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+    learner = ivlp(bb, 100)
+    images = torch.randn(int(batch), 3, bb.image_size, bb.image_size)
+    labels = torch.randint(0, 100, (int(batch),))
+    opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=1e-9, momentum=0.9)
+    peak_rss_reset()
+    before = rss_kb("VmRSS")
+    make_step(learner, images, labels, opt, bool(int(reference)))()
+    peak = rss_kb("VmHWM")
+    print(json.dumps({"peak_gb": peak / 2**20, "step_gb": max(peak - before, 0) / 2**20}))
+
+
+def section_memory(out: dict) -> None:
+    print(f"\npeak memory of one IVLP step, {ARCH}, 100 classes (fresh process each; GB)")
+    print(f"{'prec':>5} {'batch':>6} {'ref step':>9} {'vlprompt step':>14} {'vlprompt peak':>14}")
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for batch in (4, 32):
+            got = {}
+            for reference in (1, 0):
+                res = subprocess.run([sys.executable, __file__, "--memory-child", f"{precision},{batch},{reference}"],
+                                     capture_output=True, text=True)
+                try:
+                    got[reference] = json.loads(res.stdout.strip().splitlines()[-1])
+                except (IndexError, json.JSONDecodeError):
+                    got[reference] = {"peak_gb": float("nan"), "step_gb": float("nan")}
+            row = {"precision": precision, "batch": batch, "ref_step_gb": got[1]["step_gb"],
+                   "step_gb": got[0]["step_gb"], "peak_gb": got[0]["peak_gb"]}
+            rows.append(row)
+            print(f"{precision:>5} {batch:6d} {row['ref_step_gb']:9.2f} {row['step_gb']:14.2f} {row['peak_gb']:14.2f}",
+                  flush=True)
+    out["memory"] = rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="step,image,eval,memory")
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        _memory_child(args.memory_child)
+        return 0
+    out = {"machine": {"threads": torch.get_num_threads(), "matmul_gflops": {
+        "fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}}}
+    print(f"threads {out['machine']['threads']}; matmul GFLOP/s fp32 {out['machine']['matmul_gflops']['fp32']:.0f}, "
+          f"bf16 {out['machine']['matmul_gflops']['bf16']:.0f}")
+    sections = args.sections.split(",")
+    t0 = time.perf_counter()
+    if "step" in sections:
+        section_step(out, args.classes, args.batch, args.repeats)
+    if "image" in sections:
+        section_image(out, args.repeats)
+    if "eval" in sections:
+        section_eval(out, args.repeats)
+    if "memory" in sections:
+        section_memory(out)
+    print(f"\n{time.perf_counter() - t0:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
