@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED.*")
 
 import vlprompt as vp  # noqa: E402
-from bench import (ARCH, _layer_flops, alternate, best_peak, class_names, image_forward_flops,  # noqa: E402
+from bench import (ARCH, _layer_flops, alternate, best_peak, class_names,  # noqa: E402
                    matmul_peak, peak_rss_reset, rss_kb)
 from vlprompt.methods import METHODS  # noqa: E402
 from vlprompt.methods.base import MethodConfig, PromptLayout, parse_options  # noqa: E402
