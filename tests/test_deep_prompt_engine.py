@@ -117,3 +117,22 @@ def test_base2new_study_with_deep_prompts_on_real_images(caltech_root, tmp_path,
         assert f"| caltech101 | {method} |" in printed
     ivlp = json.loads((out / "runs" / "caltech101" / "ivlp" / "1shots_seed1" / "base" / "metrics.json").read_text())
     assert ivlp["method_options"]["depth_text"] == 2 and ivlp["recipe"]["batch_size"] == 4
+
+
+def test_fewshot_and_cross_dataset_studies_with_deep_prompts(shapes, tmp_path, capsys):
+    other = make_synthetic_dataset(str(tmp_path / "other"), n_train_per_class=2, n_test_per_class=2, seed=3)
+    options = ["--option", "depth_text=2", "--option", "depth_vision=2"]
+    out = tmp_path / "fs"
+    assert main(["study", "fewshot", "--datasets", shapes, "--methods", "ivlp,deep_language", "--shots", "1",
+                 "--seeds", "1", *TINY, "--epochs", "1", *options, "--output", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    rows = aggregate(collect(out))
+    assert {r["method"] for r in rows} == {"ivlp", "deep_language"}
+    out = tmp_path / "xd"
+    assert main(["study", "xd", "--source", shapes, "--targets", other, "--methods", "vpt_deep", "--shots", "1",
+                 "--seeds", "1", *TINY, "--epochs", "1", "--option", "depth_vision=2", "--output", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    target = json.loads((out / "runs" / "vpt_deep" / "1shots_seed1" / Path(other).name / "metrics.json").read_text())
+    assert target["kind"] == "eval" and target["data"]["name"] == Path(other).name
+    assert target["test"]["n"] == len(vp.load_dataset(other).test)
