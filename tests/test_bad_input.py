@@ -128,7 +128,7 @@ def test_more_shots_than_images_is_said_and_recorded(shapes, bb, tmp_path):
     with pytest.warns(UserWarning, match="shots=50: .* classes have fewer training images"):
         m = vp.run(cfg, backbone=bb)
     assert m["data"]["classes_short_of_shots"] == m["data"]["num_classes"]
-    assert any("shots=50" in d for d in m["deviations"])
+    assert any(d["key"] == "data" and "shots=50" in d["detail"] for d in m["deviations"])
 
 
 def test_an_unreadable_test_image_is_found_before_training(shapes, tmp_path, capsys, monkeypatch):

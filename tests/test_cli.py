@@ -140,7 +140,7 @@ def test_train_grid_shares_one_process(shapes, tmp_path, monkeypatch, capsys):
 
 def test_options_come_from_the_run_configuration_declarations():
     """Every RunConfig key is a `train` option generated from its one declaration (name, help, default), and a
-    key a method's preset sets says so instead of claiming the plain default."""
+    key that recipe cells set says so instead of claiming the plain default."""
     import dataclasses
 
     from vlprompt.cli import build_parser
@@ -157,5 +157,10 @@ def test_options_come_from_the_run_configuration_declarations():
                 assert f"default {f.default}" in action.help, (f.name, action.help)
     assert "--no-feature-cache" in options["feature_cache"].option_strings
     assert "--quiet" in options["progress"].option_strings
-    assert "the kgcoop, dualview_mi, cocoop presets set their own" in options["batch_size"].help
-    assert "preset" not in options["lr"].help
+    # The methods named are read from the recipe table: every cell that sets the key.
+    from vlprompt.recipes import table
+
+    for key in ("batch_size", "lr", "backbone"):
+        setters = sorted({c.method for c in table() if key in c.values and c.method != "any"})
+        assert f"the recipes of {', '.join(setters)}" in " ".join(options[key].help.split()), key
+    assert "cocoop" in options["batch_size"].help and "recipes" not in options["momentum"].help

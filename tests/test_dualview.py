@@ -1,5 +1,5 @@
-"""Dual-view MI prompt tuning (our reconstruction of Zhang 2024, SPEC 4.2): each term against its definition,
-both training modes for every augmentation, presets and options, base-to-new, and a short real-data run."""
+"""Dual-view MI prompt tuning (our reconstruction of Zhang 2024): each term against its definition,
+both training modes for every augmentation, its recipe cell and options, base-to-new, and a short real-data run."""
 
 from __future__ import annotations
 
@@ -254,16 +254,20 @@ def test_every_augmentation_trains_in_both_modes(shapes, bb, tmp_path, monkeypat
     epoch = m["train"]["epochs"][0]
     assert {"loss", "ce", "mi", "mi_bound", "aug"} <= set(epoch) and all(math.isfinite(v) for v in epoch.values())
     assert m["method_options"]["augmentation"] == augmentation
-    devs = " | ".join(m["deviations"])
-    assert "OUR RECONSTRUCTION" in devs and f"augmentation={augmentation}" in devs
+    devs = {d["key"]: d for d in m["deviations"]}
+    rec = devs["dualview_mi.reconstruction"]
+    assert rec["source"] == "our reconstruction" and rec["value"]["augmentation"] == augmentation
     mixing = augmentation.startswith("mix_")
     if mixing:  # exact mode mixes pixels; the bank mixes stored features and says so
         assert pixel_batches == [mode == "exact"] * 2
-    assert ("stored normalised image features are mixed" in devs) == (mixing and mode == "feature_bank")
+    assert ("dualview_mi.mix" in devs) == (mixing and mode == "feature_bank")
+    if mixing and mode == "feature_bank":
+        assert (devs["dualview_mi.mix"]["value"], devs["dualview_mi.mix"]["reference"]) == ("features", "pixels")
     if not mixing:
         source = "feature-bank draws" if mode == "feature_bank" else "test transform"
-        assert ("class statistics from" in devs) == (augmentation in ("feat_gauss", "proto_mix"))
-        assert source in devs
+        stats = devs.get("dualview_mi.class_statistics")
+        assert (stats is not None) == (augmentation in ("feat_gauss", "proto_mix"))
+        assert stats is None or source in stats["value"]
 
 
 # -- options and presets -------------------------------------------------------------------------------------
@@ -310,14 +314,16 @@ def test_deviations_compare_against_the_reconstructed_recipe(shapes, bb, tmp_pat
                                     method_options={"lambda_mi": "2"}, train_mode="feature_bank", bank_views=1,
                                     output=str(tmp_path / "r"), **TINY)
     m = run(cfg, backbone=bb)
-    devs = m["deviations"]
-    assert any("our reconstruction of the dual-view MI recipe" in d for d in devs)
-    assert "batch_size=16 (dualview_mi recipe: 128)" in devs and "epochs=1 (dualview_mi recipe: 100)" in devs
-    assert "dualview_mi option lambda_mi=2.0 (recipe: 1.0)" in devs
-    assert not any("paper recipe" in d for d in devs)
+    devs = {d["key"]: d for d in m["deviations"]}
+    assert m["recipe"]["reconstructed"] and m["recipe"]["source"].startswith("our reconstruction")
+    assert devs["recipe"]["value"] == "dualview_mi" and devs["recipe"]["source"] == "our reconstruction"
+    for key, value, reference in (("batch_size", 16, 128), ("epochs", 1, 100),
+                                  ("method_options.lambda_mi", 2.0, 1.0)):
+        assert (devs[key]["value"], devs[key]["reference"], devs[key]["source"]) == (value, reference,
+                                                                                     "dualview_mi recipe")
     assert m["recipe"]["preset"] == "dualview_mi" and m["recipe"]["paper_epochs"] == 100
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert saved["method_options"]["lambda_mi"] == 2.0 and saved["deviations"] == devs
+    assert saved["method_options"]["lambda_mi"] == 2.0 and saved["deviations"] == m["deviations"]
 
 
 # -- base-to-new ---------------------------------------------------------------------------------------------

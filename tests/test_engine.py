@@ -49,8 +49,9 @@ def test_coop_learns_and_eval_reproduces(shapes, bb, tmp_path):
     out = tmp_path / "coop"
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test"]["accuracy"] == m["test"]["accuracy"]
-    assert any("RANDOM" in d for d in saved["deviations"])
-    assert any("epochs=12" in d for d in saved["deviations"])
+    devs = {d["key"]: d for d in saved["deviations"]}
+    assert devs["backbone.random"]["value"] is True and "RANDOM" in devs["backbone.random"]["words"]
+    assert devs["epochs"]["value"] == 12
     assert {"torch", "open_clip", "vlprompt"} <= set(saved["versions"])
     assert saved["backbone"]["image_encoder"] == bb.image_encoder_id != "open_clip"  # tiny ViT: the shortcut
     assert (out / "config.yaml").is_file() and (out / "prompt" / "prompt.safetensors").is_file()
@@ -115,9 +116,10 @@ def test_feature_bank_mode_learns_and_is_recorded(shapes, bb, tmp_path):
     assert epochs[-1]["loss"] < 0.8 * epochs[0]["loss"]
     assert m["test"]["accuracy"] > 1.5 * 100 / 8
     assert m["train_mode"] == "feature_bank" and "feature_bank_s" in m["timings"]
-    assert any("feature bank: 3 augmented views" in d for d in m["deviations"])
+    bank = next(d for d in m["deviations"] if d["key"] == "train_mode")
+    assert (bank["value"], bank["reference"]) == ("feature_bank", "exact") and "3 augmented views" in bank["detail"]
     exact = run(cfg(shapes, tmp_path / "exact", epochs=1), backbone=bb)
-    assert not any("feature bank" in d for d in exact["deviations"]) and exact["train_mode"] == "exact"
+    assert not any(d["key"] == "train_mode" for d in exact["deviations"]) and exact["train_mode"] == "exact"
 
 
 def test_feature_bank_holds_distinct_augmented_views(shapes, bb):

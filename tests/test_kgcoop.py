@@ -1,4 +1,4 @@
-"""KgCoOp (SPEC 2.7): its knowledge-guided term, its recipe preset and deviation report, base-to-new."""
+"""KgCoOp: its knowledge-guided term, its recipe cell and deviation records, base-to-new."""
 
 from __future__ import annotations
 
@@ -82,23 +82,28 @@ def test_preset_is_kgcoops_recipe_and_values_override_it():
 def test_run_is_checked_against_kgcoops_recipe_and_coop_is_unchanged(shapes, bb, tmp_path):
     m = run(vp.RunConfig.from_sources(dataset=shapes, method="kgcoop", shots=4, epochs=2, batch_size=16,
                                       method_options={"weight": "4"}, output=str(tmp_path / "kg"), **TINY), backbone=bb)
-    devs = m["deviations"]
-    assert any("KgCoOp's published recipe" in d for d in devs)
-    assert "batch_size=16 (kgcoop recipe: 128)" in devs and "epochs=2 (kgcoop recipe: 100)" in devs
-    assert "backbone=vlprompt-tiny-ViT (kgcoop recipe: ViT-B-16)" in devs
-    assert "kgcoop option weight=4.0 (recipe: 8.0)" in devs
-    assert not any("n_ctx" in d or "ctx_init" in d for d in devs)  # the preset's "a photo of a" was used
+    devs = {d["key"]: d for d in m["deviations"]}
+    assert m["recipe"]["cell"] == {"method": "kgcoop", "protocol": "any", "dataset": "any", "name": "kgcoop"}
+    assert "KgCoOp's published recipe" in m["recipe"]["source"] and not m["recipe"]["reconstructed"]
+    for key, value, reference in (("batch_size", 16, 128), ("epochs", 2, 100), ("backbone", "vlprompt-tiny-ViT",
+                                                                                "ViT-B-16"),
+                                  ("method_options.weight", 4.0, 8.0)):
+        assert (devs[key]["value"], devs[key]["reference"], devs[key]["source"]) == (value, reference,
+                                                                                     "kgcoop recipe")
+    assert devs["epochs"]["words"] == "epochs=2 (kgcoop recipe: 100)"  # the one rendering of a record
+    assert "n_ctx" not in devs and "ctx_init" not in devs and "recipe" not in devs  # the cell's "a photo of a"
     epochs = m["train"]["epochs"]
     assert {"loss", "ce", "kg"} <= set(epochs[0]) and m["method_options"] == {
         "hand_templates": "dataset", "ensemble_hand": 0.0, "weight": 4.0, "handcrafted_precision": "backbone"}
-    assert ("kgcoop: hand-crafted text features encoded in fp32 (KgCoOp: by an fp16 copy of CLIP, even in fp32 "
-            "runs; option handcrafted_precision=fp16 follows it)") in devs
+    assert (devs["kgcoop.hand_precision"]["value"], devs["kgcoop.hand_precision"]["reference"]) == ("fp32", "fp16")
     assert epochs[0]["kg"] == pytest.approx(0.0, abs=1e-4)  # warm-up epoch: still at the hand-crafted prompt
     coop = run(vp.RunConfig.from_sources(dataset=shapes, method="coop", shots=4, epochs=1, n_ctx=4,
                                          output=str(tmp_path / "coop"), **TINY), backbone=bb)
-    assert coop["recipe"]["preset"] is None and coop["recipe"]["reference"] == "CoOp's paper recipe (SPEC 2.4)"
-    assert "epochs=1 (paper recipe for 4 shots: 100)" in coop["deviations"]
-    assert not any("recipe:" in d and "kgcoop" in d for d in coop["deviations"])
+    assert coop["recipe"]["preset"] is None and coop["recipe"]["cell_id"] == "coop/fewshot/any"
+    assert coop["recipe"]["reference"].startswith("CoOp's few-shot recipe")
+    epochs = next(d for d in coop["deviations"] if d["key"] == "epochs")
+    assert (epochs["value"], epochs["reference"], epochs["source"]) == (1, 100, "coop fewshot recipe")
+    assert not any("kgcoop" in d["source"] for d in coop["deviations"])
 
 
 def test_base_to_new_on_the_command_line(shapes, tmp_path):

@@ -96,9 +96,9 @@ def test_published_numbers_are_shown_beside_matching_rows():
     records = [rec("fewshot", "caltech101", "zeroshot", 86.0, shots=0, seed=None)]
     row = by(aggregate(records), dataset="caltech101")
     assert row["published"] == 86.29 and row["diff"] == pytest.approx(86.0 - 86.29)
-    assert "SPEC 7.1" in row["published_source"]
+    assert row["published_source"] == "CoOp IJCV Fig. 3 [R]"  # the source and its confidence
     other = by(aggregate([rec("fewshot", "caltech101", "cpt", 86.0, shots=16)]), dataset="caltech101")
-    assert other["published"] is None  # no published CPT numbers (SPEC 7.7)
+    assert other["published"] is None  # no published CPT numbers
 
 
 # -- studies end to end on generated data ------------------------------------------------------------------------

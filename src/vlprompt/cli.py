@@ -30,10 +30,8 @@ def _flag(name: str) -> str:
 
 
 def _help(name: str) -> str:
-    """A key's help text with its default, both from its declaration in `RunConfig`; a key that a method's
-    preset sets says so (so `--batch-size` does not claim 32 where the cocoop preset makes it 1)."""
-    from .presets import PRESETS
-
+    """A key's help text with its default, both from its declaration in `RunConfig`; a key that recipe cells
+    set says which (so `--batch-size` does not claim 32 where the cocoop recipe makes it 1)."""
     f = RunConfig.__dataclass_fields__[name]
     text = f.metadata["help"]
     if name == "method":  # the registered methods, from the registry itself
@@ -44,10 +42,21 @@ def _help(name: str) -> str:
         return f"turn off: {text}" if f.default else text
     if f.default is None or f.default is dataclasses.MISSING:
         return text
-    preset = [p.name for p in PRESETS.values() if name in p.values]
-    many = len(preset) > 1
-    return f"{text} (default {f.default}" + (
-        f"; the {', '.join(preset)} preset{'s set their' if many else ' sets its'} own)" if preset else ")")
+    return f"{text} (default {f.default}{_set_by_recipes(name)})"
+
+
+def _set_by_recipes(name: str) -> str:
+    """``; the recipes of kgcoop, ... and of the base2new, xd protocols set their own: `vlprompt methods```, from
+    the recipe table, or nothing when no cell sets ``name``."""
+    from .recipes import ANY, table
+
+    cells = [c for c in table() if name in c.values]
+    methods = sorted({c.method for c in cells if c.method != ANY})
+    protocols = [p for p in ("fewshot", "base2new", "xd", "dg") if any(c.method == ANY and c.protocol == p
+                                                                       for c in cells)]
+    parts = [f"of {', '.join(methods)}"] if methods else []
+    parts += [f"of the {', '.join(protocols)} protocol{'s' if len(protocols) > 1 else ''}"] if protocols else []
+    return f"; the recipes {' and '.join(parts)} set their own: `vlprompt methods`" if parts else ""
 
 
 def _add_settings(p, group: str, skip: tuple = ()) -> None:
@@ -84,7 +93,7 @@ def _add_execution(p) -> None:
 
 def _add_coop(p: argparse.ArgumentParser, method: bool = True) -> None:
     g = p.add_argument_group("method, prompt and recipe (see `vlprompt methods`)")
-    _add_settings(g, "method", skip=() if method else ("method",))
+    _add_settings(g, "method", skip=() if method else ("method", "protocol"))  # a study decides its protocol
     g.add_argument("--option", "-o", dest="method_options", action="append", metavar="KEY=VALUE",
                    help="a setting of the method, repeatable (see `vlprompt methods`)")
     _add_settings(g, "prompt")
@@ -280,18 +289,47 @@ def cmd_demo(args) -> int:
 
 
 def cmd_methods(args) -> int:
+    """Every method: what it needs, its options (``--option KEY=VALUE``) and its recipe cells."""
     from .methods import METHODS
-    from .presets import method_recipe
 
     for name, method in METHODS.items():
-        recipe = method_recipe(name)
-        print(f"{name}  ({method.needs.describe()})"
-              f"{f'  (preset {recipe.name}: {recipe.values})' if recipe else ''}")
+        print(f"{name}  ({method.needs.describe()})")
         for f in dataclasses.fields(method.Options) if method.Options else ():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             text = f.metadata.get("help", "")
             print(f"    {f.name} = {default!r}" + (f"  # {text}" if text else ""))
+        for line in recipe_lines(name):
+            print(f"    {line}")
     return 0
+
+
+def recipe_lines(method: str) -> list[str]:
+    """The recipe cells a method's runs get, one entry per cell (protocols sharing a cell together): the
+    protocols, the dataset, the cell (its name for ``--preset``), whether it is reconstructed, its values and
+    its source; the protocols' settings for methods without a cell of their own on one line. Any value is
+    overridden by the run's own settings (docs/recipes.md)."""
+    from .recipes import ANY, cells_of
+
+    groups: dict = {}
+    for protocol, cell in cells_of(method):
+        groups.setdefault(cell.id, (cell, []))[1].append(protocol)
+    lines, shared = [], {}
+    for cell, protocols in groups.values():
+        where = ", ".join(dict.fromkeys(protocols)) + ("" if cell.dataset == ANY else f" on {cell.dataset}")
+        if cell.method == ANY:
+            shared.setdefault(cell.describe(), []).append(where)
+            continue
+        how = [f"--preset {cell.name}" if cell.name else "", "only when named" if cell.alternative else "",
+               "RECONSTRUCTED" if cell.reconstructed else ""]
+        lines.append(f"recipe {where}: cell {cell.id} ({'; '.join(h for h in how if h) or 'official'})")
+        lines.append(f"    values: {cell.describe()}")
+        lines.append(f"    source: {cell.source}")
+    if shared:
+        protocols = ", ".join(w for ws in shared.values() for w in ws)
+        lines.append(f"recipe {protocols}: no recipe of its own, CoOp's setting for the protocol (cells "
+                     "any/PROTOCOL/any, RECONSTRUCTED): " + "; ".join(f"{', '.join(ws)}: {values}"
+                                                                      for values, ws in shared.items()))
+    return lines
 
 
 def _csv_list(name: str, text: Optional[str], kind=str) -> list:
@@ -310,7 +348,7 @@ def _study_spec(args):
     from .protocols.study import MethodSpec, StudySpec
 
     settings = _overrides(args)
-    for key in ("output", "progress", "shots", "seed", "dataset"):  # the study's own, not shared settings
+    for key in ("output", "progress", "shots", "seed", "dataset", "protocol"):  # the study's own, not shared
         settings.pop(key, None)
     options = settings.pop("method_options", {})
     preset = settings.pop("preset", None)

@@ -1,8 +1,8 @@
 """Typed run configuration: the same keys on the command line, in a YAML file and from Python.
 
-Precedence: defaults < preset (a method's recipe, see `presets`) < YAML file < explicit command-line
-options. Every value is validated in
-``__post_init__`` and a bad one is reported as one line naming the key.
+Precedence: defaults < the recipe cell (a method's recipe for the protocol and dataset, see `recipes`) < YAML
+file < explicit command-line options (`recipes.resolve`). Every value is validated in ``__post_init__`` and a
+bad one is reported as one line naming the key.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_type_hints
 
 from .errors import VlpromptError
-from .presets import check_preset, resolve_preset
 
 CHOICES = {
     "precision": ("fp32", "bf16", "auto"),
@@ -43,12 +42,16 @@ class RunConfig:
     method: str = setting("coop", "training method (see `vlprompt methods`)", "method")
     method_options: dict = setting(None, "the method's own settings (see `vlprompt methods`)", "method", flag="",
                                    factory=dict)
-    preset: Optional[str] = setting(None, "recipe preset; default: the method's own (e.g. kgcoop); 'none': no "
-                                    "preset", "method")
+    preset: Optional[str] = setting(None, "recipe cell: default the method's cell for the protocol and dataset "
+                                    "(see `vlprompt methods`, docs/recipes.md); NAME: a named cell (e.g. kgcoop, "
+                                    "ivlp-4+4); 'none': no cell", "method")
+    protocol: Optional[str] = setting(None, "fewshot | base2new | xd | dg: the protocol whose recipe cell applies; "
+                                      "default: base2new for --subsample base or new, else fewshot", "method")
     shots: int = setting(16, "images per class for training (-1: the whole training split); `train` takes a list "
                          "such as 1,2,4,8,16", "data")
     seed: int = setting(1, "random seed (>= 0); `train` takes a list such as 1,2,3", "data")
-    subsample: str = setting("all", "all | base | new classes (SPEC 6.2)", "data")
+    subsample: str = setting("all", "all | base | new classes (base: the first half of the labels, docs/protocols.md)",
+                             "data")
     template: Optional[str] = setting(None, "override the dataset's hand-crafted template, e.g. 'a photo of a {}.'",
                                       "data")
     backbone: str = setting("RN50", "open_clip architecture (RN50, ViT-B-16, ViT-B-16-quickgelu, ...) or an "
@@ -68,7 +71,8 @@ class RunConfig:
                                  "prompt")
     csc: bool = setting(False, "class-specific context", "prompt")
     class_token_position: str = setting("end", "end | middle | front", "prompt")
-    epochs: Optional[int] = setting(None, "training epochs; default: the paper's epochs for the shot count",
+    epochs: Optional[int] = setting(None, "training epochs; default: the recipe cell's (`vlprompt methods`), else "
+                                    "CoOp's by shot count (1: 50, 2 and 4: 100, 8 and 16: 200; ImageNet 50)",
                                     "recipe")
     batch_size: int = setting(32, "training batch size", "recipe")
     lr: float = setting(0.002, "learning rate", "recipe")
@@ -102,7 +106,11 @@ class RunConfig:
         hints = get_type_hints(RunConfig)
         for f in fields(self):
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+        from .recipes import PROTOCOLS, check_preset
+
         check_preset(self.preset)
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise VlpromptError(f"protocol: '{self.protocol}' is not one of {list(PROTOCOLS)}")
         self._resolve_paths()
         if self.template is not None:
             check_template(self.template)
@@ -158,23 +166,20 @@ class RunConfig:
 
     @classmethod
     def from_sources(cls, yaml_path: Optional[str] = None, **overrides) -> "RunConfig":
-        """Defaults, then the preset, then the YAML file, then the non-None overrides.
+        """Defaults, then the recipe cell, then the YAML file, then the non-None overrides (`recipes.resolve`).
 
-        The preset is the one named (``preset`` key) or else the method's own (`presets.METHOD_PRESETS`);
-        its values only fill keys that the file and the overrides leave unset.
+        The cell is the one ``preset`` names, else the best match for the method, protocol and dataset
+        (`recipes.select`); its values only fill keys that the file and the overrides leave unset, and
+        ``method_options`` merge key by key (a command-line option wins over the file's, which wins over the
+        cell's).
         """
+        from .recipes import resolve
+
         values = load_yaml(yaml_path) if yaml_path else {}
+        if not isinstance(values.get("method_options") or {}, dict):
+            raise VlpromptError(f"config file {yaml_path}: method_options must be a mapping")
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        if "method_options" in overrides:  # merged key by key: a command-line option wins over the file
-            file_options = values.get("method_options") or {}
-            if not isinstance(file_options, dict):
-                raise VlpromptError(f"config file {yaml_path}: method_options must be a mapping")
-            overrides["method_options"] = {**file_options, **overrides["method_options"]}
-        values.update(overrides)
-        preset = resolve_preset(values.get("preset"), str(values.get("method", cls.method)))
-        if preset is not None:
-            values = {**preset.values, **values, "preset": preset.name}
-        return cls(**values)
+        return cls(**resolve(values, overrides))
 
 
 def check_device(device: str) -> None:

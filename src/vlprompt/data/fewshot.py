@@ -101,7 +101,7 @@ def subsample_classes(
     test: Sequence[Datum],
     subsample: str = "all",
 ) -> tuple[list[Datum], list[Datum], list[Datum]]:
-    """CoCoOp's base/new split (SPEC 6.2), applied after few-shot sampling.
+    """CoCoOp's base/new split (docs/protocols.md), applied after few-shot sampling.
 
     Labels are taken from ``train`` and sorted; with ``m = ceil(n / 2)``, base = the first ``m``
     labels and new = the rest. Each half is relabelled 0.. in sorted order and items of the other

@@ -89,7 +89,7 @@ def read_text_lines(path: str, what: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# CoOp split JSON (SPEC 5.2)
+# CoOp split JSON: {"train"|"val"|"test": [[relative path, label, class name], ...]}
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The 15 benchmark datasets of CoOp / CoCoOp (SPEC 5.1), as one explicit table.
+"""The 15 benchmark datasets of CoOp / CoCoOp (CoOp's DATASETS.md layout), as one explicit table.
 
 Importing this module has no side effects: ``DATASETS`` is a plain dict built from literals.
 Each entry says where the data lives under the data root and how the splits are read: a released
@@ -25,7 +25,7 @@ class DatasetSpec:
     display_name: str  # CoOp's DATASET.NAME, e.g. "Caltech101"
     dir: str  # folder under the data root, e.g. "caltech-101"
     image_root: str  # folder (relative to ``dir``) that split paths are relative to; "" = ``dir``
-    template: str  # hand-crafted zero-shot template (SPEC 5.4)
+    template: str  # hand-crafted zero-shot template (CoOp's CUSTOM_TEMPLATES)
     split_json: Optional[str] = None  # released CoOp split file inside ``dir``
     reader: Optional[Callable[[str], RawSplits]] = None  # used when there is no split JSON
     fewshot_val: bool = True  # False for ImageNet: its val list is its test set

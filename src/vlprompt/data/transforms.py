@@ -1,4 +1,4 @@
-"""Image loading and CLIP/CoOp pre-processing (SPEC 1.4).
+"""Image loading and CLIP/CoOp pre-processing (Dassl's transforms, as the official code uses them).
 
 Train: RandomResizedCrop on the full-resolution image (no resize first, as in Dassl), flip,
 normalise. Test: CLIP's own resize-shorter-side + center crop, which is deterministic so test
@@ -23,7 +23,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def train_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, scale=(0.08, 1.0)) -> T.Compose:
-    """Dassl's training augmentation (SPEC 1.4); Tip-Adapter's cache uses ``scale=(0.5, 1.0)``."""
+    """Dassl's training augmentation; Tip-Adapter's cache uses ``scale=(0.5, 1.0)``."""
     return T.Compose(
         [
             T.RandomResizedCrop(
@@ -39,7 +39,7 @@ def train_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, scale=(
 
 def strong_transform(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, jitter: float = 0.4, hue: float = 0.1,
                      jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.0) -> T.Compose:
-    """SimCLR-style strong augmentation for CPT's views 2 and 3 (SPEC 3.2, the recipe itself is assumed):
+    """SimCLR-style strong augmentation for CPT's views 2 and 3 (our assumption, docs/reconstructions.md):
     the CoOp crop and flip, then colour jitter (brightness, contrast and saturation ``jitter``, ``hue``)
     with probability ``jitter_p``, grayscale with ``grayscale_p``, and an optional Gaussian blur."""
     steps = [

@@ -1,4 +1,4 @@
-"""Accuracy metrics (SPEC 6.5): top-1 over all images (micro), top-5, per class, and their mean (macro)."""
+"""Accuracy metrics (docs/protocols.md): top-1 over all images (micro), top-5, per class, and their mean (macro)."""
 
 from __future__ import annotations
 

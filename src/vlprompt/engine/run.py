@@ -1,10 +1,11 @@
 """One run end to end: dataset -> backbone -> method -> (train) -> evaluate -> run folder.
 
 A run folder holds ``config.yaml`` (the resolved configuration), ``prompt/`` (the learned prompt,
-for methods that train) and ``metrics.json`` (accuracies, per-epoch history, timings, versions and every
-deviation from the paper recipe; schema `SCHEMA_VERSION`, the same for trained, zero-shot and evaluated
-runs). The folder is written as one unit: everything goes into a hidden staging folder beside it, which is
-renamed into place at the end, so a killed run never leaves a folder that mixes two runs.
+for methods that train) and ``metrics.json`` (accuracies, per-epoch history, timings, versions, the recipe cell
+the run is compared against and every deviation from it as a record; schema `SCHEMA_VERSION`, the same for
+trained, zero-shot and evaluated runs). The folder is written as one unit: everything goes into a hidden
+staging folder beside it, which is renamed into place at the end, so a killed run never leaves a folder that
+mixes two runs.
 
 Grids and studies (several runs) live in `vlprompt.protocols`; this module runs one configuration.
 """
@@ -34,8 +35,8 @@ from ..data import load_dataset
 from ..errors import VlpromptError
 from ..methods import get_method
 from ..methods.base import method_config, parse_options
-from ..presets import method_recipe
 from ..prompts.artifact import read_artifact
+from ..recipes import NO_PRESET, RECIPE_KEYS, Deviation, as_record, as_records, reference
 from ..utils.faults import fault_point
 from ..utils.hardware import resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text, read_json
@@ -49,29 +50,46 @@ from .run_folder import commit_run_folder, recorded_key, stage_run_folder
 from .schedule import default_epochs
 from .trainer import ExactFeatures, FeatureBank, PixelSource, TrainSettings, train_prompt
 
-# RunConfig's defaults are the paper recipe (SPEC 2.4); any other value is a recorded deviation.
-PAPER_RECIPE = {k: RunConfig.__dataclass_fields__[k].default
-                for k in ("batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr")}
-COOP_RECIPE_SOURCE = "CoOp's paper recipe (SPEC 2.4)"
+# The optimiser settings every recipe block records (RunConfig's defaults are CoOp's recipe).
+PAPER_RECIPE = {k: RunConfig.__dataclass_fields__[k].default for k in RECIPE_KEYS}
 
 
-def reference_recipe(method: str) -> tuple[dict, str]:
-    """(recipe, where it comes from) that a run of ``method`` is compared against: the method's own
-    published or reconstructed recipe (`presets.method_recipe`) over CoOp's, else CoOp's."""
-    recipe = method_recipe(method)
-    if recipe is None:
-        return dict(PAPER_RECIPE), COOP_RECIPE_SOURCE
-    return {**PAPER_RECIPE, **recipe.values}, recipe.source
+def reference_recipe(cfg: RunConfig, dataset: Optional[str] = None):
+    """The `recipes.Reference` a run of ``cfg`` is compared against: its recipe cell (the one ``preset``
+    names, else the best match for its method, protocol and dataset) over RunConfig's defaults."""
+    return reference(cfg, dataset)
 
 
-def option_deviations(method, options) -> list[str]:
-    """Method options that differ from their defaults, for methods whose defaults are a recipe."""
-    if options is None or method_recipe(method.name) is None:
+def recipe_epochs(cfg: RunConfig, dataset: str) -> tuple[int, int]:
+    """(the reference's epochs, the epochs this run trains). A cell without epochs, and CoOp's rule, give
+    epochs by shot count; ``epochs`` unset trains the reference's, except under ``preset: none`` (no cell:
+    CoOp's rule)."""
+    by_shots = default_epochs(cfg.shots, dataset)
+    paper = reference_recipe(cfg).epochs or by_shots
+    return paper, cfg.epochs or (by_shots if cfg.preset == NO_PRESET else paper)
+
+
+def recipe_record(cfg: RunConfig, epochs: int, paper_epochs: int) -> dict:
+    """metrics.json's ``recipe``: the epochs trained and the reference's, the optimiser settings used, the
+    ``preset`` asked for, and the reference cell (``cell``, ``source``, ``reconstructed``, ``values``;
+    ``reference`` repeats the source for readers of earlier records)."""
+    ref = reference_recipe(cfg)
+    return {"epochs": epochs, "paper_epochs": paper_epochs, **{k: getattr(cfg, k) for k in PAPER_RECIPE},
+            "preset": cfg.preset, "reference": ref.source, **ref.record()}
+
+
+def option_deviations(method, options, cfg: Optional[RunConfig] = None) -> list[Deviation]:
+    """Method options that differ from the recipe's: the reference cell's options over the method's defaults,
+    for methods whose reference cell is their own (an option at its ``official`` value is no deviation)."""
+    if options is None or cfg is None:
         return []
-    defaults = dataclasses.asdict(method.Options())
+    ref = reference_recipe(cfg)
+    if ref.cell is None or ref.cell.method != method.name:
+        return []
+    recipe = {**dataclasses.asdict(method.Options()), **ref.options}
     official = {f.name: f.metadata.get("official") for f in dataclasses.fields(method.Options)}
-    return [f"{method.name} option {k}={v} (recipe: {defaults[k]})"
-            for k, v in dataclasses.asdict(options).items() if v != defaults[k] and v != official[k]]
+    return [Deviation(f"method_options.{k}", v, recipe[k], ref.label)
+            for k, v in dataclasses.asdict(options).items() if v != recipe[k] and v != official[k]]
 
 
 def set_seed(seed: int) -> None:
@@ -101,35 +119,44 @@ def backbone_from_config(cfg: RunConfig) -> Backbone:
                          device=cfg.device)
 
 
-def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, trains: bool, notes) -> list[str]:
-    """Every way this run differs from the paper protocol, in words (recorded in metrics.json)."""
+def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, trains: bool, notes) -> list[dict]:
+    """Every way this run differs from its reference (its recipe cell, the official code), as records
+    (`recipes.records`): the backbone's weights and precision, and for a trained run the prompt's precision, a
+    reconstructed recipe, the epochs and every recipe setting; the dataset's notes last."""
+    ref = reference_recipe(cfg)
     out = []
     if bb.source.is_random:
-        out.append("backbone weights are RANDOM: accuracies are meaningless except as smoke tests")
-    out.append(f"frozen encoders run in {bb.precision} (official CoOp: fp16 on GPU)")
+        out.append(Deviation("backbone.random", True, False, "recipe",
+                             "backbone weights are RANDOM: accuracies are meaningless except as smoke tests"))
+    if bb.precision != ref.official("precision"):
+        out.append(Deviation("precision", bb.precision, ref.official("precision"), "official code",
+                             "the precision the frozen encoders run in"))
     if trains:
-        out.append("prompt parameters and SGD state are float32 master weights (official CoOp: fp16; SPEC 8.1)")
-        recipe, source = reference_recipe(cfg.method)
-        label = "paper recipe"
-        if source != COOP_RECIPE_SOURCE:
-            out.append(f"reference recipe: {source}")
-            label = f"{cfg.method} recipe"
+        if ref.official("prompt_precision") != "fp32":
+            out.append(Deviation("prompt_precision", "fp32", ref.official("prompt_precision"), "official code",
+                                 "prompt parameters and their SGD state are float32 master weights"))
+        if ref.cell is not None and ref.cell.reconstructed:
+            out.append(Deviation("recipe", ref.cell.id, None, "our reconstruction",
+                                 f"no official configuration for {cfg.method} under {ref.protocol}: the values "
+                                 "are our choice (docs/recipes.md)"))
         if epochs != paper_epochs:
-            out.append(f"epochs={epochs} ({label}{'' if label != 'paper recipe' else f' for {cfg.shots} shots'}: "
-                       f"{paper_epochs})")
-        for key, value in recipe.items():
-            if key == "epochs" or (key == "n_ctx" and cfg.ctx_init):  # epochs above; ctx_init fixes M
+            out.append(Deviation("epochs", epochs, paper_epochs, ref.label,
+                                 f"by shot count, for {cfg.shots} shots" if ref.epochs is None else ""))
+        for key, value in ref.values.items():
+            if key == "n_ctx" and cfg.ctx_init:  # ctx_init fixes the number of context vectors
                 continue
             if getattr(cfg, key) != value:
-                out.append(f"{key}={getattr(cfg, key)} ({label}: {value})")
-    out.extend(notes or [])
-    return out
+                out.append(Deviation(key, getattr(cfg, key), value, ref.label))
+    out.extend(as_record(note, "data") for note in notes or [])
+    return as_records(out)
 
 
 SCHEMA_VERSION = 2
-# RunConfig keys that change how a run is carried out but never its result: left out of its identity.
+# RunConfig keys that change how a run is carried out but never its result: left out of its identity. The
+# ``protocol`` only picks the recipe cell whose values the resolved configuration already holds (and what the run
+# is compared against), so runs of equal values are one run whatever protocol planned them.
 NON_RESULT_KEYS = ("output", "progress", "num_workers", "threads", "test_batch_size", "feature_cache", "cache_dir",
-                   "checkpoint_every", "resume", "keep_checkpoints", "overwrite")
+                   "checkpoint_every", "resume", "keep_checkpoints", "overwrite", "protocol")
 
 
 def result_identity(values: dict) -> dict:
@@ -376,10 +403,9 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     mcfg = method_config(method, cfg, ds)
     learner = method.build(bb, ds.classnames, mcfg)
     # A method with its own recipe (KgCoOp, dual-view MI) has fixed epochs; CoOp's depend on the shots.
-    paper_epochs = reference_recipe(cfg.method)[0].get("epochs") or default_epochs(cfg.shots, ds.name)
-    epochs = cfg.epochs or paper_epochs
+    paper_epochs, epochs = recipe_epochs(cfg, ds.name)
     history = None
-    extra_deviations: list[str] = []
+    extra_deviations: list = []  # records, or words (`recipes.as_records` converts them)
     options = {}
     fits = method.needs.fitted  # fitted in closed form or by a search (linear probe, Tip-Adapter), not SGD
     by_sgd = method.trains and not fits
@@ -411,7 +437,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
                                objective=objective)
         timings["train_s"] = time.perf_counter() - t
         extra_deviations.extend(objective.deviations)  # read after prepare(), which may add to them
-        extra_deviations.extend(option_deviations(method, objective.options))
+        extra_deviations.extend(option_deviations(method, objective.options, cfg))
         if source.deviation:
             extra_deviations.append(source.deviation)
         learner.save_pretrained(stage / "prompt")
@@ -424,14 +450,12 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     metrics = {
         **result_record("train" if method.trains else "zeroshot", cfg, ds, bb, report, method.trains),
         "method_options": options,
-        "recipe": {"epochs": epochs if by_sgd else 0, "paper_epochs": paper_epochs,
-                   **{k: getattr(cfg, k) for k in PAPER_RECIPE}, "preset": cfg.preset,
-                   "reference": reference_recipe(cfg.method)[1]},
+        "recipe": recipe_record(cfg, epochs if by_sgd else 0, paper_epochs),
         "train": history,
         "timings": timings,
         "versions": versions(),
         "deviations": deviations(cfg, bb, epochs, paper_epochs, by_sgd, ds.info.get("notes"))
-        + extra_deviations,
+        + as_records(extra_deviations, cfg.method),
         "train_mode": cfg.train_mode if by_sgd else None,
         "execution": {"threads": threads.as_record() if threads else None},
     }

@@ -1,4 +1,4 @@
-"""CoOp's optimisation recipe (SPEC 2.4): epochs by shot count, batches per epoch, the per-epoch LR."""
+"""CoOp's optimisation recipe (docs/recipes.md): epochs by shot count, batches per epoch, the per-epoch LR."""
 
 from __future__ import annotations
 

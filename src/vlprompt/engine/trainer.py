@@ -1,4 +1,4 @@
-"""The prompt-training loop (SPEC 2.4).
+"""The prompt-training loop (CoOp's optimisation recipe: `schedule`, docs/recipes.md).
 
 SGD on the prompt parameters only (float32 master weights); LR set per epoch from `coop_lr`; a fresh
 random permutation of the training set each epoch with Dassl's drop-last rule; the model of the last
@@ -23,6 +23,7 @@ from ..data.transforms import load_image
 from ..data.types import Datum
 from ..errors import VlpromptError
 from ..utils.faults import fault_point
+from ..recipes.records import Deviation
 from ..utils.progress import Progress, say
 from ..methods.base import Objective
 from .checkpoint import (OBJECTIVE_LAYOUT, Checkpointer, check_progress, global_random_state, objective_state,
@@ -119,11 +120,11 @@ class TrainingSource(Protocol):
       batch ``start`` on, in order; every random draw is a function of ``seed`` and the batch's position;
     - ``stored_features(view)``: (features (N x K, d), labels (N x K,)) of every stored draw of a view, or
       None when the source stores none (exact mode augments afresh);
-    - ``deviation``: how the source departs from the paper's protocol, in words, or None.
+    - ``deviation``: how the source departs from the paper's protocol (a `recipes.Deviation`), or None.
     Pixels, where a method needs them, come with each batch (``TrainBatch.pixels``, exact mode only).
     """
 
-    deviation: Optional[str]
+    deviation: Optional[Deviation]
 
     def epoch(self, batches: list[list[int]], seed: int, start: int = 0) -> Iterator[TrainBatch]: ...
 
@@ -194,8 +195,9 @@ class FeatureBank:
             if shared > bank_views:
                 raise VlpromptError(f"bank_views={bank_views} is too few: {shared} views per step use the same "
                                     "transform and need different stored draws")
-        self.deviation = (f"feature bank: {bank_views} augmented views per training image and transform encoded "
-                          "once, drawn per step (the paper augments afresh every step)")
+        self.deviation = Deviation("train_mode", "feature_bank", "exact", "paper",
+                                   f"{bank_views} augmented views per training image and transform encoded once, "
+                                   "drawn per step (the paper augments afresh every step)")
         images = DecodedImages(items, settings.cache_images, progress)
         bar = Progress("encoding the feature bank", bank_views * len(items) * len(kinds), enabled=progress)
         self.banks = {}

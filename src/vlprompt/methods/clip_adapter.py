@@ -1,5 +1,5 @@
-"""CLIP-Adapter (SPEC-baselines 7): a residual bottleneck MLP on the image features, classified against the
-frozen hand-crafted text features of the dataset's template.
+"""CLIP-Adapter (gaopengcuhk/CLIP-Adapter, which ships no recipe: docs/recipes.md): a residual bottleneck MLP
+on the image features, classified against the frozen hand-crafted text features of the dataset's template.
 
     A(f) = ReLU(W2 ReLU(W1 f)),  W1: d -> d / reduction, W2: d / reduction -> d, no biases
     f' = ratio A(f) + (1 - ratio) f,  logits = logit_scale * cos(f', w_c)
@@ -95,10 +95,6 @@ class ClipAdapterObjective(Objective):
         logits = learner(batch.views["weak"])
         loss = F.cross_entropy(logits, batch.labels)
         return loss, {"loss": loss.detach(), "logits": logits.detach()}
-
-    @property
-    def deviations(self) -> list[str]:
-        return ["clip_adapter: the official repository ships no recipe; CoOp's is used (SPEC-baselines 7)"]
 
 
 class ClipAdapterMethod(MethodBase):

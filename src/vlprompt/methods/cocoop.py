@@ -1,4 +1,4 @@
-"""CoCoOp (SPEC 2.7, SPEC-baselines 2): CoOp's context shifted per image by a meta-net's bias.
+"""CoCoOp (KaiyangZhou/CoOp, trainers/cocoop.py): CoOp's context shifted per image by a meta-net's bias.
 
     f = normalize(image feature),  pi(f) = Linear(d_vis / 16 -> D)(ReLU(Linear(d_vis -> d_vis / 16)(f)))
     ctx_m(x) = ctx_m + pi(f) for every m,  logit_{i,c} = logit_scale <f_i, g_c(x_i)>
@@ -6,8 +6,9 @@
 Every image gets its own prompts for all classes, at training and at test. They share SOS + context within
 an image, so the fast text encoder runs each image's classes against that image's prefix
 (`encode_per_image_prefix`): exact against the 77-token computation and far cheaper than it. The recipe
-(preset ``cocoop``): ViT-B/16, M = 4 from "a photo of a", batch 1, 10 epochs; a larger batch is allowed and
-recorded as a deviation from the recipe. The unified context with the class name at the end is required.
+(the recipe cell ``cocoop``, docs/recipes.md): ViT-B/16, M = 4 from "a photo of a", batch 1, 10 epochs; a
+larger batch is allowed and recorded as a deviation from the recipe. The unified context with the class name
+at the end is required.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CoOp: cross-entropy on image-text cosine logits, nothing else (SPEC 2.3)."""
+"""CoOp: cross-entropy on image-text cosine logits, nothing else (KaiyangZhou/CoOp, trainers/coop.py)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,16 @@
-"""CPT: contrastive prompt tuning on top of CoOp (SPEC 3).
+"""CPT: contrastive prompt tuning on top of CoOp (docs/reconstructions.md).
 
-What the paper shows (SPEC 3.1): a CoOp prompt, frozen encoders, three augmented views of every training
-image, cross-entropy on view 1, an instance-contrastive loss (InsCon) between the logits of views 2 and 3,
-and a relational-consistency loss (RelCon) that pulls the batch's logit-similarity matrix (views 2 x 3)
-towards its sharpened image-feature similarity matrix (views 1 x 3). The exact forms, temperatures,
-weights and augmentations are not published: they are the reconstruction of SPEC 3.2, every one an
-option of `CPTOptions`. Inference is CoOp's, and a CPT prompt is a CoOp prompt.
+What the paper shows (its abstract and overview figure): a CoOp prompt, frozen encoders, three augmented
+views of every training image, cross-entropy on view 1, an instance-contrastive loss (InsCon) between the
+logits of views 2 and 3, and a relational-consistency loss (RelCon) that pulls the batch's logit-similarity
+matrix (views 2 x 3) towards its sharpened image-feature similarity matrix (views 1 x 3). The exact forms, temperatures,
+weights and augmentations are not published: they are our reconstruction (docs/reconstructions.md), every
+one an option of `CPTOptions`. Inference is CoOp's, and a CPT prompt is a CoOp prompt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from ..data.transforms import strong_transform, train_transform
 from ..errors import VlpromptError
 from ..prompts.coop import CoOp
+from ..recipes.records import Deviation
 from .base import Objective, option
 from .coop import CoOpMethod
 
@@ -27,7 +29,7 @@ KL_DIRECTIONS = ("p||q", "q||p")
 
 @dataclass
 class CPTOptions:
-    """CPT's settings; every default is an assumption of SPEC 3.2 [A]."""
+    """CPT's settings; every default is our assumption (docs/reconstructions.md)."""
 
     lambda_ins: float = option(1.0, "weight of InsCon")
     lambda_rel: float = option(1.0, "weight of RelCon")
@@ -144,15 +146,12 @@ class CPTObjective(Objective):
         return loss, terms
 
     @property
-    def deviations(self) -> list[str]:
+    def deviations(self) -> list[Deviation]:
         o = self.options
-        return [
-            "CPT loss details are a reconstruction (SPEC 3.2 [A]; the paper publishes only the structure): "
-            f"lambda_ins={o.lambda_ins}, lambda_rel={o.lambda_rel}, tau_ins={o.tau_ins}, tau_m={o.tau_m}, "
-            f"tau_f={o.tau_f}, inscon_negatives={o.inscon_negatives}, kl_direction={o.kl_direction}, "
-            f"logits L2-normalised before both similarities; strong views: jitter={o.jitter}, hue={o.hue}, "
-            f"jitter_p={o.jitter_p}, grayscale_p={o.grayscale_p}, blur_p={o.blur_p}"
-        ]
+        return [Deviation("cpt.reconstruction", dataclasses.asdict(o), None, "our reconstruction",
+                          "the paper publishes only the structure of its losses: every weight, temperature, the "
+                          "negatives, the KL direction and the strong views are our choice (options above; logits "
+                          "L2-normalised before both similarities; docs/reconstructions.md)")]
 
 
 class CPTMethod(CoOpMethod):

@@ -1,8 +1,8 @@
-"""Dual-view mutual-information prompt tuning (Zhang 2024, arXiv 2410.03189): OUR RECONSTRUCTION (SPEC 4).
+"""Dual-view mutual-information prompt tuning (Zhang 2024, arXiv 2410.03189): OUR RECONSTRUCTION.
 
 Known from the abstract: the soft prompt and the hand-crafted prompt are two views of the text modality whose
 mutual information is maximised, plus a class-wise augmentation from the visual modality. Everything else
-here is an assumption [A] of SPEC 4.2, each one an option:
+here is our assumption (docs/reconstructions.md), each one an option:
 
     L = CE(100 z W_s^T, y) + lambda_mi * L_MI + lambda_aug * L_aug
     L_MI = symmetric class-level InfoNCE between w^s and w^h over all C classes, temperature tau;
@@ -15,6 +15,7 @@ mode the stored (normalised) image features are mixed instead, and the run recor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpromptError
 from ..prompts.guided import GuidedCoOp
+from ..recipes.records import Deviation
 from .base import Needs, Objective, option
 from .kgcoop import GuidedMethod, HandViewOptions
 
@@ -268,19 +270,20 @@ class DualViewObjective(Objective):
         return loss
 
     @property
-    def deviations(self) -> list[str]:
+    def deviations(self) -> list[Deviation]:
         o = self.options
-        out = [f"dualview_mi is OUR RECONSTRUCTION of Zhang 2024 (arXiv 2410.03189; SPEC 4.2 [A]): only the "
-               f"abstract is known. MI term = symmetric class-level InfoNCE, tau={o.tau}, lambda_mi={o.lambda_mi}; "
-               f"augmentation={o.augmentation}, lambda_aug={o.lambda_aug}, mix_alpha={o.mix_alpha}, "
-               f"gauss_cov={o.gauss_cov}, proto_min={o.proto_min}, proto_ce={o.proto_ce}; hand-crafted view="
-               f"{o.hand_templates}; inference blend beta={o.ensemble_hand}"]
+        out = [Deviation("dualview_mi.reconstruction", dataclasses.asdict(o), None, "our reconstruction",
+                         "dualview_mi is OUR RECONSTRUCTION of Zhang 2024 (arXiv 2410.03189): only the abstract is "
+                         "known; MI term = symmetric class-level InfoNCE, every value above our choice "
+                         "(docs/reconstructions.md)")]
         mixing = o.lambda_aug > 0 and o.augmentation in ("mix_softlabel", "mix_virtual_class")
         if mixing and self.train_mode == "feature_bank":
-            out.append(f"dualview_mi {o.augmentation}: feature_bank mode has no pixels, so the stored normalised "
-                       "image features are mixed instead of the images (SPEC 4.2 mixes pixels)")
+            out.append(Deviation("dualview_mi.mix", "features", "pixels", "our reconstruction",
+                                 f"{o.augmentation}: feature_bank mode has no pixels, so the stored normalised image "
+                                 "features are mixed instead of the images"))
         if self.stats_note:
-            out.append(f"dualview_mi {o.augmentation}: class statistics from {self.stats_note}")
+            out.append(Deviation("dualview_mi.class_statistics", self.stats_note, None, "",
+                                 f"{o.augmentation}: class statistics from {self.stats_note}"))
         return out
 
 

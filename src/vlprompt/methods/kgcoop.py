@@ -1,4 +1,4 @@
-"""KgCoOp: CoOp kept close to the hand-crafted prompt (SPEC 2.7, htyao89/KgCoOp).
+"""KgCoOp: CoOp kept close to the hand-crafted prompt (htyao89/KgCoOp; recipe: docs/recipes.md).
 
 ``L = CE(100 z W_s^T, y) + w * (1 - mean_c cos(w_c^s, w_c^h))`` with ``w = 8``; ``w^h`` are the frozen
 hand-crafted features of the dataset's template, encoded once per run. The helpers here (options shared
@@ -27,10 +27,11 @@ from ..errors import VlpromptError
 from ..prompts import zeroshot
 from ..prompts.guided import GuidedCoOp
 from ..prompts.templates import ensemble_templates
+from ..recipes.records import Deviation
 from .base import MethodBase, Objective, option
 
 HAND_CHOICES = ("dataset", "ensemble")
-KGCOOP_DTD_TEMPLATE = "a photo of a {}, a type of texture."  # KgCoOp's DTD template (SPEC 5.4)
+KGCOOP_DTD_TEMPLATE = "a photo of a {}, a type of texture."  # KgCoOp's DTD template (CoOp's: "{} texture.")
 HAND_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HAND_PRECISIONS = ("backbone", *HAND_DTYPES)
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class HandViewOptions:
     """Settings of the hand-crafted view, shared by KgCoOp and dual-view MI."""
 
     hand_templates: str = option("dataset", "dataset: the dataset's template (or --template) | "
-                                            "ensemble: SPEC 2.7's 7 (+1)")
+                                            "ensemble: CoOp's 7 ensemble templates (+ the dataset's)")
     ensemble_hand: float = option(0.0, "inference blend beta: normalize((1-beta) w^s + beta w^h); "
                                        "0 = soft prompts only")
 
@@ -133,19 +134,21 @@ class KgCoOpObjective(Objective):
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "kg": kg.detach(), "logits": logits.detach()}
 
     @property
-    def deviations(self) -> list[str]:
+    def deviations(self) -> list[Deviation]:
         out = []
         if self.hand_precision not in (None, "fp16"):
-            out.append(f"kgcoop: hand-crafted text features encoded in {self.hand_precision} (KgCoOp: by an fp16 copy "
-                       "of CLIP, even in fp32 runs; option handcrafted_precision=fp16 follows it)")
+            out.append(Deviation("kgcoop.hand_precision", self.hand_precision, "fp16", "official code",
+                                 "the hand-crafted text features' precision: KgCoOp encodes them with an fp16 copy of "
+                                 "CLIP, even in fp32 runs (option handcrafted_precision=fp16 follows it)"))
         if self.options.hand_templates != "dataset":
-            out.append("kgcoop: hand-crafted view from the template ensemble (KgCoOp: the dataset's template)")
+            out.append(Deviation("kgcoop.hand_templates", self.options.hand_templates, "dataset", "official code",
+                                 "the hand-crafted view comes from the template ensemble"))
         if self.dataset_name == "dtd" and self.template != KGCOOP_DTD_TEMPLATE:
-            out.append(f"kgcoop on DTD: template '{self.template}' (KgCoOp used '{KGCOOP_DTD_TEMPLATE}'; "
-                       "set --template to match)")
+            out.append(Deviation("template", self.template, KGCOOP_DTD_TEMPLATE, "official code",
+                                 "KgCoOp's DTD template differs from CoOp's; set --template to match"))
         if self.options.ensemble_hand:
-            out.append(f"kgcoop: inference blends in the hand-crafted view, beta={self.options.ensemble_hand} "
-                       "(KgCoOp: soft prompts only)")
+            out.append(Deviation("kgcoop.ensemble_hand", self.options.ensemble_hand, 0.0, "official code",
+                                 "inference blends in the hand-crafted view (KgCoOp: soft prompts only)"))
         return out
 
 

@@ -1,4 +1,4 @@
-"""Linear-probe CLIP (CoOp's lpclip, SPEC-baselines 1): L-BFGS logistic regression on frozen image features.
+"""Linear-probe CLIP (CoOp's lpclip, KaiyangZhou/CoOp lpclip/): L-BFGS logistic regression on frozen image features.
 
 Features: the raw (unnormalised) image-tower output under the test transform, for the train, val and test
 splits alike. C is chosen on the validation split: the grid 1e6 .. 1e-6 (first arg-max, so ties favour the
@@ -35,6 +35,7 @@ import torch
 from ..errors import VlpromptError
 from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
+from ..recipes.records import Deviation
 from ..utils.progress import Progress
 from .base import MethodBase, Needs, option, parse_options
 
@@ -212,10 +213,14 @@ class LinearProbeMethod(MethodBase):
         x, y = (t.cpu().numpy() for t in store.get(bb, ds.train, cfg, desc="encoding training images",
                                                     dataset=ds.name))
         x = x.astype(options.fit_dtype)
-        deviations = ["linear_probe: CoOp's few-shot subsets (lpclip draws its own with NumPy), features of "
-                      f"{bb.source.name} (lpclip: RN50)"]
+        deviations = [Deviation("linear_probe.subsets", "CoOp's few-shot subsets", "its own, drawn with NumPy",
+                                "official code")]
+        if bb.source.name.replace("/", "-") != "RN50":
+            deviations.append(Deviation("linear_probe.features", bb.source.name, "RN50", "official code",
+                                        "lpclip extracts its features with RN50 only"))
         if options.fit_dtype != "float64":
-            deviations.append(f"linear_probe: fitted on {options.fit_dtype} features (lpclip: float64)")
+            deviations.append(Deviation("method_options.fit_dtype", options.fit_dtype, "float64", "official code",
+                                        "the precision the features are fitted in"))
         tally = FitWarnings()
         reason = unvalidated_reason(ds)
         if reason is None:
@@ -236,7 +241,8 @@ class LinearProbeMethod(MethodBase):
         else:
             c = options.default_c
             search = {"validated": False, "reason": reason}
-            deviations.append(f"linear_probe: C not selected on {ds.name}, {reason}; C = {c}")
+            deviations.append(Deviation("linear_probe.c_search", "not run", "searched on the val split",
+                                        "official code", f"C not selected on {ds.name}, {reason}; C = {c}"))
         model = fit_logistic(x, y, c, options.max_iter, tally)
         warn_not_converged(tally, options.max_iter)
         learner.set_from_sklearn(model, c)

@@ -1,4 +1,4 @@
-"""ProGrad (SPEC-baselines 8): CoOp whose cross-entropy gradient is projected away from the direction that
+"""ProGrad (BeierZhu/Prompt-align): CoOp whose cross-entropy gradient is projected away from the direction that
 conflicts with the zero-shot teacher's.
 
     L_ce = CE(student logits, y)
@@ -6,8 +6,8 @@ conflicts with the zero-shot teacher's.
     per parameter tensor: G = G_ce - lambda (G_ce . G_kd / |G_kd|^2) G_kd  if cos(G_ce, G_kd) < 0, else G_ce
 
 The KD gradient itself is never applied: it only defines what is removed from G_ce. The teacher is zero-shot
-CLIP with the dataset's hand-crafted template (ProGrad's own templates differ for five datasets, SPEC-
-baselines 9: recorded as a deviation), and the student is the CoOp learner with CoOp's options (ProGrad
+CLIP with the dataset's hand-crafted template (ProGrad's own templates differ for five datasets,
+docs/reconstructions.md: recorded as a deviation), and the student is the CoOp learner with CoOp's options (ProGrad
 initialises the last W context vectors from its template's words and the others at zero: not reproduced,
 recorded). Inference: the student's logits only.
 """
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import VlpromptError
 from ..prompts.zeroshot import handcrafted_text_features
+from ..recipes.records import Deviation
 from .base import Objective, option
 from .coop import CoOpMethod
 
@@ -67,9 +68,10 @@ class ProGradObjective(Objective):
             p.grad = project(ce, kd, self.options.lam)
 
     @property
-    def deviations(self) -> list[str]:
-        return [f"prograd: teacher and context use CoOp's options and the template '{self.template}' (ProGrad "
-                "initialises its 16 vectors from its own per-dataset template, leading ones at zero)"]
+    def deviations(self) -> list[Deviation]:
+        return [Deviation("prograd.init", f"CoOp's options, template '{self.template}'",
+                          "16 vectors: the last from its own per-dataset template's words, the others at zero",
+                          "official code", "the teacher's template and the context's initialisation")]
 
 
 class ProGradMethod(CoOpMethod):

@@ -1,4 +1,4 @@
-"""Tip-Adapter (SPEC-baselines 6): zero-shot CLIP plus a key-value cache of the few-shot training features.
+"""Tip-Adapter (gaopengcuhk/Tip-Adapter): zero-shot CLIP plus a key-value cache of the few-shot training features.
 
     logits = 100 f W^T + alpha * exp(-beta * (1 - f K^T)) L
 
@@ -30,6 +30,7 @@ from ..errors import VlpromptError
 from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..prompts.zeroshot import handcrafted_text_features
+from ..recipes.records import Deviation
 from ..utils.progress import Progress
 from .base import MethodBase, Needs, option, parse_options
 
@@ -204,27 +205,29 @@ def augmented_passes(bb, items, passes: int, cfg) -> torch.Tensor:
 
 
 def search_on_val(learner: TipAdapter, bb, ds, cfg, store, options, s_beta, s_alpha, init_alpha, init_beta,
-                  name: str) -> tuple[dict, dict, list[str]]:
+                  name: str) -> tuple[dict, dict, list[Deviation]]:
     """Tip's alpha/beta search on the few-shot val split (never on test); sets them on ``learner``.
 
     Returns (selected values, the search record ``{"validated": bool, ...}``, deviations)."""
-    deviations = [f"{name}: CoOp's few-shot training subset (Tip samples its own)"]
+    deviations = [Deviation(f"{name}.subsets", "CoOp's few-shot training subset", "its own sampling", "official code")]
     selected = {"alpha": init_alpha, "beta": init_beta, "val_accuracy": None}
     reason = unvalidated_reason(options, ds)
     if reason is not None:
-        deviations.append(f"{name}: alpha/beta not searched on {ds.name}, {reason}; the initial "
-                          f"alpha={init_alpha}, beta={init_beta} are kept")
+        deviations.append(Deviation(f"{name}.search", "not run", "alpha/beta searched", "official code",
+                                    f"alpha/beta not searched on {ds.name}, {reason}; the initial alpha={init_alpha}, "
+                                    f"beta={init_beta} are kept"))
         return selected, {"validated": False, "reason": reason}, deviations
     vf, vy = store.get(bb, ds.val, cfg, desc="encoding validation images", dataset=ds.name)
     alpha, beta, acc = search_alpha_beta(vf, vy.to(vf.device), learner.text, learner.keys, learner.values,
                                          s_beta, s_alpha, init_alpha, init_beta, options.search_rule, cfg.progress)
     learner.alpha, learner.beta = alpha, beta
     selected = {"alpha": alpha, "beta": beta, "val_accuracy": acc}
-    deviations.append(f"{name}: alpha/beta searched on CoOp's few-shot val subset (Tip's main.py: the full "
-                      "val split)")
+    deviations.append(Deviation(f"{name}.search_split", "CoOp's few-shot val subset", "the full val split",
+                                "official code (main.py)", "the split alpha/beta are searched on"))
     if options.search_rule != "official":
-        deviations.append(f"{name}: search_rule={options.search_rule}: the initial alpha/beta kept unless a grid "
-                          "pair is strictly better (Tip: the best grid pair; the initial pair is never scored)")
+        deviations.append(Deviation("method_options.search_rule", options.search_rule, "official", "official code",
+                                    "the initial alpha/beta kept unless a grid pair is strictly better (Tip: the "
+                                    "best grid pair; the initial pair is never scored)"))
     return selected, {"validated": True, "split": "val", "n_images": len(ds.val), "rule": options.search_rule,
                       "val_accuracy": acc}, deviations
 

@@ -1,4 +1,4 @@
-"""Tip-Adapter-F (SPEC-baselines 6): Tip-Adapter whose cache keys are fine-tuned.
+"""Tip-Adapter-F (gaopengcuhk/Tip-Adapter): Tip-Adapter whose cache keys are fine-tuned.
 
 The keys (initialised as in Tip-Adapter) are the only parameters; values, text features, alpha and beta
 stay fixed during training at their initial values (init_alpha, init_beta), and the keys are not
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VlpromptError
+from ..recipes.records import Deviation
 from .base import option, parse_options
 from .tip_adapter import TipAdapter, TipAdapterMethod, TipAdapterOptions, augmented_passes, search_on_val
 
@@ -97,9 +98,10 @@ class TipAdapterFMethod(TipAdapterMethod):
         learner.alpha, learner.beta = init_alpha, init_beta
         selected, search, deviations = search_on_val(learner, bb, ds, cfg, store, options, s_beta, s_alpha,
                                                      init_alpha, init_beta, self.name)
-        deviations += [f"{self.name}: the last epoch's keys (Tip-F keeps the epoch best on the TEST set)",
-                       f"{self.name}: training views drawn from the cache's {options.augment_passes} augmented passes "
-                       "(Tip-F augments afresh every iteration)"]
+        deviations += [Deviation(f"{self.name}.selection", "the last epoch's keys", "the epoch best on the TEST set",
+                                 "official code"),
+                       Deviation(f"{self.name}.train_views", f"drawn from the cache's {options.augment_passes} "
+                                 "augmented passes", "fresh augmentation every iteration", "official code")]
         return {"selected": selected, "search": search, "epochs": history, "deviations": deviations,
                 "options": {"search_scale": [s_beta, s_alpha], "init_alpha": init_alpha, "init_beta": init_beta,
                             "augment_passes": options.augment_passes, "search_rule": options.search_rule,

@@ -1,14 +1,15 @@
-"""Base-to-new generalisation (SPEC 6.2, CoCoOp's protocol): train on the base half of the classes, then
+"""Base-to-new generalisation (CoCoOp's protocol, docs/protocols.md): train on the base half of the classes, then
 evaluate the last-epoch prompt on the base test images among the base classes, and on the new test images
 among the new classes with prompts rebuilt from the new names. H comes from the seed-averaged base and new
 accuracies (`report`). Zero-shot methods run once on each half; methods that cannot transfer to other
-class names (a linear probe, Tip-Adapter's cache) get their base accuracy only."""
+class names (a linear probe, Tip-Adapter's cache) get their base accuracy only. The settings of its runs
+(ViT-B/16, 4 context vectors from "a photo of a" unless a method has its own) are the recipe table's
+``base2new`` cells (`vlprompt.recipes`)."""
 
 from __future__ import annotations
 
 from .units import Planner, dataset_label
 
-DEFAULTS = {"backbone": "ViT-B-16", "n_ctx": 4, "ctx_init": "a photo of a"}  # SPEC 6.2
 SHOTS = [16]
 TRANSFER = False
 

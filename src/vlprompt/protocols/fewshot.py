@@ -1,11 +1,11 @@
-"""Few-shot classification (SPEC 6.1): every dataset x method x shots x seed, on the full test split.
-Zero-shot methods have no shots or seeds: one run per dataset, reported at 0 shots."""
+"""Few-shot classification (docs/protocols.md): every dataset x method x shots x seed, on the full test split.
+Zero-shot methods have no shots or seeds: one run per dataset, reported at 0 shots. The settings of its runs
+are the recipe table's ``fewshot`` cells (CoOp's recipe unless a method has its own; `vlprompt.recipes`)."""
 
 from __future__ import annotations
 
 from .units import Planner, dataset_label
 
-DEFAULTS: dict = {}  # the CoOp recipe: RunConfig's own defaults (RN50, M = 16, epochs by shots)
 SHOTS = [1, 2, 4, 8, 16]
 TRANSFER = False  # datasets, not a source and targets
 

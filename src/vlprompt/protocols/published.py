@@ -1,10 +1,13 @@
-"""The field's published reference numbers (SPEC 7.1-7.6, SPEC-baselines 10), shipped as ``published.csv``.
+"""The field's published reference numbers (papers, READMEs and logs of the official repositories), shipped as
+``published.csv``; docs/protocols.md says where each group comes from.
 
 One CSV row per published number: ``protocol`` (fewshot | base2new | xd | dg), ``dataset`` (a registry key
 or ``average``), ``method``, ``backbone`` (open_clip name), ``shots`` (0 for zero-shot CLIP), ``metric``
 (top1, or base / new / h for base2new), ``value`` (percent, as printed), ``config`` (``key=value;...``
 naming the RunConfig settings that tell separately reported variants apart, empty when there is one
-variant), ``source`` (a short citation) and ``confidence`` (the SPEC's tag: V, R, D or R-low).
+variant), ``source`` (a short citation) and ``confidence``: V (read in the official code, config, README or
+an issue), R (from a paper's text or tables, not re-checked), R-low (R, of lower confidence: intermediate shot
+counts read off a figure) or D (derived by arithmetic from V or R numbers).
 
     >>> lookup("dg", "imagenet", "coop", "ViT-B-16", 16, "top1", {"n_ctx": 16})[0].value
     71.92

@@ -6,7 +6,7 @@ The std is the population standard deviation (ddof = 0), as CoOp's ``parse_test_
 
 - few-shot: top-1 per dataset and shots; zero-shot methods at shots 0; an ``average`` row over datasets.
 - base-to-new: ``base`` and ``new`` per dataset over seeds; ``h`` = H(mean base, mean new) per dataset; the
-  ``average`` row has mean base, mean new over datasets and H of those (SPEC 6.2, 8.14).
+  ``average`` row has mean base, mean new over datasets and H of those (docs/protocols.md).
 - xd / dg: top-1 on the source and each target; ``average`` over the targets (the source excluded).
 
 `build_report` says what the rows were computed from (`account`): each row carries ``n_runs`` (the runs behind
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from . import base2new, dg, fewshot, xd
+from ..recipes.records import as_record, words_of
 from .published import lookup
 from .store import PlannedRun, Results, RunRecord, scan
 from .units import dataset_label
@@ -59,7 +60,7 @@ _PROTOCOLS = {"fewshot": fewshot, "base2new": base2new, "xd": xd, "dg": dg}
 
 
 def harmonic_mean(b: float, n: float) -> float:
-    """H = 2BN / (B + N) (SPEC 6.2); 0 when both are 0."""
+    """H = 2BN / (B + N), the harmonic mean of base and new accuracy; 0 when both are 0."""
     return 0.0 if b + n == 0 else 2.0 * b * n / (b + n)
 
 
@@ -269,7 +270,7 @@ def _count_runs(cells: dict, records: list[RunRecord]) -> None:
 def _planned_backbone(results: Results):
     """The backbone a planned run uses: its own record's; else that of a finished run of the same method (a
     method's backbone is one setting); else the method's own setting in study.yaml; else the only backbone of
-    the study's runs; else the study's setting, the protocol's default or RunConfig's."""
+    the study's runs; else the study's setting, the method's recipe cell for the protocol or RunConfig's."""
     study = results.study or {}
     by_method = {str(m.get("label") or m.get("method")): m["overrides"]["backbone"]
                  for m in study.get("methods") or [] if isinstance(m, dict) and isinstance(m.get("overrides"), dict)
@@ -277,16 +278,24 @@ def _planned_backbone(results: Results):
     by_method.update({p.record.method: p.record.backbone for p in results.planned if p.record is not None})
     seen = list(dict.fromkeys(r.backbone for r in results.records))
     settings = study.get("settings") if isinstance(study.get("settings"), dict) else {}
-    module = _PROTOCOLS.get(study.get("protocol"))
-    fallback = (seen[0] if len(seen) == 1 else None) or settings.get("backbone") or (
-        module.DEFAULTS.get("backbone") if module else None) or "RN50"  # RunConfig's default
+    fallback = (seen[0] if len(seen) == 1 else None) or settings.get("backbone")
 
     def backbone(p: PlannedRun) -> str:
         if p.record is not None:
             return p.record.backbone
-        return str(by_method.get(p.role.get("method")) or fallback).replace("/", "-")
+        return str(by_method.get(p.role.get("method")) or fallback
+                   or _recipe_backbone(p.role.get("method_type"), study.get("protocol"))).replace("/", "-")
 
     return backbone
+
+
+def _recipe_backbone(method, protocol) -> str:
+    """The backbone the recipe table gives ``method`` under ``protocol`` (RunConfig's default without a cell)."""
+    from ..config import RunConfig
+    from ..recipes import PROTOCOLS, default_cell
+
+    cell = default_cell(str(method), protocol) if protocol in PROTOCOLS else None
+    return str((cell.values if cell else {}).get("backbone") or RunConfig.backbone)
 
 
 def _who(p: PlannedRun) -> str:
@@ -453,6 +462,7 @@ class ReportContext:
     warnings: list[str]  # one line each (also logged at WARNING)
     method_order: list[str] = field(default_factory=list)  # method labels, in the order tables list them
     runs: dict = field(default_factory=dict)  # `run_counts`
+    deviations: list = field(default_factory=list)  # `deviation_summary`
 
 
 class ReportRows(list):
@@ -501,6 +511,38 @@ def _epochs(records: list[RunRecord], order: list[str]) -> str:
             per[r.method].append(epochs)
     ranked = sorted(per, key=lambda m: order.index(m) if m in order else len(order))
     return "; ".join(f"{m} {_distinct(per[m])}" for m in ranked) or "–"
+
+
+def _per_method(records: list[RunRecord], order: list[str], fact: str) -> str:
+    """A recorded fact per method, e.g. the recipe cells: ``coop coop/base2new/any; kgcoop kgcoop``."""
+    per: dict = defaultdict(list)
+    for r in records:
+        if r.facts.get(fact) is not None:
+            per[r.method].append(r.facts[fact])
+    ranked = sorted(per, key=lambda m: order.index(m) if m in order else len(order))
+    return "; ".join(f"{m} {_distinct(per[m])}" for m in ranked) or "–"
+
+
+def deviation_summary(records: list[RunRecord], order: list[str]) -> list[dict]:
+    """Every distinct deviation the runs recorded (records rendered by `recipes.render`; plain words of earlier
+    run folders as they are), with its key, the number of runs and the methods that recorded it."""
+    seen: dict = {}
+    for r in records:
+        for d in r.facts.get("deviations") or []:
+            words = words_of(d)
+            entry = seen.setdefault(words, {"words": words, "key": as_record(d).key, "runs": 0, "methods": []})
+            entry["runs"] += 1
+            if r.method not in entry["methods"]:
+                entry["methods"].append(r.method)
+    rank = {m: i for i, m in enumerate(order)}
+    return sorted(seen.values(), key=lambda e: (min(rank.get(m, len(order)) for m in e["methods"]), e["key"]))
+
+
+def _deviation_keys(summary: list[dict]) -> str:
+    runs: dict = {}
+    for e in summary:
+        runs[e["key"]] = runs.get(e["key"], 0) + e["runs"]
+    return ", ".join(f"{k} ({n})" for k, n in runs.items()) or "–"
 
 
 def _dates(records: list[RunRecord]) -> str:
@@ -559,6 +601,8 @@ def settings(results: Results, order: list[str]) -> list[tuple[str, str]]:
             ("weights file", _distinct(r.facts.get("weights") for r in records)),
             ("precision", _distinct(r.facts.get("precision") for r in records)),
             ("epochs", _epochs(records, order)),
+            ("recipe cells", _per_method(records, order, "recipe_cell")),
+            ("deviations (runs)", _deviation_keys(deviation_summary(records, order))),
             ("runs finished", _dates(records)),
             ("runs", _run_counts(results)),
             ("vlprompt", _distinct(r.facts.get("vlprompt") for r in records))]
@@ -592,7 +636,8 @@ def build_report(folder: str | Path) -> ReportRows:
     context = ReportContext(title=f"vlprompt report: {Path(folder).resolve().name}",
                             settings=settings(results, order),
                             failed=[(p.uid, p.error or "") for p in results.planned if p.state == "failed"],
-                            warnings=list(results.warnings), method_order=order, runs=run_counts(results))
+                            warnings=list(results.warnings), method_order=order, runs=run_counts(results),
+                            deviations=deviation_summary(results.records, order))
     return ReportRows(sorted(rows, key=_row_order(order)), context)
 
 
@@ -725,6 +770,10 @@ def _md(text: str) -> str:
     return _one_line(text).replace("|", "\\|")
 
 
+def _deviation_line(entry: dict) -> str:
+    return f"{entry['words']} ({entry['runs']} run{'s' if entry['runs'] != 1 else ''}: {', '.join(entry['methods'])})"
+
+
 def _markdown_context(context: ReportContext) -> list[str]:
     parts = [f"## {context.title}", "", "### Settings", "", "| setting | value |", "|---|---|"]
     parts += [f"| {_md(k)} | {_md(v)} |" for k, v in context.settings]
@@ -732,6 +781,9 @@ def _markdown_context(context: ReportContext) -> list[str]:
         parts += ["", "### Failed runs", ""] + [f"- {_md(uid)}: {_md(err)}" for uid, err in context.failed]
     if context.warnings:
         parts += ["", "### Warnings", ""] + [f"- {_md(w)}" for w in context.warnings]
+    if context.deviations:
+        parts += ["", "### Deviations from the recipes", ""] + [f"- {_md(_deviation_line(e))}"
+                                                                   for e in context.deviations]
     return parts + [""]
 
 
@@ -812,6 +864,7 @@ def context_json(rows: list[dict], context: Optional[ReportContext] = None) -> s
     data = {} if context is None else {
         "title": context.title, "settings": dict(context.settings),
         "failed": [{"run": uid, "error": err} for uid, err in context.failed], "warnings": context.warnings,
+        "deviations": context.deviations,
         "method_order": context.method_order, "runs": context.runs}
     data["legend"] = {m: {"mark": symbol, "meaning": legend} for m, (symbol, legend) in MARKS.items()}
     return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
@@ -844,6 +897,8 @@ def write_report(folder: str | Path, plots: bool = True) -> tuple[list[dict], Pa
         sections.append(("Failed runs", table_html(["run", "error"], [list(f) for f in context.failed])))
     if context.warnings:
         sections.append(("Warnings", list_html(context.warnings)))
+    if context.deviations:
+        sections.append(("Deviations from the recipes", list_html([_deviation_line(e) for e in context.deviations])))
     sections += [(t["title"], table_html(t["header"], t["body"]) + "\n" + list_html(t["notes"], cls="notes"))
                  for t in tables(rows)]
     write_html(out, context.title, sections, images)

@@ -176,7 +176,11 @@ def run_facts(m: dict, cfg: dict, metrics_path: Path) -> dict:
             finished = datetime.fromtimestamp(metrics_path.stat().st_mtime, timezone.utc)
         except OSError:
             finished = None
-    return {"backbone_source": bb.get("source"), "precision": bb.get("precision") or cfg.get("precision"),
+    devs = m.get("deviations") if isinstance(m.get("deviations"), list) else []
+    return {"recipe_cell": recipe.get("cell_id"),  # None for evaluations and records of earlier versions
+            # records (dicts), or the plain words of an earlier version's run folder
+            "deviations": [d for d in devs if isinstance(d, (str, dict))],
+            "backbone_source": bb.get("source"), "precision": bb.get("precision") or cfg.get("precision"),
             "pretrained": m.get("pretrained") or cfg.get("pretrained"), "weights": cfg.get("weights"),
             "epochs": recipe.get("epochs") if m.get("kind") == "train" else None,
             "fitted": "fit" in train, "vlprompt": versions.get("vlprompt"), "finished": finished}

@@ -1,4 +1,4 @@
-"""Studies: the field's protocols (SPEC 6) as one resumable job each.
+"""Studies: the field's protocols (docs/protocols.md) as one resumable job each.
 
 A `StudySpec` names a protocol, its datasets (or a source and targets), methods, shots, seeds and the
 settings every run shares. `plan` turns it into units: training runs (`engine.run.run`) and evaluations of
@@ -31,7 +31,7 @@ from ..engine.run import backbone_from_config, config_key, eval_config, eval_key
 from ..errors import VlpromptError
 from ..methods import get_method
 from ..methods.base import parse_options
-from ..presets import resolve_preset
+from ..recipes import resolve
 from ..engine.run_folder import clean_stale_tree, recorded_key
 from ..utils.folder_lock import FolderLock
 from ..utils.io import atomic_write_json, atomic_write_text, read_json
@@ -42,7 +42,7 @@ from .units import Planner, Unit
 # The protocols, one module each (a registry, not import side effects).
 PROTOCOLS = {"fewshot": fewshot, "base2new": base2new, "xd": xd, "dg": dg}
 # Keys a study decides per unit; a study's settings may not set them.
-UNIT_KEYS = ("dataset", "shots", "seed", "subsample", "method", "method_options", "preset", "output")
+UNIT_KEYS = ("dataset", "shots", "seed", "subsample", "method", "method_options", "preset", "protocol", "output")
 
 
 @dataclass
@@ -205,16 +205,13 @@ def _method_spec(m, where: str, shared: set) -> MethodSpec:
 
 
 def run_config(spec: StudySpec, m: MethodSpec, **unit_values) -> RunConfig:
-    """A unit's RunConfig: protocol defaults < the method's preset < the study's settings < the method's
-    overrides < what the unit decides (dataset, shots, seed, subsample, output)."""
-    explicit = {**spec.settings, **m.overrides, **unit_values, "method": m.method, "method_options": m.options}
+    """A unit's RunConfig (`recipes.resolve`): the recipe cell of the method for the study's protocol and the
+    unit's dataset (or the cell ``m.preset`` names) < the study's settings < the method's overrides < what the
+    unit decides (dataset, shots, seed, subsample, output)."""
+    unit = {**unit_values, "method": m.method, "method_options": m.options, "protocol": spec.protocol}
     if m.preset:
-        explicit["preset"] = m.preset
-    preset = resolve_preset(explicit.get("preset"), m.method)
-    values = {**PROTOCOLS[spec.protocol].DEFAULTS, **(preset.values if preset else {}), **explicit}
-    if preset:
-        values["preset"] = preset.name
-    return RunConfig(**values)
+        unit["preset"] = m.preset
+    return RunConfig(**resolve(spec.settings, m.overrides, unit))
 
 
 def plan(spec: StudySpec, study_dir: Path, progress: bool = True) -> list[Unit]:

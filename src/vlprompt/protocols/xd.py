@@ -1,13 +1,13 @@
-"""Cross-dataset transfer (SPEC 6.3, CoCoOp Table 2): train once on the source (all classes), evaluate the
+"""Cross-dataset transfer (CoCoOp Table 2, docs/protocols.md): train once on the source (all classes), evaluate the
 same prompt on every target's full test split with the target's class names and template (never the
 source's subsample or template override). The average is over the targets; the source is reported beside.
-`dg` uses the same machinery with the ImageNet variants as targets."""
+`dg` uses the same machinery with the ImageNet variants as targets. The settings of its runs are the recipe
+table's ``xd`` cells (`vlprompt.recipes`)."""
 
 from __future__ import annotations
 
 from .units import Planner, dataset_label
 
-DEFAULTS = {"backbone": "ViT-B-16", "n_ctx": 4, "ctx_init": "a photo of a"}  # SPEC 6.3
 SHOTS = [16]
 TRANSFER = True
 COOP_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
