@@ -1,4 +1,4 @@
-"""On-disk cache of evaluation image features (DESIGN.md, Performance 3).
+"""On-disk cache of evaluation image features (the frozen image tower encodes each test set once).
 
 The image tower is frozen and the test transform deterministic, so each test split needs encoding once
 per backbone. An entry is keyed by everything that changes the features: the backbone's architecture
