@@ -530,8 +530,8 @@ def section_checkpoint(out: dict, n_cls: int, epochs: int) -> None:
             learner = method.build(bb, names, method_config(method, cfg, ds))
             ckpt = Checkpointer(Path(tmp) / label, {"bench": label}, every, resume=False) if save else None
             t = time.perf_counter()
-            history = train_prompt(learner, objective.loss, source, len(ds.train), settings, progress=False,
-                                   checkpoint=ckpt, objective=objective)
+            history = train_prompt(learner, objective, source, len(ds.train), settings, progress=False,
+                                   checkpoint=ckpt)
             times[label] = (time.perf_counter() - t) / history["steps"]
             if ckpt is not None:
                 size = ckpt.path.stat().st_size

@@ -5,7 +5,8 @@ A checkpoint lives beside its run folder (``.<run>.checkpoint/checkpoint.safeten
 only written when the run is complete) and holds the learner's state, the optimiser's, the epoch and step, the
 history so far, the trainer's generator at the start of the epoch in progress (it decides the batch order,
 the augmentation seeds and the feature bank's draws), the global Python / NumPy / torch random states and
-those of the objective's own generators. It also holds the run's identity (its configuration without the
+the objective's state (`Objective.state_dict`: by default its own generators' states; PromptSRC-like objectives
+add e.g. a running average of the prompts). It also holds the run's identity (its configuration without the
 keys that never change a result): a checkpoint of another configuration is refused, naming the keys.
 
 The file is one safetensors file, never a pickle, so that reading it cannot run code: every tensor of the state
@@ -42,6 +43,9 @@ REQUIRED_KEYS = ("identity", "learner", "optimizer", "generator", "epoch", "step
 NUMPY_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
                 "float32", "float64")
 EXACT_JSON_INT = 2**53  # larger ints are written as decimal strings: other JSON readers round them to floats
+# What the "objective" entry holds: written as "objective_layout". 1: `Objective.state_dict()`. Files without the
+# key were written before objectives had a state of their own: the entry is their generators' states only.
+OBJECTIVE_LAYOUT = 1
 
 
 class MalformedCheckpoint(ValueError):
@@ -69,6 +73,8 @@ def encode_tree(value, tensors: dict[str, torch.Tensor], where: str = "state"):
     if isinstance(value, float):
         return value if math.isfinite(value) else {"$float": repr(value)}
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_quantized:  # safetensors stores dense tensors only
+            raise TypeError(f"{where}: a {value.layout} tensor cannot be stored in a checkpoint (only dense ones)")
         name = f"tensor{len(tensors)}"
         tensors[name] = value.detach().to("cpu").clone().contiguous()  # own storage: safetensors refuses shared
         return {"$tensor": name}
@@ -222,6 +228,9 @@ def check_progress(state: dict, path: Path, epochs: int, per_epoch: int) -> None
          or not isinstance(state["random"], dict) or not isinstance(state["objective"], dict),
          "learner, optimizer, random or objective is not a mapping"),
         (not isinstance(state["generator"], torch.Tensor), "generator is not a tensor"),
+        ("objective_layout" in state and not (whole(state["objective_layout"])
+                                               and state["objective_layout"] == OBJECTIVE_LAYOUT),
+         f"objective_layout {str(state.get('objective_layout'))[:20]}"),
     ]
     for bad, what in problems:
         if bad:
@@ -275,6 +284,14 @@ def set_generators_state(owner, states: dict) -> None:
             target.set_state(state)
         else:
             target.bit_generator.state = state
+
+
+def objective_state(saved: dict) -> dict:
+    """The `Objective.state_dict` saved in a read checkpoint, also from a file of the older layout, whose entry
+    holds only the generators' states (what the default state keeps under ``"generators"``)."""
+    if "objective_layout" in saved:
+        return saved["objective"]
+    return {"generators": saved["objective"]}
 
 
 def differing_keys(saved: dict, current: dict) -> list[str]:

@@ -432,9 +432,8 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
             source = PixelSource(bb, ds.train, views, settings, cfg.progress)
         objective.prepare(bb, ds.train, source)
         t = time.perf_counter()
-        history = train_prompt(learner, objective.loss, source, len(ds.train), settings, progress=cfg.progress,
-                               backward=getattr(objective, "backward", None), checkpoint=checkpoint,
-                               objective=objective)
+        history = train_prompt(learner, objective, source, len(ds.train), settings, progress=cfg.progress,
+                               checkpoint=checkpoint)
         timings["train_s"] = time.perf_counter() - t
         extra_deviations.extend(objective.deviations)  # read after prepare(), which may add to them
         extra_deviations.extend(option_deviations(method, objective.options, cfg))

@@ -342,7 +342,9 @@ def train_prompt(learner: torch.nn.Module, objective: Objective | Callable, sour
         objective.on_epoch_end(epoch, learner)  # before the save: what it changes belongs to this epoch
         if checkpoint is not None:
             save(epoch + 1, 0, gen.get_state(), None)
-    objective.on_train_end(learner)  # after the last checkpoint (it holds the learner before this) and before
-    learner.eval()                   # the caller saves the learner
+    # After the last checkpoint (which holds the learner before it: a resume calls it again), before the caller
+    # saves the learner.
+    objective.on_train_end(learner)
+    learner.eval()
     say(f"training done in {time.perf_counter() - t_start:.1f}s", progress)
     return {"epochs": history, "steps": n_steps, "seconds": time.perf_counter() - t_start}

@@ -21,7 +21,13 @@ from ..errors import VlpromptError
 
 class Objective:
     """What one training run optimises. The default is CoOp's: one view with CoOp's training transform
-    (SPEC 1.4) and cross-entropy. Subclasses override ``view_transforms`` and ``loss``."""
+    (SPEC 1.4) and cross-entropy. Subclasses override ``view_transforms`` and ``loss``, and where a method
+    needs it, the rest of its lifecycle, which `engine.trainer.train_prompt` runs in this order::
+
+        prepare (run.py) -> optimizer -> [load_state_dict, when resuming]
+        -> per step: loss, backward, (optimiser step) -> per epoch: on_epoch_end, (checkpoint: state_dict)
+        -> on_train_end -> (run.py saves the learner)
+    """
 
     def __init__(self, options=None):
         self.options = options
@@ -38,6 +44,45 @@ class Objective:
     def loss(self, learner: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
         """(scalar loss, logged terms) for a `TrainBatch`; a ``logits`` term gives the training accuracy."""
         raise NotImplementedError
+
+    def optimizer(self, params: list[torch.nn.Parameter], settings) -> torch.optim.Optimizer:
+        """The optimiser of ``params`` (the learner's trainable parameters) under ``settings``
+        (`engine.trainer.TrainSettings`). Default: CoOp's SGD. The trainer keeps the learning-rate schedule:
+        it sets ``lr`` of every param group at each epoch's start, so an override must put every parameter
+        in a group whose ``lr`` may be set so (a group that needs another rate is not supported)."""
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay, dampening=0, nesterov=False)
+
+    def backward(self, params: list[torch.nn.Parameter], loss: torch.Tensor, terms: dict) -> None:
+        """Set the gradients of ``params`` (all None on entry) from one step's ``loss`` and logged ``terms``.
+        Default: ``loss.backward()``; ProGrad projects one gradient against another."""
+        loss.backward()
+
+    def on_epoch_end(self, epoch: int, learner: torch.nn.Module) -> None:
+        """After the optimiser step of epoch ``epoch``'s last batch (0-based: the first epoch is 0), before
+        that epoch's checkpoint is written, so what it changes is saved with the epoch. Called once per
+        epoch: not again for epochs a resumed run had finished. Default: nothing."""
+
+    def on_train_end(self, learner: torch.nn.Module) -> None:
+        """Once, after the last epoch (also when a resumed run found every epoch done) and before the learner
+        is returned and saved: e.g. to replace the prompts by an average (PromptSRC's GPA). The checkpoint
+        holds the learner before this call, so it runs again on a resume. Default: nothing."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint saves of this objective, besides the learner and the optimiser: a tree of dicts,
+        lists, tuples, numbers, strings and tensors (stored exactly, any dtype). Default: the states of the
+        objective's own torch / NumPy generators (attributes), under ``"generators"``; an objective with
+        more state extends it: ``{**super().state_dict(), "mine": ...}``."""
+        from ..engine.checkpoint import generators_state  # lazily: the engine imports the methods
+
+        return {"generators": generators_state(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (when a run resumes, before its first step). Tensors come back
+        on the CPU: move them where they are used."""
+        from ..engine.checkpoint import set_generators_state
+
+        set_generators_state(self, state["generators"])
 
     @property
     def deviations(self) -> list[str]:

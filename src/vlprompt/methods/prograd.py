@@ -62,6 +62,7 @@ class ProGradObjective(Objective):
         return ce, {"loss": ce.detach(), "ce": ce.detach(), "kd": kd, "logits": logits.detach()}
 
     def backward(self, params, loss, terms) -> None:
+        """`Objective.backward`: each parameter's CE gradient, projected against its KD gradient."""
         g_kd = torch.autograd.grad(terms["kd"], params, retain_graph=True)
         g_ce = torch.autograd.grad(loss, params)
         for p, ce, kd in zip(params, g_ce, g_kd):
