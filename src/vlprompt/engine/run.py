@@ -160,22 +160,23 @@ NON_RESULT_KEYS = ("output", "progress", "num_workers", "threads", "test_batch_s
 
 
 def result_identity(values: dict) -> dict:
-    """The configuration keys that decide a run's result (what a checkpoint and an overwrite check compare)."""
-    return {k: v for k, v in values.items() if k not in NON_RESULT_KEYS}
-
-
-def config_key(values: dict) -> str:
-    """A run's identity: the hash of its resolved configuration without the keys in `NON_RESULT_KEYS`, with
-    the method's options in full (parsed, defaults filled in, so ``weight: "4"`` and ``weight: 4.0`` are one
-    run). Studies recognise a finished run by it (never by its folder name)."""
-    kept = result_identity(values)
+    """The configuration keys that decide a run's result (what a checkpoint and an overwrite check compare), with
+    the method's options in full (parsed, defaults filled in, so ``weight: "4"`` from the command line and
+    ``weight: 4.0`` from a file are one run)."""
+    kept = {k: v for k, v in values.items() if k not in NON_RESULT_KEYS}
     try:
         method = get_method(kept["method"])
         options = parse_options(method.name, method.Options, kept.get("method_options"))
         kept["method_options"] = dataclasses.asdict(options) if options is not None else {}
     except (KeyError, VlpromptError):
-        pass  # not a runnable configuration: hashed as written
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        pass  # not a runnable configuration: kept as written
+    return kept
+
+
+def config_key(values: dict) -> str:
+    """A run's identity: the hash of its `result_identity`. Studies recognise a finished run by it (never by its
+    folder name)."""
+    return hashlib.sha256(json.dumps(result_identity(values), sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def _arch_name(name: Optional[str]) -> str:
