@@ -205,3 +205,22 @@ def test_methods_lists_the_recipe_cells(capsys):
         assert f"cell {c.id}" in block
     assert "--preset ivlp-4+4; only when named" in block and "RECONSTRUCTED" in block
     assert "    recipe fewshot, base2new, xd, dg: cell kgcoop (--preset kgcoop)" in out
+
+
+def test_reports_read_records_and_the_plain_strings_of_earlier_run_folders(tmp_path):
+    from types import SimpleNamespace
+
+    from vlprompt.protocols.report import deviation_summary
+    from vlprompt.protocols.store import run_facts
+
+    record = Deviation("epochs", 2, 100, "kgcoop recipe").to_dict()
+    new = run_facts({"deviations": [record], "recipe": {"cell_id": "kgcoop"}}, {}, tmp_path / "none.json")
+    old = run_facts({"deviations": ["epochs=1 (paper recipe for 4 shots: 100)"], "recipe": {}}, {},
+                    tmp_path / "none.json")
+    assert new["recipe_cell"] == "kgcoop" and old["recipe_cell"] is None
+    runs = [SimpleNamespace(method="kgcoop", facts=new), SimpleNamespace(method="coop", facts=old),
+            SimpleNamespace(method="kgcoop", facts=new)]
+    summary = deviation_summary(runs, ["coop", "kgcoop"])
+    assert summary == [
+        {"words": "epochs=1 (paper recipe for 4 shots: 100)", "key": "note", "runs": 1, "methods": ["coop"]},
+        {"words": "epochs=2 (kgcoop recipe: 100)", "key": "epochs", "runs": 2, "methods": ["kgcoop"]}]
