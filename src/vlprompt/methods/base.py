@@ -21,7 +21,7 @@ from ..errors import VlpromptError
 
 class Objective:
     """What one training run optimises. The default is CoOp's: one view with CoOp's training transform
-    (SPEC 1.4) and cross-entropy. Subclasses override ``view_transforms`` and ``loss``, and where a method
+    (Dassl's) and cross-entropy. Subclasses override ``view_transforms`` and ``loss``, and where a method
     needs it, the rest of its lifecycle, which `engine.trainer.train_prompt` runs in this order::
 
         prepare (run.py) -> optimizer -> [load_state_dict, when resuming]
@@ -85,8 +85,9 @@ class Objective:
         set_generators_state(self, state["generators"])
 
     @property
-    def deviations(self) -> list[str]:
-        """How this objective departs from (or reconstructs) the paper, in words, for metrics.json."""
+    def deviations(self) -> list:
+        """How this objective departs from (or reconstructs) the paper, for metrics.json: `recipes.Deviation`
+        records (plain words are accepted and recorded under the method's name)."""
         return []
 
     def options_dict(self) -> dict:
@@ -121,7 +122,8 @@ class Needs:
 
 @dataclass(frozen=True)
 class PromptLayout:
-    """The CoOp prompt layout (SPEC 2.1-2.2) of the methods whose classes are text prompts."""
+    """The CoOp prompt layout (context vectors, class-token position) of the methods whose classes are text
+    prompts."""
 
     n_ctx: int = 16
     ctx_init: Optional[str] = None
