@@ -4,7 +4,7 @@
 the tokenizer, and the parts of the text tower (token embedding, positional embedding, blocks, final
 norm, projection, pooling rule, causal mask, logit scale). Everything is frozen and kept in eval mode:
 CoOp's official trainer never switches the encoders to train mode, so BatchNorm statistics of the
-ResNet image towers stay fixed (SPEC 1.1).
+ResNet image towers stay fixed.
 """
 
 from __future__ import annotations

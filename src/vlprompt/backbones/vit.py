@@ -1,4 +1,4 @@
-"""Exact shortcut through a frozen open_clip ViT image tower (DESIGN.md, Performance 3).
+"""Exact shortcut through a frozen open_clip ViT image tower.
 
 A ViT with class-token pooling reads only the class token of the last layer. In that layer every token
 still supplies keys and values, but the query, the attention output, the output projection and the MLP

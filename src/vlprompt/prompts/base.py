@@ -18,7 +18,7 @@ class TextClassifier(nn.Module):
         raise NotImplementedError
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """logit_scale * normalise(image_features) @ text_features.T (SPEC 1.3)."""
+        """logit_scale * normalise(image_features) @ text_features.T."""
         return self.backbone.logit_scale * F.normalize(image_features.float(), dim=-1) @ text_features.T
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""CoOp: learned context vectors in place of a hand-written prompt (SPEC 2).
+"""CoOp: learned context vectors in place of a hand-written prompt.
 
 Per class, the tokenized prompt is ``[SOS] X x M  name-tokens . [EOT] pad...``. Its token embeddings
 are frozen buffers; the M context vectors are the only parameters. The layout decides where the class

@@ -1,4 +1,4 @@
-"""CoOp with a frozen hand-crafted view of every class (KgCoOp, dual-view MI; SPEC 2.7, 4.2).
+"""CoOp with a frozen hand-crafted view of every class (KgCoOp, dual-view MI; docs/reconstructions.md).
 
 Besides the learned context, the learner holds the normalised hand-crafted text features ``w^h`` of its
 classes, encoded once by the frozen model at construction (and again only when the prompt is rebuilt for
@@ -50,7 +50,7 @@ class GuidedCoOp(CoOp):
         return super().text_features()
 
     def text_features(self) -> torch.Tensor:
-        """The inference rule: soft prompts, or their blend with the hand-crafted view (SPEC 4.2)."""
+        """The inference rule: soft prompts, or their blend with the hand-crafted view."""
         soft = self.soft_features()
         if self.ensemble_hand == 0.0:
             return soft

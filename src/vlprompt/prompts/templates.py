@@ -1,4 +1,4 @@
-"""Hand-crafted prompt templates (SPEC 2.7 and 5.4)."""
+"""Hand-crafted prompt templates."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Zero-shot CLIP with one hand-crafted template or a template ensemble (SPEC 2.7)."""
+"""Zero-shot CLIP with one hand-crafted template or a template ensemble."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact shortcuts through a frozen, causal CLIP text tower (DESIGN.md, Performance 1-2).
+"""Exact shortcuts through a frozen, causal CLIP text tower.
 
 - `encode_truncated`: prompts (C, L, D) each cut at its own EOT + 1; nothing after an EOT can change a
   causal tower's pooled output. Any layout.
