@@ -136,3 +136,12 @@ def test_fewshot_and_cross_dataset_studies_with_deep_prompts(shapes, tmp_path, c
     target = json.loads((out / "runs" / "vpt_deep" / "1shots_seed1" / Path(other).name / "metrics.json").read_text())
     assert target["kind"] == "eval" and target["data"]["name"] == Path(other).name
     assert target["test"]["n"] == len(vp.load_dataset(other).test)
+
+
+def test_a_depth_beyond_the_tower_fails_before_any_encoding(shapes, bb, tmp_path):
+    cfg = vp.RunConfig.from_sources(dataset=shapes, method="deep_language", backbone=TINY_VIT, pretrained="random",
+                                    shots=2, epochs=1, output=str(tmp_path / "run"), progress=False,
+                                    cache_dir=str(tmp_path / "cache"))  # the recipe's depth 12 on 2 blocks
+    with pytest.raises(vp.VlpromptError, match="depth_text=12, but the text tower of vlprompt-tiny-ViT has 2 blocks"):
+        run(cfg, backbone=bb)
+    assert cached_files(tmp_path / "cache") == [] and not (tmp_path / "run").exists()

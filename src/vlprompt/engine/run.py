@@ -395,14 +395,15 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     say(f"backbone {bb.source.describe()} ({bb.precision})"
         + (f", {threads.threads} thread(s): {threads.reason}" if threads else ""), cfg.progress)
 
-    # The test split first: an unreadable test image is found before training, not after it.
-    t = time.perf_counter()
-    test_features = frozen_test_features(method, bb, ds, cfg, store)
-    timings["encode_test_s"] = time.perf_counter() - t
-
+    # The learner first (a setting that does not fit the backbone fails before any encoding), then the test
+    # split: an unreadable test image is found before training, not after it (encoding never draws from the
+    # global random state, so the order does not change the result).
     torch.manual_seed(cfg.seed)  # prompt initialisation does not depend on how the backbone was obtained
     mcfg = method_config(method, cfg, ds)
     learner = method.build(bb, ds.classnames, mcfg)
+    t = time.perf_counter()
+    test_features = frozen_test_features(method, bb, ds, cfg, store)
+    timings["encode_test_s"] = time.perf_counter() - t
     # A method with its own recipe (KgCoOp, dual-view MI) has fixed epochs; CoOp's depend on the shots.
     paper_epochs, epochs = recipe_epochs(cfg, ds.name)
     history = None
