@@ -19,3 +19,59 @@ def tiny_backbone(arch: str = TINY_VIT, **kw):
 # The deep-prompt methods' recipes prompt 12 blocks; the tiny towers have 2.
 TINY_OPTIONS = {"ivlp": {"depth_text": 2, "depth_vision": 2}, "vpt_deep": {"depth_vision": 2},
                 "deep_language": {"depth_text": 2}}
+
+
+def write_old_prompt(learner, out, version: int = 2, drop=()):
+    """``learner`` saved as vlprompt wrote prompts before format 3 (``version`` 2: its settings as top-level fields,
+    its tensors under names of their own; 1: also without ``type``, ``learner``, ``format_version`` and
+    ``vlprompt_version``), as the old ``config()`` / ``save_pretrained`` of each learner class did. ``drop``: fields
+    left out (e.g. ``ctx_init_rule``, which older prompts did not record)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    bb, kind = learner.backbone, type(learner).__name__
+    src = bb.source
+    cfg = {"type": learner.method, "learner": kind, "format_version": 2, "vlprompt_version": vp.__version__,
+           "method": learner.method, "classnames": list(learner.classnames),
+           "backbone": {"name": src.name, "pretrained": src.pretrained, "weights": src.weights,
+                        "random_init_seed": src.random_init_seed, "quick_gelu": src.quick_gelu,
+                        "activation": src.activation, "fingerprint": bb.fingerprint}}
+    if kind in ("CoOp", "GuidedCoOp", "CoCoOp"):
+        cfg.update(n_ctx=learner.n_ctx, ctx_init=learner.ctx_init, csc=learner.csc,
+                   class_token_position=learner.class_token_position, ctx_init_rule=learner.ctx_init_rule,
+                   ctx_dim=bb.ctx_dim)
+        tensors = {"ctx": learner.ctx}
+        if kind == "GuidedCoOp":
+            cfg.update(templates=learner.templates, ensemble_hand=learner.ensemble_hand, hand_view=learner.hand_view)
+        if kind == "CoCoOp":
+            cfg.update(vis_dim=bb.embed_dim, meta_hidden=learner.meta_net[0].out_features)
+            tensors.update({f"meta_net.{k}": v for k, v in learner.meta_net.state_dict().items()})
+    elif kind == "ClipAdapter":
+        cfg.update(templates=learner.templates, reduction=learner.reduction, ratio=learner.ratio,
+                   embed_dim=bb.embed_dim)
+        tensors = {"down": learner.down.weight, "up": learner.up.weight}
+    elif kind == "LinearProbe":
+        cfg.update(c=learner.c, embed_dim=bb.embed_dim)
+        tensors = {"weight": learner.weight, "bias": learner.bias}
+    elif kind == "TipAdapter":
+        cfg.update(alpha=learner.alpha, beta=learner.beta, templates=learner.templates)
+        tensors = {"keys": learner.keys, "values": learner.values}
+    elif kind == "DeepPrompts":  # format 2 already saved the options and the state_dict()
+        import dataclasses
+
+        cfg.update(options=dataclasses.asdict(learner.options), ctx_dim=bb.ctx_dim)
+        tensors = dict(learner.state_dict())
+    else:
+        raise ValueError(kind)
+    if version == 1:
+        for key in ("type", "learner", "format_version", "vlprompt_version"):
+            cfg.pop(key)
+    for key in drop:
+        cfg.pop(key)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(out / "prompt.safetensors"))
+    (out / "prompt_config.json").write_text(json.dumps(cfg, indent=2))
+    return out

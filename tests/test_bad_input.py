@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import TINY_VIT, tiny_backbone
+from support import TINY_VIT, tiny_backbone, write_old_prompt
 
 import vlprompt as vp
 from vlprompt.cli import main
@@ -181,14 +181,11 @@ def test_the_rule_is_recorded_and_old_prompts_load_per_token(bb, tmp_path):
     learner = vp.CoOp(bb, ["cat", "dog"], ctx_init="itap of a")
     learner.save_pretrained(tmp_path / "p")
     cfg_path = tmp_path / "p" / "prompt_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    assert cfg["ctx_init_rule"] == "words" and cfg["n_ctx"] == 3
+    layout = json.loads(cfg_path.read_text())["config"]["layout"]
+    assert layout["ctx_init_rule"] == "words" and layout["n_ctx"] == 3
     assert vp.load_prompt(str(tmp_path / "p"), bb).n_ctx == 3
     old = vp.CoOp(bb, ["cat", "dog"], ctx_init="itap of a", ctx_init_rule="tokens")
-    old.save_pretrained(tmp_path / "old")
-    old_cfg = json.loads((tmp_path / "old" / "prompt_config.json").read_text())
-    del old_cfg["ctx_init_rule"]  # as written before the rule was recorded
-    (tmp_path / "old" / "prompt_config.json").write_text(json.dumps(old_cfg))
+    write_old_prompt(old, tmp_path / "old", drop=("ctx_init_rule",))  # as written before the rule was recorded
     loaded = vp.load_prompt(str(tmp_path / "old"), bb)
     assert loaded.n_ctx == old.n_ctx and torch.equal(loaded.text_features(), old.text_features())
 

@@ -9,7 +9,7 @@ import torch
 from support import tiny_backbone
 
 import vlprompt as vp
-from vlprompt.prompts.coop import CONFIG_NAME, WEIGHTS_NAME
+from vlprompt.prompts.artifact import CONFIG_NAME, WEIGHTS_NAME
 
 NAMES = ["face", "leopard", "motorbike", "accordion"]
 
@@ -30,6 +30,12 @@ def test_save_load_round_trip(bb, tmp_path, kw):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     # Tiny: the context only, no backbone weights.
     assert (tmp_path / WEIGHTS_NAME).stat().st_size < learner.ctx.numel() * 4 + 1024
+    # built directly, it records the method coop with its own layout
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["type"] == "coop" and saved["config"]["options"] is None
+    assert saved["config"]["layout"] == {"n_ctx": learner.n_ctx, "ctx_init": learner.ctx_init, "csc": learner.csc,
+                                         "class_token_position": learner.class_token_position,
+                                         "ctx_init_rule": "words"}
     loaded = vp.CoOp.from_pretrained(tmp_path, bb)
     assert loaded.classnames == NAMES and loaded.class_token_position == learner.class_token_position
     assert torch.equal(loaded.ctx, learner.ctx)

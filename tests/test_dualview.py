@@ -335,7 +335,8 @@ def test_base_to_new_rebuilds_prompts_and_hand_features_for_new_classes(shapes, 
                                     train_mode="feature_bank", bank_views=2, output=str(out), **TINY)
     m = run(cfg, backbone=bb)
     saved = json.loads((out / "prompt" / "prompt_config.json").read_text())
-    assert saved["method"] == "dualview_mi" and saved["ensemble_hand"] == 0.5 and len(saved["templates"]) == 8
+    options = saved["config"]["options"]
+    assert saved["method"] == "dualview_mi" and options["ensemble_hand"] == 0.5 and options["hand_templates"] == "ensemble"
     again = evaluate_prompt(str(out), {}, backbone=bb)
     assert again["test"]["accuracy"] == m["test"]["accuracy"]
     new = evaluate_prompt(str(out), {"subsample": "new"}, output=str(tmp_path / "ev"), backbone=bb)
@@ -345,7 +346,8 @@ def test_base_to_new_rebuilds_prompts_and_hand_features_for_new_classes(shapes, 
     lrn = vp.get_method("dualview_mi").load(str(out / "prompt"), bb, all_names[4:])
     trained = vp.GuidedCoOp.from_pretrained(out / "prompt", bb)
     assert torch.equal(lrn.ctx, trained.ctx) and lrn.classnames == all_names[4:]
-    hand = zeroshot.handcrafted_text_features(bb, all_names[4:], saved["templates"])
+    assert len(trained.templates) == 8
+    hand = zeroshot.handcrafted_text_features(bb, all_names[4:], trained.templates)
     assert torch.allclose(lrn.hand, hand, atol=1e-6)
     with torch.no_grad():
         blend = F.normalize(0.5 * lrn.soft_features() + 0.5 * hand, dim=-1)

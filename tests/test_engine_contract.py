@@ -336,17 +336,17 @@ def kg_run(shapes, bb, tmp_path_factory):
 
 
 def spy_loaded_learners(monkeypatch) -> list:
-    from vlprompt.methods.kgcoop import GuidedMethod
+    import vlprompt.engine.run as engine_run
 
     loaded = []
-    real = GuidedMethod.load
+    real = engine_run.load_prompt
 
-    def load(self, *a, **k):
-        learner = real(self, *a, **k)
+    def load(*a, **k):
+        learner = real(*a, **k)
         loaded.append(learner)
         return learner
 
-    monkeypatch.setattr(GuidedMethod, "load", load)
+    monkeypatch.setattr(engine_run, "load_prompt", load)
     return loaded
 
 
@@ -357,7 +357,7 @@ def test_kgcoop_cross_dataset_eval_uses_the_targets_template_in_its_hand_view(kg
     m, out = kg_run
     assert m["data"]["template"] == BLURRY
     saved = json.loads((out / "prompt" / "prompt_config.json").read_text())
-    assert saved["templates"] == [BLURRY]
+    assert saved["config"]["template"] == BLURRY
     loaded = spy_loaded_learners(monkeypatch)
     ev = evaluate_prompt(str(out), {"dataset": other}, output=str(tmp_path / "ev"), backbone=bb)
     assert ev["method"] == "kgcoop" and ev["task"] == "prompt_classification"

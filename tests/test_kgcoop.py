@@ -112,7 +112,8 @@ def test_base_to_new_on_the_command_line(shapes, tmp_path):
                  "--method", "kgcoop", "--subsample", "base", "--shots", "4", "--epochs", "2", "--batch-size", "8",
                  "--output", str(out), "--quiet"]) == 0
     cfg = json.loads((out / "prompt" / "prompt_config.json").read_text())
-    assert cfg["method"] == "kgcoop" and cfg["templates"] == ["a photo of a {}."] and cfg["n_ctx"] == 4
+    assert cfg["method"] == "kgcoop" and cfg["config"]["template"] == "a photo of a {}."
+    assert cfg["config"]["layout"]["n_ctx"] == 4 and cfg["config"]["options"]["hand_templates"] == "dataset"
     assert main(["eval", str(out), "--subsample", "new", "--output", str(tmp_path / "ev"), "--quiet"]) == 0
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     all_names = vp.load_dataset(shapes).classnames

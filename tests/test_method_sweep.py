@@ -1,6 +1,7 @@
 """Every registered method through the same sweep (timm's habit): train a step (or nothing to train), save,
 load through `vp.load_prompt`, evaluate to the same accuracy, transfer to other class names where it declares
-it can; plus the artefact format's rules (stored type, old format, unknown keys)."""
+it can; plus the artefact format's rules (stored type, unknown keys, a crafted config). Formats 1 and 2:
+test_legacy_formats.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import shutil
 import warnings
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from support import TINY_OPTIONS, tiny_backbone
 
 import vlprompt as vp
@@ -18,7 +21,7 @@ from vlprompt.engine.evaluate import accuracy_report, classify, image_logits, ra
 from vlprompt.engine.features import encode_items
 from vlprompt.engine.run import evaluate_prompt, run
 from vlprompt.methods import METHODS
-from vlprompt.prompts.coop import CONFIG_NAME, FORMAT_VERSION
+from vlprompt.prompts.artifact import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +71,16 @@ def test_every_registered_method_sweep(name, shapes, bb, test_features, tmp_path
         assert not (tmp_path / name / "prompt").exists()
         return
     saved = json.loads((tmp_path / name / "prompt" / CONFIG_NAME).read_text())
-    assert saved["type"] == name and saved["format_version"] == FORMAT_VERSION
+    assert saved["type"] == name and saved["format_version"] == FORMAT_VERSION == 3
     assert saved["vlprompt_version"] == vp.__version__
+    assert set(saved["config"]) == {"options", "layout", "template", "dataset"}
     learner = vp.load_prompt(tmp_path / name, bb)
-    assert learner.method == name
+    assert learner.method == name and learner.method_config.artifact() == saved["config"]
+    # the tensors are the learner's state_dict(), every one of them, exactly
+    tensors = load_file(str(tmp_path / name / "prompt" / WEIGHTS_NAME))
+    state = learner.state_dict()
+    assert sorted(tensors) == sorted(state)
+    assert all(torch.equal(tensors[k], state[k].cpu()) for k in state)
     again = accuracy_report(ranked(learner, ds, feats), labels, ds.classnames)
     assert again["accuracy"] == m["test"]["accuracy"] and again["per_class"] == m["test"]["per_class"]
     evaluated = evaluate_prompt(str(tmp_path / name), {}, output=str(tmp_path / f"{name}_eval"), backbone=bb)
@@ -93,21 +102,6 @@ def test_a_prompt_of_another_learner_is_refused_by_the_wrong_class(shapes, bb, t
         vp.CoOp.from_pretrained(tmp_path / "kg" / "prompt", bb)  # would drop the inference blend
     kg = vp.load_prompt(tmp_path / "kg", bb)
     assert isinstance(kg, vp.GuidedCoOp) and kg.ensemble_hand == 0.5
-
-
-def test_format_1_prompts_still_load(shapes, bb, test_features, tmp_path):
-    """A prompt as the previous vlprompt wrote it: no type, learner or version fields."""
-    ds, feats, labels = test_features
-    for method in ("coop", "kgcoop"):
-        m = train_one(method, shapes, tmp_path / method, bb)
-        path = tmp_path / method / "prompt" / CONFIG_NAME
-        cfg = json.loads(path.read_text())
-        for key in ("type", "learner", "format_version", "vlprompt_version"):
-            cfg.pop(key)
-        path.write_text(json.dumps(cfg))
-        learner = vp.load_prompt(tmp_path / method, bb)
-        assert type(learner).__name__ == ("GuidedCoOp" if method == "kgcoop" else "CoOp")
-        assert accuracy_report(classify(learner, feats), labels, ds.classnames)["accuracy"] == m["test"]["accuracy"]
 
 
 def test_unknown_keys_from_a_newer_version_are_warned_about_and_ignored(shapes, bb, tmp_path):
@@ -136,3 +130,46 @@ def test_load_prompt_errors_are_one_line(shapes, bb, tmp_path):
     same_count = [f"other {c}" for c in csc["data"]["classnames"]]
     with pytest.raises(vp.VlpromptError, match="class-specific context belongs to its own"):
         vp.load_prompt(tmp_path / "csc", bb, classnames=same_count)
+
+
+@pytest.mark.parametrize("method, edit, why", [
+    ("clip_adapter", lambda c, t: c["config"]["options"].update(reduction="many"), "option reduction: invalid value"),
+    ("clip_adapter", lambda c, t: c["config"]["options"].update(shiny=1), "unknown option 'shiny'"),
+    ("coop", lambda c, t: c["config"].update(options={"weight": 2}), "method coop takes no options"),
+    ("coop", lambda c, t: c["config"]["layout"].update(n_ctx="4"), "field 'config.layout.n_ctx' has a value of the wrong"),
+    ("coop", lambda c, t: c["config"]["layout"].update(csc=1), "field 'config.layout.csc'"),
+    ("coop", lambda c, t: c["config"].update(extra=1), "field 'config' has unknown key 'extra'"),
+    ("coop", lambda c, t: c["config"].update(template=3), "field 'config.template' must be a string"),
+    ("coop", lambda c, t: c.update(config=[]), "field 'config' has a value of the wrong type"),
+    ("coop", lambda c, t: c["config"]["layout"].update(class_token_position="left"), "class_token_position 'left'"),
+    ("coop", lambda c, t: c["config"]["layout"].update(n_ctx=3), "first difference: ctx: saved (4, 64), expected (3, 64)"),
+    ("coop", lambda c, t: t.update(extra=torch.zeros(2)), "first difference: extra: saved (2,), expected none"),
+    ("clip_adapter", lambda c, t: t.pop("up.weight"), "first difference: up.weight: saved none"),
+    ("tip_adapter", lambda c, t: t.update(keys=torch.zeros(3, 5)), "first difference: keys: saved (3, 5)"),
+])
+def test_a_crafted_format_3_prompt_is_one_error_line(shapes, bb, tmp_path, method, edit, why):
+    train_one(method, shapes, tmp_path / "r", bb, n_ctx=4)
+    folder = tmp_path / "r" / "prompt"
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    edit(cfg, tensors)
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg))
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+    with pytest.raises(vp.VlpromptError) as err:
+        vp.load_prompt(tmp_path / "r", bb)
+    message = str(err.value)
+    assert "\n" not in message and why in message and str(folder) in message, message
+
+
+def test_a_learner_built_directly_saves_what_it_was_built_with(bb, tmp_path):
+    names = ["cat", "dog", "owl"]
+    adapter = vp.get_method("clip_adapter")
+    from vlprompt.methods.clip_adapter import ClipAdapter
+
+    ClipAdapter(bb, names, ["art of a {}."], reduction=8, ratio=0.5).save_pretrained(tmp_path / "a")
+    loaded = vp.load_prompt(tmp_path / "a", bb)
+    assert (loaded.reduction, loaded.ratio, loaded.templates) == (8, 0.5, ["art of a {}."])
+    assert loaded.method_config.options == adapter.Options(reduction=8, ratio=0.5)
+    # an ensemble of templates comes from a dataset's template and name, which a learner built directly lacks
+    with pytest.raises(vp.VlpromptError, match="built directly with 2 templates cannot be saved"):
+        vp.GuidedCoOp(bb, names, ["a {}.", "b {}."], n_ctx=2, ctx_init=None).save_pretrained(tmp_path / "g")

@@ -33,7 +33,7 @@ from ..backbones import Backbone, load_backbone
 from ..config import RunConfig, load_yaml
 from ..data import load_dataset
 from ..errors import VlpromptError
-from ..methods import get_method
+from ..methods import get_method, load_prompt
 from ..methods.base import method_config, parse_options
 from ..prompts.artifact import read_artifact
 from ..recipes import NO_PRESET, RECIPE_KEYS, Deviation, as_record, as_records, reference
@@ -400,7 +400,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     # global random state, so the order does not change the result).
     torch.manual_seed(cfg.seed)  # prompt initialisation does not depend on how the backbone was obtained
     mcfg = method_config(method, cfg, ds)
-    learner = method.build(bb, ds.classnames, mcfg)
+    learner = method.create(bb, ds.classnames, mcfg)  # it records mcfg: what its artefact saves
     t = time.perf_counter()
     test_features = frozen_test_features(method, bb, ds, cfg, store)
     timings["encode_test_s"] = time.perf_counter() - t
@@ -588,7 +588,7 @@ def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: Fea
         raise VlpromptError(f"dataset {ds.name} has no test images")
     bb = backbone if backbone is not None else backbone_from_config(cfg)  # checked above
     threads = use_threads(cfg, bb)
-    learner = method.load(str(path), bb, ds.classnames, dataset=ds, template=cfg.template)
+    learner = load_prompt(path, bb, ds.classnames, dataset=ds, template=cfg.template)
     t = time.perf_counter()
     report = test_report(learner, ds, cfg, frozen_test_features(method, bb, ds, cfg, store))
     trained = trained_record(path)

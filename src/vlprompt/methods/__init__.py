@@ -1,4 +1,5 @@
-"""Methods by name. A new method is one module here plus one entry in ``METHODS``."""
+"""Methods by name. A new method is one module here plus one entry in ``METHODS``; `load_prompt` rebuilds any
+saved learner through it (`methods.loading`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .deep_prompts import DeepLanguageOptions, DeepPromptMethod, IVLPOptions, VP
 from .dualview import DualViewMethod
 from .kgcoop import KgCoOpMethod
 from .linear_probe import LinearProbeMethod
+from .loading import load_prompt
 from .prograd import ProGradMethod
 from .tip_adapter import TipAdapterMethod
 from .tip_adapter_f import TipAdapterFMethod
@@ -44,28 +46,6 @@ def get_method(name: str):
 
 def list_methods() -> list[str]:
     return sorted(METHODS)
-
-
-def load_prompt(path, backbone, classnames=None, dataset=None, template=None):
-    """A saved prompt (a prompt folder or a run folder holding ``prompt/``) as the learner of the method it
-    was saved by, on ``backbone``; ``classnames`` rebuilds it for other classes (refused, in one line, where
-    the prompt cannot transfer). Prompts of every format version load."""
-    from pathlib import Path
-
-    from ..prompts.artifact import read_artifact
-
-    folder = Path(path)
-    if (folder / "prompt").is_dir():
-        folder = folder / "prompt"
-    cfg, _ = read_artifact(folder)
-    kind = cfg.get("type") or cfg.get("method") or "coop"
-    if kind not in METHODS:
-        raise VlpromptError(f"prompt {folder} was saved by method '{kind}', which this vlprompt does not know "
-                            f"(known: {', '.join(sorted(METHODS))})")
-    method = METHODS[kind]
-    if not method.trains:
-        raise VlpromptError(f"prompt {folder}: method '{kind}' has no saved prompt to load")
-    return method.load(str(folder), backbone, classnames, dataset=dataset, template=template)
 
 
 __all__ = ["CPTOptions", "METHODS", "get_method", "list_methods", "load_prompt"]

@@ -2,7 +2,9 @@
 
 A method is one module in this package plus one entry in ``METHODS``. Its tunable settings are a typed
 dataclass (``Options``) filled from ``RunConfig.method_options`` (``--option KEY=VALUE`` on the command
-line, ``method_options:`` in YAML) and validated in its ``__post_init__``.
+line, ``method_options:`` in YAML) and validated in its ``__post_init__``. What a learner is built from, its
+`MethodConfig` (options, prompt layout, template, dataset name), is also what its artefact records
+(`methods.loading`).
 """
 
 from __future__ import annotations
@@ -146,10 +148,59 @@ class MethodConfig:
     layout: PromptLayout
     template: str  # the hand-crafted template in use: the dataset's, or the run's override
     dataset: str  # the name of the dataset the classes come from (per-dataset recipes, templates)
-    batch_size: int
-    seed: int
-    train_mode: str
-    n_train: int  # training images (a contrastive loss needs two per batch)
+    # Training only (never in an artefact): a loaded learner gets these defaults.
+    batch_size: int = 1
+    seed: int = 1
+    train_mode: str = "exact"
+    n_train: int = 0  # training images (a contrastive loss needs two per batch)
+
+    def artifact(self) -> dict:
+        """What a saved learner records of its configuration (`prompts.artifact`): everything it is built from,
+        nothing of how it was trained."""
+        return {"options": dataclasses.asdict(self.options) if self.options is not None else None,
+                "layout": dataclasses.asdict(self.layout), "template": self.template, "dataset": self.dataset}
+
+    @classmethod
+    def from_artifact(cls, method, saved) -> "MethodConfig":
+        """The inverse of `artifact` for ``method`` (a registered method), every value checked: one error line
+        names the first bad one."""
+        if not isinstance(saved, dict):
+            raise VlpromptError("field 'config' must be an object")
+        unknown = sorted(set(saved) - set(ARTIFACT_KEYS))
+        if unknown:
+            raise VlpromptError(f"field 'config' has unknown key {unknown[0]!r} (known: {', '.join(ARTIFACT_KEYS)})")
+        options = parse_options(method.name, method.Options, _mapping(saved.get("options"), "config.options"))
+        layout = _mapping(saved.get("layout"), "config.layout")
+        hints = get_type_hints(PromptLayout)
+        for key, value in layout.items():
+            if key not in hints:
+                raise VlpromptError(f"field 'config.layout' has unknown key {key!r}")
+            if not _is(value, hints[key]):
+                raise VlpromptError(f"field 'config.layout.{key}' has a value of the wrong type ({str(value)[:40]!r})")
+        for key in ("template", "dataset"):
+            if not isinstance(saved.get(key, ""), str):
+                raise VlpromptError(f"field 'config.{key}' must be a string")
+        return cls(method.name, options, PromptLayout(**layout), saved.get("template") or "a photo of a {}.",
+                   saved.get("dataset", ""))
+
+
+ARTIFACT_KEYS = ("options", "layout", "template", "dataset")
+
+
+def _mapping(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise VlpromptError(f"field '{where}' must be an object")
+    return value
+
+
+def _is(value, hint) -> bool:
+    """Whether a JSON value has the type ``hint`` (int, str, bool or Optional of one): a bool is no int."""
+    allowed = getattr(hint, "__args__", None) or (hint,)
+    if isinstance(value, bool):
+        return bool in allowed
+    return isinstance(value, tuple(a for a in allowed if a is not bool))
 
 
 def method_config(method, cfg, dataset=None) -> "MethodConfig":
@@ -163,15 +214,34 @@ def method_config(method, cfg, dataset=None) -> "MethodConfig":
 
 
 class MethodBase:
-    """What every registered method shares: its declared `Needs`, read through ``trains``."""
+    """What every registered method shares: its declared `Needs`, read through ``trains``; `create`, the
+    learner that records what it was built from; `load`, a saved one."""
 
     name: str
     needs: Needs = Needs()
     Options: Optional[type] = None
+    # With needs.transfers False: what the learner is, in words, when other class names are refused.
+    tied_to_classes: str = "its learner is one"
 
     @property
     def trains(self) -> bool:
         return self.needs.trains
+
+    def create(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig) -> torch.nn.Module:
+        """`build`, and the learner records its method and configuration: that is what it saves."""
+        learner = self.build(backbone, classnames, config)
+        learner.method = self.name
+        learner.method_config = config
+        return learner
+
+    def load(self, path, backbone: Backbone, classnames: Optional[Sequence[str]] = None, dataset=None,
+             template: Optional[str] = None) -> torch.nn.Module:
+        """A saved learner (`vlprompt.load_prompt`: rebuilt by the method it was saved by)."""
+        from .loading import load_prompt  # lazily: the loader reads the registry
+
+        if not self.trains:
+            raise VlpromptError(f"method {self.name} has no saved prompt to load")
+        return load_prompt(path, backbone, classnames, dataset=dataset, template=template)
 
 
 class Method(Protocol):
@@ -181,7 +251,10 @@ class Method(Protocol):
     Options: Optional[type]  # dataclass of the method's settings, or None
 
     def build(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig) -> torch.nn.Module:
-        """The learner for ``classnames``."""
+        """The learner for ``classnames`` (built from ``config`` alone: a saved learner is rebuilt so)."""
+
+    def create(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig) -> torch.nn.Module:
+        """`build`, recording the method and ``config`` on the learner (`MethodBase.create`)."""
 
     def objective(self, learner: torch.nn.Module, config: MethodConfig) -> Objective:
         """The training objective of a run (only for methods trained by SGD epochs)."""
@@ -189,7 +262,7 @@ class Method(Protocol):
     def load(self, path: str, backbone: Backbone, classnames: Sequence[str], dataset=None,
              template: Optional[str] = None) -> torch.nn.Module:
         """A saved learner, rebuilt for ``classnames`` of ``dataset`` (whose ``template``, when the learner
-        uses hand-crafted prompts)."""
+        uses hand-crafted prompts); `MethodBase.load` is `vlprompt.load_prompt` for every method."""
 
 
 def parse_options(method: str, options_cls: Optional[type], values: Optional[dict]):

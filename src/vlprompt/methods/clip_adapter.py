@@ -14,14 +14,13 @@ text features are rebuilt with the target dataset's template).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VlpromptError
-from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..prompts.zeroshot import handcrafted_text_features
 from .base import MethodBase, Needs, Objective, option
@@ -41,7 +40,6 @@ class ClipAdapterOptions:
 
 class ClipAdapter(TextClassifier):
     method = "clip_adapter"
-    CONFIG_KEYS = BASE_KEYS | {"templates", "reduction", "ratio", "embed_dim"}
 
     def __init__(self, backbone, classnames: Sequence[str], templates: Sequence[str], reduction: int = 4,
                  ratio: float = 0.2):
@@ -69,26 +67,6 @@ class ClipAdapter(TextClassifier):
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return super().logits(self.adapt(image_features), text_features)
 
-    def config(self) -> dict:
-        return {**base_config(self, self.method), "templates": self.templates, "reduction": self.reduction,
-                "ratio": self.ratio, "embed_dim": self.backbone.embed_dim}
-
-    def save_pretrained(self, out_dir):
-        return write_artifact(out_dir, self.config(), {"down": self.down.weight, "up": self.up.weight})
-
-    @classmethod
-    def from_pretrained(cls, path, backbone, classnames=None, templates: Optional[Sequence[str]] = None):
-        cfg, tensors = read_for(cls, path, backbone)
-        if cfg.get("embed_dim") != backbone.embed_dim:
-            raise VlpromptError(f"prompt {path}: adapter width {cfg.get('embed_dim')} does not fit backbone "
-                                f"{backbone.source.name} (embedding width {backbone.embed_dim})")
-        learner = cls(backbone, list(classnames) if classnames is not None else cfg["classnames"],
-                      templates or cfg["templates"], cfg["reduction"], cfg["ratio"])
-        with torch.no_grad():
-            learner.down.weight.copy_(tensors["down"])
-            learner.up.weight.copy_(tensors["up"])
-        return learner
-
 
 class ClipAdapterObjective(Objective):
     def loss(self, learner: ClipAdapter, batch):
@@ -107,7 +85,3 @@ class ClipAdapterMethod(MethodBase):
 
     def objective(self, learner, config) -> ClipAdapterObjective:
         return ClipAdapterObjective(config.options)
-
-    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> ClipAdapter:
-        templates = [template or dataset.template] if dataset is not None else None
-        return ClipAdapter.from_pretrained(path, backbone, classnames, templates)

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VlpromptError
-from ..prompts.artifact import read_artifact, write_artifact
 from ..prompts.coop import CoOp
 from ..text.fast import encode_per_image_prefix
 from .coop import CoOpMethod
@@ -27,7 +26,6 @@ from .coop import CoOpMethod
 class CoCoOp(CoOp):
     method = "cocoop"
     conditional = True  # its class features depend on the image: classify per image
-    CONFIG_KEYS = CoOp.CONFIG_KEYS | {"vis_dim", "meta_hidden"}
 
     def __init__(self, backbone, classnames, n_ctx: int = 4, ctx_init="a photo of a", csc: bool = False,
                  class_token_position: str = "end", **kw):
@@ -59,30 +57,9 @@ class CoCoOp(CoOp):
         f = F.normalize(image_features.float(), dim=-1)
         return self.backbone.logit_scale * torch.einsum("bd,bcd->bc", f, self.image_text_features(image_features))
 
-    def config(self) -> dict:
-        return {**super().config(), "vis_dim": self.backbone.embed_dim, "meta_hidden": self.meta_net[0].out_features}
-
-    def save_pretrained(self, out_dir):
-        tensors = {"ctx": self.ctx, **{f"meta_net.{k}": v for k, v in self.meta_net.state_dict().items()}}
-        return write_artifact(out_dir, self.config(), tensors)
-
-    @classmethod
-    def from_pretrained(cls, path, backbone, classnames=None) -> "CoCoOp":
-        learner = super().from_pretrained(path, backbone, classnames)
-        cfg, tensors = read_artifact(path)
-        if cfg.get("vis_dim") != backbone.embed_dim:
-            raise VlpromptError(f"prompt {path}: meta-net input width {cfg.get('vis_dim')} does not fit backbone "
-                                f"{backbone.source.name} (embedding width {backbone.embed_dim})")
-        state = {k[len("meta_net."):]: v for k, v in tensors.items() if k.startswith("meta_net.")}
-        learner.meta_net.load_state_dict({k: v.to(backbone.device) for k, v in state.items()})
-        return learner
-
 
 class CoCoOpMethod(CoOpMethod):
     name = "cocoop"
 
     def build(self, backbone, classnames, config) -> CoCoOp:
         return CoCoOp(backbone, classnames, **config.layout.kwargs())
-
-    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> CoCoOp:
-        return CoCoOp.from_pretrained(path, backbone, classnames)

@@ -22,14 +22,7 @@ class CoOpMethod(MethodBase):
     needs = Needs()  # a class-specific context (csc) is the exception: it cannot move to other class names
 
     def build(self, backbone, classnames: Sequence[str], config: MethodConfig) -> CoOp:
-        learner = CoOp(backbone, classnames, **config.layout.kwargs())
-        learner.method = self.name  # CoOp-learner methods (cpt, prograd) record their own name as the type
-        return learner
+        return CoOp(backbone, classnames, **config.layout.kwargs())
 
     def objective(self, learner: CoOp, config: MethodConfig) -> CoOpObjective:
         return CoOpObjective(config.options)
-
-    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> CoOp:
-        learner = CoOp.from_pretrained(path, backbone, classnames=classnames)
-        learner.method = self.name
-        return learner

@@ -95,9 +95,6 @@ class DeepPromptMethod(MethodBase):
     def objective(self, learner: DeepPrompts, config: MethodConfig) -> DeepPromptObjective:
         return DeepPromptObjective(config.options)
 
-    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> DeepPrompts:
-        return DeepPrompts.from_pretrained(path, backbone, self, classnames=classnames)
-
 
 def trainable_count(learner: DeepPrompts) -> int:
     return sum(math.prod(p.shape) for p in learner.parameters() if p.requires_grad)

@@ -153,24 +153,15 @@ class KgCoOpObjective(Objective):
 
 
 class GuidedMethod(MethodBase):
-    """Building and loading for the methods whose learner carries a frozen hand-crafted view (kgcoop,
-    dualview_mi); a subclass sets ``name`` and ``Options`` and builds its objective."""
+    """Building for the methods whose learner carries a frozen hand-crafted view (kgcoop, dualview_mi); a subclass
+    sets ``name`` and ``Options`` and builds its objective. On another dataset (cross-dataset transfer) the view
+    follows that dataset's template, as it did the training dataset's (`MethodConfig` of the target)."""
 
     name: str
     Options: type
 
     def build(self, backbone, classnames: Sequence[str], config) -> GuidedCoOp:
         return build_guided(backbone, classnames, config)
-
-    def load(self, path, backbone, classnames=None, dataset=None, template: Optional[str] = None) -> GuidedCoOp:
-        """The saved prompt for ``classnames``; given the evaluation ``dataset`` (cross-dataset transfer), its
-        hand-crafted view follows that dataset's template as it did the training dataset's."""
-        learner = GuidedCoOp.from_pretrained(path, backbone, classnames=classnames)
-        if dataset is not None and learner.hand_view in HAND_CHOICES:
-            templates = hand_templates(learner.hand_view, template or dataset.template, dataset.name)
-            if templates != learner.templates:
-                learner.use_templates(templates)
-        return learner
 
 
 class KgCoOpMethod(GuidedMethod):

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from ..errors import VlpromptError
-from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..recipes.records import Deviation
 from ..utils.progress import Progress
@@ -147,7 +146,7 @@ class LinearProbe(TextClassifier):
     """A linear head over raw image features: logits = f W^T + b (lpclip feeds unnormalised features)."""
 
     method = "linear_probe"
-    CONFIG_KEYS = BASE_KEYS | {"c", "embed_dim"}
+    scalars = ("c",)  # the chosen C (None until fitted): a record, not used by the logits
 
     def __init__(self, backbone, classnames: Sequence[str], weight: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None, c: Optional[float] = None):
@@ -178,34 +177,15 @@ class LinearProbe(TextClassifier):
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return image_features.float() @ text_features.T + self.bias
 
-    def config(self) -> dict:
-        return {**base_config(self, self.method), "c": self.c, "embed_dim": self.backbone.embed_dim}
-
-    def save_pretrained(self, out_dir):
-        return write_artifact(out_dir, self.config(), {"weight": self.weight, "bias": self.bias})
-
-    @classmethod
-    def from_pretrained(cls, path, backbone, classnames=None) -> "LinearProbe":
-        cfg, tensors = read_for(cls, path, backbone, classnames, tied_to_classes="a linear probe is a head")
-        if tensors.get("weight") is None or tuple(tensors["weight"].shape) != (len(cfg["classnames"]),
-                                                                             backbone.embed_dim):
-            raise VlpromptError(f"prompt {path}: its weights do not fit backbone {backbone.source.name} "
-                                f"(embedding width {backbone.embed_dim})")
-        learner = cls(backbone, cfg["classnames"], tensors["weight"].to(backbone.device),
-                      tensors["bias"].to(backbone.device), cfg.get("c"))
-        return learner
-
 
 class LinearProbeMethod(MethodBase):
     name = "linear_probe"
     needs = Needs(fitted=True, classifier="head", transfers=False)
     Options = LinearProbeOptions
+    tied_to_classes = "a linear probe is a head"
 
     def build(self, backbone, classnames, config) -> LinearProbe:
         return LinearProbe(backbone, classnames)
-
-    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> LinearProbe:
-        return LinearProbe.from_pretrained(path, backbone, classnames)
 
     def fit(self, learner: LinearProbe, bb, ds, cfg, store) -> dict:
         """Fit on the training features, C selected on the validation features (module docstring)."""

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from ..data.transforms import train_transform
 from ..engine.features import encode_items
 from ..errors import VlpromptError
-from ..prompts.artifact import BASE_KEYS, base_config, read_for, write_artifact
 from ..prompts.base import TextClassifier
 from ..prompts.zeroshot import handcrafted_text_features
 from ..recipes.records import Deviation
@@ -123,19 +122,24 @@ def search_alpha_beta(f: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
 
 class TipAdapter(TextClassifier):
     method = "tip_adapter"
-    CONFIG_KEYS = BASE_KEYS | {"alpha", "beta", "templates"}
+    data_sized = ("keys", "values")  # one row per training image
+    scalars = ("alpha", "beta")
 
     def __init__(self, backbone, classnames: Sequence[str], templates: Sequence[str], keys=None, values=None,
                  alpha: float = 1.0, beta: float = 1.0):
         super().__init__()
         self.__dict__["backbone"] = backbone
-        self.classnames, self.templates = list(classnames), list(templates)
+        self.classnames = list(classnames)
         self.alpha, self.beta = float(alpha), float(beta)
-        text = handcrafted_text_features(backbone, self.classnames, self.templates).clone().float()
-        self.register_buffer("text", text, persistent=False)
+        self.use_templates(templates)
         d, n = backbone.embed_dim, len(self.classnames)
         self.register_buffer("keys", torch.zeros(0, d) if keys is None else keys.float())
         self.register_buffer("values", torch.zeros(0, n) if values is None else values.float())
+
+    def use_templates(self, templates: Sequence[str]) -> None:
+        self.templates = list(templates)
+        text = handcrafted_text_features(self.backbone, self.classnames, self.templates).clone().float()
+        self.register_buffer("text", text, persistent=False)
 
     def set_cache(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
         self.keys = F.normalize(keys.float(), dim=-1)
@@ -151,34 +155,15 @@ class TipAdapter(TextClassifier):
         """The logits with other keys, alpha and beta (Tip-Adapter-F trains the keys)."""
         return tip_logits(image_features, self.text, keys, self.values, alpha, beta)
 
-    def config(self) -> dict:
-        return {**base_config(self, self.method), "alpha": self.alpha, "beta": self.beta,
-                "templates": self.templates}
-
-    def save_pretrained(self, out_dir):
-        return write_artifact(out_dir, self.config(), {"keys": self.keys, "values": self.values})
-
-    @classmethod
-    def from_pretrained(cls, path, backbone, classnames=None) -> "TipAdapter":
-        cfg, tensors = read_for(cls, path, backbone, classnames, tied_to_classes="a Tip-Adapter cache holds labels")
-        keys = tensors.get("keys")
-        if keys is None or keys.shape[-1] != backbone.embed_dim:
-            raise VlpromptError(f"prompt {path}: its cache does not fit backbone {backbone.source.name}")
-        dev = backbone.device
-        return cls(backbone, cfg["classnames"], cfg["templates"], keys.to(dev), tensors["values"].to(dev),
-                   cfg["alpha"], cfg["beta"])
-
 
 class TipAdapterMethod(MethodBase):
     name = "tip_adapter"
     needs = Needs(fitted=True, classifier="head", transfers=False)
     Options = TipAdapterOptions
+    tied_to_classes = "a Tip-Adapter cache holds labels"
 
     def build(self, backbone, classnames, config) -> TipAdapter:
         return TipAdapter(backbone, classnames, [config.template])
-
-    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> TipAdapter:
-        return TipAdapter.from_pretrained(path, backbone, classnames)
 
     def fit(self, learner: TipAdapter, bb, ds, cfg, store) -> dict:
         options = parse_options(self.name, self.Options, cfg.method_options)

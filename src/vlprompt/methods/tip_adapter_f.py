@@ -76,16 +76,6 @@ class TipAdapterFMethod(TipAdapterMethod):
     name = "tip_adapter_f"
     Options = TipAdapterFOptions
 
-    def build(self, backbone, classnames, config) -> TipAdapter:
-        learner = super().build(backbone, classnames, config)
-        learner.method = self.name
-        return learner
-
-    def load(self, path, backbone, classnames=None, dataset=None, template=None) -> TipAdapter:
-        learner = super().load(path, backbone, classnames, dataset, template)
-        learner.method = self.name
-        return learner
-
     def fit(self, learner: TipAdapter, bb, ds, cfg, store) -> dict:
         options = parse_options(self.name, self.Options, cfg.method_options)
         s_beta, s_alpha, init_alpha, init_beta = options.resolved(ds.name)

@@ -23,6 +23,3 @@ class ZeroShotMethod(MethodBase):
 
     def objective(self, learner, config):
         raise VlpromptError(f"method {self.name} has nothing to train")
-
-    def load(self, path, backbone, classnames, dataset=None, template=None):
-        raise VlpromptError(f"method {self.name} has no saved prompt to load")

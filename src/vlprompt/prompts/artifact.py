@@ -1,7 +1,9 @@
 """The one artefact format of every method: ``prompt_config.json`` (the method's ``type``, the ``learner``
-class, ``format_version``, ``vlprompt_version``, the class names, the backbone it was trained on, and the
-learner's own settings) plus ``prompt.safetensors`` holding every trained tensor. The frozen backbone is
-never inside. Both files are written atomically."""
+class, ``format_version``, ``vlprompt_version``, the class names, the backbone it was trained on, and under
+``config`` the `MethodConfig` the learner is built from) plus ``prompt.safetensors`` holding the learner's
+``state_dict()``: every tensor it learned, under the names the learner has them. The frozen backbone is never
+inside. Both files are written atomically. Formats 1 and 2 (settings as top-level fields, tensors under names of
+their own) are read by `prompts.legacy`."""
 
 from __future__ import annotations
 
@@ -17,20 +19,24 @@ from ..utils.io import atomic_write_bytes, atomic_write_text, read_json
 CONFIG_NAME = "prompt_config.json"
 WEIGHTS_NAME = "prompt.safetensors"
 # 1: CoOp-era prompts (the method under "method", no type); 2: "type", "learner", "format_version",
-# "vlprompt_version". Version 1 prompts still load.
-FORMAT_VERSION = 2
+# "vlprompt_version", each learner's settings as fields of its own; 3: the settings are the method's
+# configuration ("config"), the tensors the learner's state_dict(). Versions 1 and 2 still load.
+FORMAT_VERSION = 3
 
 
 def base_config(learner, method: str) -> dict:
-    """The fields every artefact config starts with."""
+    """The fields every artefact config starts with (the backbone's widths: a prompt of another width is refused
+    before anything is built)."""
     from .. import __version__
 
-    src = learner.backbone.source
+    bb = learner.backbone
+    src = bb.source
     return {"type": method, "learner": type(learner).__name__, "format_version": FORMAT_VERSION,
             "vlprompt_version": __version__, "method": method, "classnames": list(learner.classnames),
             "backbone": {"name": src.name, "pretrained": src.pretrained, "weights": src.weights,
                          "random_init_seed": src.random_init_seed, "quick_gelu": src.quick_gelu,
-                         "activation": src.activation, "fingerprint": learner.backbone.fingerprint}}
+                         "activation": src.activation, "fingerprint": bb.fingerprint, "ctx_dim": bb.ctx_dim,
+                         "embed_dim": bb.embed_dim}}
 
 
 def write_artifact(out_dir: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -38,7 +44,9 @@ def write_artifact(out_dir: str | os.PathLike, config: dict, tensors: dict[str, 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    blob = save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+    # float32, except the float64 scalars (`TextClassifier.scalars`), which are kept exactly
+    blob = save({k: (v if v.dtype == torch.float64 else v.float()).detach().cpu().contiguous()
+                 for k, v in tensors.items()})
     atomic_write_bytes(out / WEIGHTS_NAME, blob)
     atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2))
     return out
@@ -78,7 +86,7 @@ FIELD_TYPES = {"type": _STR, "learner": _STR, "method": _STR, "vlprompt_version"
                "backbone": (dict,), "n_ctx": _INT, "ctx_dim": _INT, "vis_dim": _INT, "meta_hidden": _INT,
                "embed_dim": _INT, "reduction": _INT, "ctx_init": (str, type(None)), "hand_view": (str, type(None)),
                "csc": (bool,), "class_token_position": _STR, "ctx_init_rule": _STR, "ensemble_hand": _NUM,
-               "alpha": _NUM, "beta": _NUM, "ratio": _NUM, "c": (int, float, type(None))}
+               "alpha": _NUM, "beta": _NUM, "ratio": _NUM, "c": (int, float, type(None)), "config": (dict,)}
 LIST_OF_STR = ("classnames", "templates")
 
 
@@ -91,20 +99,14 @@ def check_field_types(cfg: dict, cfg_path) -> None:
         if key in cfg and not (isinstance(cfg[key], list) and all(isinstance(v, str) for v in cfg[key])):
             raise VlpromptError(f"{cfg_path}: field {key!r} must be a list of strings")
     for key, value in (cfg.get("backbone") or {}).items():
-        if key in ("name", "pretrained", "weights", "fingerprint") and not isinstance(value, (str, type(None))):
+        wrong_int = key in ("ctx_dim", "embed_dim") and (not isinstance(value, int) or isinstance(value, bool))
+        if wrong_int or key in ("name", "pretrained", "weights", "fingerprint") and not isinstance(value, (str, type(None))):
             raise VlpromptError(f"{cfg_path}: field 'backbone.{key}' has a value of the wrong type ({str(value)[:40]!r})")
 
 
-def check_learner(cfg: dict, path, cls) -> None:
-    """One line when a prompt is loaded into a class that did not write it (`vlprompt.load_prompt` picks the
-    right one); format 1 configs did not record it, and only GuidedCoOp wrote hand-crafted templates."""
-    stored = stored_learner(cfg)
-    if stored != cls.__name__:
-        raise VlpromptError(f"prompt {path} is a {cfg.get('type') or cfg.get('method')} prompt ({stored}); "
-                            f"{cls.__name__}.from_pretrained cannot load it: use vlprompt.load_prompt(path, backbone)")
-
-
 def stored_learner(cfg: dict) -> str:
+    """The learner class that wrote a prompt: format 1 configs did not record it, and only GuidedCoOp wrote
+    hand-crafted templates."""
     return cfg.get("learner") or ("GuidedCoOp" if cfg.get("templates") else "CoOp")
 
 
@@ -112,6 +114,13 @@ def check_backbone(cfg: dict, path, backbone) -> None:
     """The backbone a prompt was trained on, by name and (where recorded) by the fingerprint of
     its weights: two backbones of one width are not interchangeable."""
     recorded = cfg.get("backbone") or {}
+    # Format 3 records the widths with the backbone; formats 1 and 2 with the learner's settings.
+    widths = {"token": (recorded.get("ctx_dim", cfg.get("ctx_dim")), backbone.ctx_dim),
+              "embedding": (recorded.get("embed_dim", cfg.get("embed_dim", cfg.get("vis_dim"))), backbone.embed_dim)}
+    for what, (saved, have) in widths.items():
+        if saved is not None and saved != have:
+            raise VlpromptError(f"prompt {path}: its {what} width {saved} does not fit backbone {backbone.source.name} "
+                                f"({what} width {have})")
     name = recorded.get("name")
     if name and name.replace("/", "-") != backbone.source.name.replace("/", "-"):
         raise VlpromptError(f"prompt {path} was trained on backbone {name!r}, not {backbone.source.name!r}")
@@ -132,16 +141,3 @@ def warn_unknown_keys(cfg: dict, path, known) -> None:
 
 
 BASE_KEYS = frozenset({"type", "learner", "format_version", "vlprompt_version", "method", "classnames", "backbone"})
-
-
-def read_for(cls, path, backbone, classnames=None, tied_to_classes: str = "") -> tuple[dict, dict]:
-    """(config, tensors) of an artefact that ``cls`` wrote for ``backbone`` (one error line otherwise). With
-    ``tied_to_classes`` (what the learner is, in words), other class names than the stored ones are refused."""
-    cfg, tensors = read_artifact(path)
-    check_learner(cfg, path, cls)
-    warn_unknown_keys(cfg, path, cls.CONFIG_KEYS)
-    check_backbone(cfg, path, backbone)
-    if tied_to_classes and classnames is not None and list(classnames) != cfg["classnames"]:
-        raise VlpromptError(f"prompt {path}: {tied_to_classes} of its own {len(cfg['classnames'])} classes and "
-                            "cannot be transferred to other class names")
-    return cfg, tensors

@@ -9,8 +9,6 @@ is the one of the tokenized placeholder prompt.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -20,8 +18,6 @@ from torch import nn
 from ..backbones.backbone import Backbone
 from ..errors import VlpromptError
 from ..text.fast import encode_shared_prefix, encode_truncated
-from .artifact import (BASE_KEYS, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, base_config, check_backbone,  # noqa: F401
-                       check_learner, read_artifact, warn_unknown_keys, write_artifact)
 from .base import TextClassifier
 from .templates import prompt_text
 
@@ -173,68 +169,3 @@ class CoOp(TextClassifier):
         else:
             feats = encode_truncated(self.backbone, self.prompt_embeddings(), self.eot_idx)
         return F.normalize(feats, dim=-1)
-
-    # -- artefacts -----------------------------------------------------------------------------
-    def config(self) -> dict:
-        return {**base_config(self, self.method), "n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "csc": self.csc,
-                "class_token_position": self.class_token_position, "ctx_init_rule": self.ctx_init_rule,
-                "ctx_dim": self.backbone.ctx_dim}
-
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``prompt_config.json`` and ``prompt.safetensors`` (the context only) atomically."""
-        return write_artifact(out_dir, self.config(), {"ctx": self.ctx})
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, backbone: Backbone,
-                        classnames: Optional[Sequence[str]] = None) -> "CoOp":
-        """Load a saved context; ``classnames`` rebuilds the prompts for another label space.
-
-        The prompt must be one this class writes (`stored_learner`); `vlprompt.load_prompt` picks the class
-        from the stored type. A class-specific context belongs to its own classes: other names are refused.
-        Config keys this version does not know (from a newer vlprompt) are warned about and ignored."""
-        cfg, ctx = read_prompt_artifact(path)
-        check_learner(cfg, path, cls)
-        warn_unknown_keys(cfg, path, cls.CONFIG_KEYS)
-        if cfg.get("ctx_dim") != backbone.ctx_dim or ctx.shape[-1] != backbone.ctx_dim:
-            raise VlpromptError(
-                f"prompt {path}: context width {ctx.shape[-1]} does not fit backbone "
-                f"{backbone.source.name} (token width {backbone.ctx_dim})"
-            )
-        check_backbone(cfg, path, backbone)
-        names = list(classnames) if classnames is not None else list(cfg["classnames"])
-        csc = bool(cfg.get("csc", False))
-        if csc and names != list(cfg["classnames"]):
-            raise VlpromptError(
-                f"prompt {path}: a class-specific context belongs to its own {len(cfg['classnames'])} classes "
-                f"and cannot be transferred to other class names ({len(names)} given)"
-            )
-        learner = cls(backbone, names, n_ctx=int(cfg["n_ctx"]), ctx_init=cfg.get("ctx_init"), csc=csc,
-                      class_token_position=cfg.get("class_token_position", "end"),
-                      # prompts saved before the rule was recorded were read per token
-                      ctx_init_rule=cfg.get("ctx_init_rule", "tokens"), **cls._init_kwargs(cfg, path))
-        if tuple(learner.ctx.shape) != tuple(ctx.shape):
-            raise VlpromptError(f"prompt {path}: context shape {tuple(ctx.shape)} does not match its config "
-                                f"(expected {tuple(learner.ctx.shape)})")
-        with torch.no_grad():
-            learner.ctx.copy_(ctx.to(learner.ctx.device))
-        return learner
-
-    @classmethod
-    def _init_kwargs(cls, cfg: dict, path) -> dict:
-        """Constructor arguments beyond CoOp's that a subclass reads from its saved config."""
-        return {}
-
-    CONFIG_KEYS = BASE_KEYS | {"n_ctx", "ctx_init", "csc", "class_token_position", "ctx_init_rule", "ctx_dim"}
-
-
-def read_prompt_artifact(path: str | os.PathLike) -> tuple[dict, torch.Tensor]:
-    """(config, ctx) of a saved CoOp-family prompt folder, with one clear error line for each way it can be
-    broken."""
-    cfg, tensors = read_artifact(path)
-    cfg_path, w_path = Path(path) / CONFIG_NAME, Path(path) / WEIGHTS_NAME
-    for key in ("n_ctx", "ctx_dim"):
-        if key not in cfg:
-            raise VlpromptError(f"{cfg_path}: missing field '{key}'")
-    if "ctx" not in tensors:
-        raise VlpromptError(f"{w_path} holds no 'ctx' tensor")
-    return cfg, tensors["ctx"]

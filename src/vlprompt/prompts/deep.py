@@ -16,9 +16,6 @@ The official code casts every prompt to fp16 where it enters a tower; ``prompt_r
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -28,7 +25,6 @@ from torch import nn
 from ..backbones.backbone import Backbone
 from ..errors import VlpromptError
 from ..text.fast import encode_shared_prefix
-from .artifact import base_config, check_backbone, read_artifact, write_artifact
 from .base import TextClassifier
 from .templates import prompt_text
 
@@ -162,30 +158,3 @@ class DeepPrompts(TextClassifier):
     @property
     def n_cls(self) -> int:
         return len(self.classnames)
-
-    # -- artefact: the method's options + every persistent tensor ---------------------------------------
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        config = {**base_config(self, self.method), "options": dataclasses.asdict(self.options),
-                  "ctx_dim": self.backbone.ctx_dim}
-        return write_artifact(out_dir, config, dict(self.state_dict()))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, backbone: Backbone, method, classnames=None) -> "DeepPrompts":
-        """Rebuild from the registry's method and the saved options, then load every tensor (strictly)."""
-        from ..methods.base import parse_options
-
-        cfg, tensors = read_artifact(path)
-        check_backbone(cfg, path, backbone)
-        if not isinstance(cfg.get("options"), dict):
-            raise VlpromptError(f"prompt {path}: missing field 'options'")
-        options = parse_options(method.name, method.Options, cfg["options"])
-        learner = cls(backbone, list(classnames) if classnames is not None else cfg["classnames"], options,
-                      method.name)
-        expected = {k: tuple(v.shape) for k, v in learner.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        if expected != got:
-            wrong = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
-            raise VlpromptError(f"prompt {path}: its tensors do not match its options (first difference: "
-                                f"{wrong[0]}: saved {got.get(wrong[0])}, expected {expected.get(wrong[0])})")
-        learner.load_state_dict({k: v.to(backbone.device) for k, v in tensors.items()})
-        return learner

@@ -55,16 +55,3 @@ class GuidedCoOp(CoOp):
         if self.ensemble_hand == 0.0:
             return soft
         return F.normalize((1.0 - self.ensemble_hand) * soft + self.ensemble_hand * self.hand, dim=-1)
-
-    def config(self) -> dict:
-        return {**super().config(), "templates": self.templates, "ensemble_hand": self.ensemble_hand,
-                "hand_view": self.hand_view}
-
-    CONFIG_KEYS = CoOp.CONFIG_KEYS | {"templates", "ensemble_hand", "hand_view"}
-
-    @classmethod
-    def _init_kwargs(cls, cfg: dict, path) -> dict:
-        if not cfg.get("templates"):
-            raise VlpromptError(f"prompt {path}: its config names no hand-crafted templates")
-        return {"templates": cfg["templates"], "method": cfg.get("method", "kgcoop"),
-                "ensemble_hand": float(cfg.get("ensemble_hand", 0.0)), "hand_view": cfg.get("hand_view")}
