@@ -94,3 +94,17 @@ def test_invalid_options(bb):
         vp.CoOp(bb, NAMES, n_ctx=0)
     with pytest.raises(vp.VlpromptError, match="too long"):
         vp.CoOp(bb, ["word " * 80], n_ctx=16)
+
+
+def test_first_tokens_rule_learns_the_first_tokens_and_keeps_the_rest_of_the_phrase(bb, tmp_path):
+    names = ["cat", "traffic light"]
+    learner = vp.CoOp(bb, names, n_ctx=2, ctx_init="a_photo of a", ctx_init_rule="first_tokens")
+    assert learner.n_ctx == 2 and tuple(learner.ctx.shape) == (2, bb.ctx_dim)
+    # The learned rows start as "a photo" and "of a" stays fixed: the prompt is the hand-written one.
+    expected = torch.nn.functional.normalize(bb.encode_texts([f"a photo of a {n}." for n in names]), dim=-1)
+    torch.testing.assert_close(learner.text_features().detach(), expected, rtol=2e-5, atol=2e-6)
+    learner.save_pretrained(tmp_path / "p")
+    again = vp.load_prompt(tmp_path / "p", bb)
+    assert again.n_ctx == 2 and torch.equal(again.ctx, learner.ctx)
+    with pytest.raises(vp.VlpromptError, match="has 4 BPE tokens; ctx_init_rule first_tokens learns the first n_ctx"):
+        vp.CoOp(bb, names, n_ctx=5, ctx_init="a photo of a", ctx_init_rule="first_tokens")

@@ -17,7 +17,7 @@ from .errors import VlpromptError
 
 CHOICES = {
     "precision": ("fp32", "bf16", "auto"),
-    "ctx_init_rule": ("words", "tokens"),
+    "ctx_init_rule": ("words", "tokens", "first_tokens"),
     "resume": ("auto", "never"),
     "subsample": ("all", "base", "new"),
     "class_token_position": ("end", "middle", "front"),
@@ -67,7 +67,9 @@ class RunConfig:
     ctx_init: Optional[str] = setting(None, "initialise the context from words, e.g. 'a photo of a' or "
                                       "a_photo_of_a", "prompt")
     ctx_init_rule: str = setting("words", "words: one vector per word of --ctx-init, as the official CoOp code "
-                                 "(a word of several BPE tokens keeps the rest frozen) | tokens: one per BPE token",
+                                 "(a word of several BPE tokens keeps the rest frozen) | tokens: one per BPE token | "
+                                 "first_tokens: the first --n-ctx BPE tokens, the rest of the phrase fixed (the "
+                                 "deep-prompt code's rule)",
                                  "prompt")
     csc: bool = setting(False, "class-specific context", "prompt")
     class_token_position: str = setting("end", "end | middle | front", "prompt")

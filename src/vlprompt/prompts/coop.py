@@ -22,18 +22,20 @@ from .base import TextClassifier
 from .templates import prompt_text
 
 POSITIONS = ("end", "middle", "front")
-CTX_INIT_RULES = ("words", "tokens")
+CTX_INIT_RULES = ("words", "tokens", "first_tokens")
 
 
 def init_phrase(ctx_init: Optional[str], rule: str) -> tuple[Optional[str], Optional[int]]:
     """(phrase, number of learned vectors) of a ``ctx_init``. ``words`` is the official CoOp rule: underscores
     are spaces (``a_photo_of_a``) and one vector is learned per word, taken from the phrase's first token
     embeddings; tokens beyond them stay frozen in front of the class name. ``tokens`` learns one vector per
-    BPE token of the phrase as written (how prompts saved before the rule was recorded were read)."""
+    BPE token of the phrase as written (how prompts saved before the rule was recorded were read).
+    ``first_tokens`` is the deep-prompt code's rule: the first ``n_ctx`` BPE tokens are learned and the rest of
+    the phrase stays fixed in front of the class name ("a photo of a" with n_ctx = 2: "of a" fixed)."""
     if rule not in CTX_INIT_RULES:
         raise VlpromptError(f"ctx_init_rule: '{rule}' is not one of {list(CTX_INIT_RULES)}")
     phrase = (ctx_init or "").strip()
-    if rule == "words":
+    if rule in ("words", "first_tokens"):
         phrase = " ".join(phrase.replace("_", " ").split())
     if not phrase:
         return None, None
@@ -98,11 +100,14 @@ class CoOp(TextClassifier):
         if ctx_init:
             init_tokens = backbone.tokenize([ctx_init])
             n_bpe = backbone.bpe_length(ctx_init)
-            n_ctx = n_words or n_bpe
+            n_ctx = int(n_ctx) if ctx_init_rule == "first_tokens" else n_words or n_bpe
+            if not 1 <= n_ctx <= n_bpe:
+                raise VlpromptError(f"ctx_init '{ctx_init}' has {n_bpe} BPE tokens; ctx_init_rule first_tokens learns "
+                                    f"the first n_ctx of them, and n_ctx is {n_ctx}")
             if n_bpe > n_ctx and class_token_position != "end":
                 raise VlpromptError(
-                    f"ctx_init '{ctx_init}': {n_bpe} BPE tokens for {n_ctx} words; the frozen remainder only fits "
-                    f"the 'end' class position (or use ctx_init_rule=tokens)")
+                    f"ctx_init '{ctx_init}': {n_bpe} BPE tokens for {n_ctx} learned vectors; the frozen remainder "
+                    f"only fits the 'end' class position (or use ctx_init_rule=tokens)")
             with torch.no_grad():
                 ctx = emb(init_tokens)[0, 1:1 + n_ctx].float().clone()
             placeholder = ctx_init
