@@ -16,8 +16,14 @@ from ..errors import VlpromptError
 from ..prompts.deep import ROUNDINGS, DeepPrompts
 from .base import MethodBase, MethodConfig, Needs, Objective, option
 
+# Help texts shared by the three Options classes (each declares its own defaults).
 _ROUNDING_HELP = ("fp16: round every prompt to fp16 where it enters a tower, as the official code's casts do | "
                   "none: use the float32 values")
+_N_TEXT_HELP = "learned text rows per block (the first of them start from ctx_init)"
+_N_VISION_HELP = "learned image tokens per block"
+_DEPTH_HELP = "{} blocks that get fresh prompts at their input (1: the first only)"
+_PHRASE_HELP = ("phrase whose first n_ctx_text tokens start the text context (the rest stays fixed; ignored when "
+                "n_ctx_text > 4, as in the official code)")
 
 
 def _check(method: str, options, fields: dict) -> None:
@@ -32,12 +38,11 @@ def _check(method: str, options, fields: dict) -> None:
 
 @dataclass(frozen=True)
 class IVLPOptions:
-    n_ctx_text: int = option(2, "learned text rows per block (the first of them start from ctx_init)")
-    n_ctx_vision: int = option(2, "learned image tokens per block")
-    depth_text: int = option(12, "text blocks that get fresh prompts at their input (1: the first only)")
-    depth_vision: int = option(12, "image blocks that get fresh prompts at their input (1: the first only)")
-    ctx_init: Optional[str] = option("a photo of a", "phrase whose first n_ctx_text tokens start the text context "
-                                     "(the rest stays fixed; ignored when n_ctx_text > 4, as in the official code)")
+    n_ctx_text: int = option(2, _N_TEXT_HELP)
+    n_ctx_vision: int = option(2, _N_VISION_HELP)
+    depth_text: int = option(12, _DEPTH_HELP.format("text"))
+    depth_vision: int = option(12, _DEPTH_HELP.format("image"))
+    ctx_init: Optional[str] = option("a photo of a", _PHRASE_HELP)
     prompt_rounding: str = option("fp16", _ROUNDING_HELP)
 
     def __post_init__(self):
@@ -46,10 +51,9 @@ class IVLPOptions:
 
 @dataclass(frozen=True)
 class DeepLanguageOptions:
-    n_ctx_text: int = option(4, "learned text rows per block (the first of them start from ctx_init)")
-    depth_text: int = option(12, "text blocks that get fresh prompts at their input (1: the first only)")
-    ctx_init: Optional[str] = option("a photo of a", "phrase whose first n_ctx_text tokens start the text context "
-                                     "(the rest stays fixed; ignored when n_ctx_text > 4, as in the official code)")
+    n_ctx_text: int = option(4, _N_TEXT_HELP)
+    depth_text: int = option(12, _DEPTH_HELP.format("text"))
+    ctx_init: Optional[str] = option("a photo of a", _PHRASE_HELP)
     prompt_rounding: str = option("fp16", _ROUNDING_HELP)
 
     def __post_init__(self):
@@ -58,8 +62,8 @@ class DeepLanguageOptions:
 
 @dataclass(frozen=True)
 class VPTDeepOptions:
-    n_ctx_vision: int = option(8, "learned image tokens per block")
-    depth_vision: int = option(12, "image blocks that get fresh prompts at their input (1: the first only)")
+    n_ctx_vision: int = option(8, _N_VISION_HELP)
+    depth_vision: int = option(12, _DEPTH_HELP.format("image"))
     text_template: str = option("a photo of a {}.", "the fixed hand-crafted prompt of every class (the official "
                                 "code uses this one for every dataset)")
     prompt_rounding: str = option("fp16", _ROUNDING_HELP)
