@@ -252,3 +252,18 @@ def test_trainable_counts_of_the_official_configurations():
               ("ivlp", (("n_ctx_text", 4), ("n_ctx_vision", 4), ("depth_text", 9), ("depth_vision", 9))): 46080}
     for (method, options), expected in counts.items():
         assert trainable_count(build(bb, method, **dict(options))) == expected, (method, options)
+
+
+def test_no_prompts_is_the_frozen_tower_and_learners_share_one_backbone(bb4):
+    images = torch.randn(3, 3, bb4.image_size, bb4.image_size, generator=torch.Generator().manual_seed(2))
+    frozen = bb4.encode_images(images)
+    with torch.no_grad():
+        torch.testing.assert_close(bb4.encode_images_prompted(images, []), frozen, rtol=1e-5, atol=1e-6)
+        a = build(bb4, "ivlp", depth_text=2, depth_vision=2)
+        b = build(bb4, "vpt_deep", depth_vision=4, n_ctx_vision=3)
+        first = a.image_features(images), a.text_features()
+        b.image_features(images), b.text_features()  # another learner on the same backbone in between
+        again = a.image_features(images), a.text_features()
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert torch.equal(bb4.encode_images(images), frozen)  # the frozen tower (a teacher) is untouched
+    assert not torch.equal(first[0], frozen)
