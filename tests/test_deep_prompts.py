@@ -114,12 +114,12 @@ def reference_logits(bb, learner, images, phrase):
     return img, txt, bb.logit_scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
 
 
-def assert_matches_reference(bb, learner, phrase, rtol=2e-5, grad_rtol=2e-4):
+def assert_matches_reference(bb, learner, phrase, rtol=2e-5, grad_rtol=2e-4, reference=None):
     if learner.rounding == "fp16":  # gradients pass through fp16 at the casts (as in the official code): an ulp
         grad_rtol = max(grad_rtol, 2 ** -10)
     images = torch.randn(2, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 2])
-    ref_img, ref_txt, ref_logits = reference_logits(bb, learner, images, phrase)
+    ref_img, ref_txt, ref_logits = (reference or reference_logits)(bb, learner, images, phrase)
     F.cross_entropy(ref_logits, labels).backward()
     ref_grads = {k: p.grad.clone() for k, p in learner.named_parameters()}
     learner.zero_grad(set_to_none=True)
@@ -267,3 +267,44 @@ def test_no_prompts_is_the_frozen_tower_and_learners_share_one_backbone(bb4):
     assert all(torch.equal(x, y) for x, y in zip(first, again))
     assert torch.equal(bb4.encode_images(images), frozen)  # the frozen tower (a teacher) is untouched
     assert not torch.equal(first[0], frozen)
+
+
+# ------------------------------------------------------------------------------------------------
+# MaPLe: image prompts projected from the text prompts
+# ------------------------------------------------------------------------------------------------
+
+def maple_reference(bb, learner, images, phrase):
+    """V_0 = proj(T_0) as the official fp16 tensors compute it (rounded inputs and weights, the product rounded;
+    here in float64), V_i = F_i(T_i) in float32 rounded at insertion; then the IVLP reference towers."""
+    fp16 = learner.rounding == "fp16"
+
+    def r(t):
+        return t.half().double() if fp16 else t.double()
+
+    v0 = F.linear(r(learner.ctx), r(learner.proj.weight), r(learner.proj.bias))
+    v0 = (v0.half() if fp16 else v0).float()
+    deeper = [f(t) for f, t in zip(learner.couplings, learner.text_deep)]
+    deeper = [v.half().float() if fp16 else v for v in deeper]
+    img = reference_image(bb, images, v0, deeper, "none")
+    txt = reference_text(bb, CLASSES, phrase, learner.ctx, list(learner.text_deep), learner.rounding)
+    return img, txt, bb.logit_scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+@pytest.mark.parametrize("rounding", ["fp16", "none"])
+def test_maple_matches_the_reference(bb4, depth, rounding):
+    learner = build(bb4, "maple", depth=depth, prompt_rounding=rounding)
+    assert len(learner.couplings) == depth - 1 and learner.from_pixels
+    assert_matches_reference(bb4, learner, "a photo of a", rtol=1e-4 if rounding == "fp16" else 2e-5,
+                             reference=maple_reference)
+
+
+def test_maple_couplings_start_equal_and_the_official_count():
+    bb = tiny_backbone("ViT-B-16")
+    torch.manual_seed(0)
+    learner = METHODS["maple"].build(bb, CLASSES, MethodConfig("maple", parse_options("maple", METHODS["maple"].Options,
+                                                                                      {}), PromptLayout(), "", ""))
+    first = learner.couplings[0].weight
+    assert all(torch.equal(c.weight, first) for c in learner.couplings) and len(learner.couplings) == 8
+    assert not torch.equal(learner.proj.weight, first)
+    assert trainable_count(learner) == 3_555_072  # J = 9 (official count)

@@ -12,6 +12,7 @@ from .deep_prompts import DeepLanguageOptions, DeepPromptMethod, IVLPOptions, VP
 from .dualview import DualViewMethod
 from .kgcoop import KgCoOpMethod
 from .linear_probe import LinearProbeMethod
+from .maple import MaPLeMethod
 from .loading import load_prompt
 from .prograd import ProGradMethod
 from .tip_adapter import TipAdapterMethod
@@ -34,6 +35,7 @@ METHODS = {
     "ivlp": DeepPromptMethod("ivlp", IVLPOptions, prompts_image=True),
     "vpt_deep": DeepPromptMethod("vpt_deep", VPTDeepOptions, prompts_image=True),
     "deep_language": DeepPromptMethod("deep_language", DeepLanguageOptions, prompts_image=False),
+    "maple": MaPLeMethod(),
 }
 
 
