@@ -15,6 +15,7 @@ from .linear_probe import LinearProbeMethod
 from .maple import MaPLeMethod
 from .loading import load_prompt
 from .prograd import ProGradMethod
+from .promptsrc import PromptSRCMethod
 from .tip_adapter import TipAdapterMethod
 from .tip_adapter_f import TipAdapterFMethod
 from .zeroshot import ZeroShotMethod
@@ -36,6 +37,7 @@ METHODS = {
     "vpt_deep": DeepPromptMethod("vpt_deep", VPTDeepOptions, prompts_image=True),
     "deep_language": DeepPromptMethod("deep_language", DeepLanguageOptions, prompts_image=False),
     "maple": MaPLeMethod(),
+    "promptsrc": PromptSRCMethod(),
 }
 
 
