@@ -146,3 +146,15 @@ def test_a_depth_beyond_the_tower_fails_before_any_encoding(shapes, bb, tmp_path
     with pytest.raises(vp.VlpromptError, match="depth_text=12, but the text tower of vlprompt-tiny-ViT has 2 blocks"):
         run(cfg, backbone=bb)
     assert cached_files(tmp_path / "cache") == [] and not (tmp_path / "run").exists()
+
+
+def test_published_deep_prompt_numbers_match_runs_by_their_options():
+    from vlprompt.protocols.published import lookup
+
+    def h(options, epochs):
+        rows = lookup("base2new", "average", "ivlp", "ViT-B-16", 16, "h", {"method_options": options, "epochs": epochs})
+        return [r.value for r in rows]
+    assert h({"n_ctx_text": 2, "n_ctx_vision": 2}, 5) == [77.90]  # the MaPLe paper's IVLP
+    assert h({"n_ctx_text": 4}, 20) == [77.51]  # the PromptSRC paper's IVLP
+    assert h({"n_ctx_text": 3}, 5) == []
+    assert [r.value for r in lookup("base2new", "average", "deep_language", "ViT-B-16", 16, "h", {})] == [77.56]

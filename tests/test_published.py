@@ -4,6 +4,7 @@ consistency the SPEC claims for them (SPEC 6.2, 6.3, 7.1-7.6, 8.14) and the load
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections import Counter, defaultdict
 from importlib import resources
 from statistics import mean
@@ -12,11 +13,12 @@ import pytest
 
 from vlprompt.config import RunConfig
 from vlprompt.data.registry import list_datasets
+from vlprompt.methods import METHODS as vp_methods
 from vlprompt.protocols.published import PROTOCOL_METRICS, PublishedRow, load_published, lookup, parse_config
 
 HEADER = "protocol,dataset,method,backbone,shots,metric,value,config,source,confidence"
 METHODS = {"zeroshot", "coop", "cocoop", "kgcoop", "prograd", "maple", "promptsrc", "linear_probe",
-           "tip_adapter", "tip_adapter_f", "clip_adapter", "proda", "ivlp", "vpt_deep", "language_prompting"}
+           "tip_adapter", "tip_adapter_f", "clip_adapter", "proda", "ivlp", "vpt_deep", "deep_language"}
 ELEVEN = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
           "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
@@ -79,8 +81,11 @@ def test_row_fields_are_valid(rows):
             assert r.dataset in ELEVEN + ["average"], r  # imagenet = the source column
         else:
             assert r.dataset in ["imagenet", "average"] + DG_TARGETS, r
-        # config keys are RunConfig settings; `rerun` only marks the KgCoOp re-run of CoOp
-        assert set(r.config) <= run_keys | {"rerun"}, r
+        # config keys are RunConfig settings or method options; `rerun` only marks the KgCoOp re-run of CoOp
+        options = {k.partition(".")[2] for k in r.config if k.startswith("method_options.")}
+        if options:
+            assert options <= {f.name for f in dataclasses.fields(vp_methods[r.method].Options)}, r
+        assert {k for k in r.config if not k.startswith("method_options.")} <= run_keys | {"rerun"}, r
         if "rerun" in r.config:
             assert r.config == {"rerun": "kgcoop"} and r.source.startswith("KgCoOp README"), r
         if r.confidence == "R-low":

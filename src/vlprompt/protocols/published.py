@@ -4,7 +4,7 @@
 One CSV row per published number: ``protocol`` (fewshot | base2new | xd | dg), ``dataset`` (a registry key
 or ``average``), ``method``, ``backbone`` (open_clip name), ``shots`` (0 for zero-shot CLIP), ``metric``
 (top1, or base / new / h for base2new), ``value`` (percent, as printed), ``config`` (``key=value;...``
-naming the RunConfig settings that tell separately reported variants apart, empty when there is one
+naming the RunConfig settings (``method_options.NAME`` for a method option) that tell separately reported variants apart, empty when there is one
 variant), ``source`` (a short citation) and ``confidence``: V (read in the official code, config, README or
 an issue), R (from a paper's text or tables, not re-checked), R-low (R, of lower confidence: intermediate shot
 counts read off a figure) or D (derived by arithmetic from V or R numbers).
@@ -50,7 +50,17 @@ class PublishedRow:
             return True
         if run_config is None:
             return False
-        return all(k in run_config and str(run_config[k]) == v for k, v in self.config.items())
+        return all(str(_setting(run_config, k)) == v for k, v in self.config.items())
+
+
+def _setting(run_config: Mapping, key: str):
+    """A run's value of ``key``; ``method_options.NAME`` reads the method's option (None when absent)."""
+    if key.startswith("method_options."):
+        return (run_config.get("method_options") or {}).get(key.partition(".")[2], _ABSENT)
+    return run_config.get(key, _ABSENT)
+
+
+_ABSENT = object()  # never equal to a row's text
 
 
 def parse_config(text: str) -> dict[str, str]:
