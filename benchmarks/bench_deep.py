@@ -16,6 +16,10 @@ bench.py). The backbone is a randomly initialised ViT-B/16 (cost does not depend
           this machine's matmul peak.
 - eval:   test images per second through a prompted learner against the frozen tower (batch 100).
 - memory: peak memory of one step at batch 4 and 32 (a fresh process each).
+- coupled: a MaPLe step (2 prompts, depth 9) and a PromptSRC step (4 + 4, depth 9, its losses with the frozen
+          model as teacher) at 100 classes, batch 4, against the straightforward computation (77-token text per
+          class, the prompted image tower through open_clip's blocks and, for PromptSRC, a separate frozen image
+          forward through open_clip as the official code keeps a second model), fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -218,9 +222,66 @@ def section_memory(out: dict) -> None:
     out["memory"] = rows
 
 
+def build(bb, method_name: str, n_cls: int):
+    method = METHODS[method_name]
+    torch.manual_seed(0)
+    config = MethodConfig(method_name, parse_options(method_name, method.Options, {}), PromptLayout(), "", "")
+    learner = method.create(bb, class_names(n_cls), config)
+    return learner, method.objective(learner, config)
+
+
+def coupled_step(learner, objective, images, labels, opt, reference: bool, promptsrc: bool):
+    from vlprompt.engine.trainer import TrainBatch
+
+    bb = learner.backbone
+    batch = TrainBatch({}, labels, torch.arange(len(labels)), {"weak": images}, lambda x: bb.encode_images(x).clone())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        if not reference:
+            loss = objective.loss(learner, batch)[0]
+        else:
+            txt = reference_text(learner)
+            img = F.normalize(reference_image(learner, images), dim=-1)
+            logits = bb.logit_scale * img @ txt.T
+            loss = F.cross_entropy(logits, labels)
+            if promptsrc:  # the official code's second, frozen image model
+                with torch.no_grad():
+                    frozen = F.normalize(bb.model.encode_image(images.to(bb.dtype)).float(), dim=-1)
+                teacher = objective.text_teacher
+                zs = (bb.logit_scale * frozen @ teacher.T).log_softmax(-1)
+                kl = F.kl_div(logits.log_softmax(-1), zs, reduction="sum", log_target=True) / logits.numel()
+                loss = loss + 25 * (txt - teacher).abs().mean() + 10 * (img - frozen).abs().mean() + kl
+        loss.backward()
+        opt.step()
+    return step
+
+
+def section_coupled(out: dict, n_cls: int, batch: int, repeats: int) -> None:
+    print(f"\nMaPLe and PromptSRC steps, {ARCH}, {n_cls} classes, batch {batch}: vlprompt against the straightforward "
+          "computation")
+    print(f"{'method':>10} {'prec':>5} {'ref s':>8} {'vlprompt s':>11} {'speedup':>8}")
+    rows = []
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        images = torch.randn(batch, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
+        labels = torch.randint(0, n_cls, (batch,), generator=torch.Generator().manual_seed(1))
+        for name in ("maple", "promptsrc"):
+            learner, objective = build(bb, name, n_cls)
+            opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=1e-9, momentum=0.9)
+            src = name == "promptsrc"
+            t = alternate({"ref": coupled_step(learner, objective, images, labels, opt, True, src),
+                           "fast": coupled_step(learner, objective, images, labels, opt, False, src)}, repeats)
+            row = {"method": name, "precision": precision, "ref_s": t["ref"], "fast_s": t["fast"],
+                   "speedup": t["ref"] / t["fast"]}
+            rows.append(row)
+            print(f"{name:>10} {precision:>5} {t['ref']:8.3f} {t['fast']:11.3f} {row['speedup']:7.2f}x", flush=True)
+    out["coupled"] = rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="step,image,eval,memory")
+    ap.add_argument("--sections", default="step,image,eval,memory,coupled")
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
@@ -244,6 +305,8 @@ def main(argv=None) -> int:
         section_eval(out, args.repeats)
     if "memory" in sections:
         section_memory(out)
+    if "coupled" in sections:
+        section_coupled(out, args.classes, args.batch, args.repeats)
     print(f"\n{time.perf_counter() - t0:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
