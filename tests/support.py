@@ -19,7 +19,7 @@ def tiny_backbone(arch: str = TINY_VIT, **kw):
 # The deep-prompt methods' recipes prompt 12 blocks; the tiny towers have 2.
 TINY_OPTIONS = {"ivlp": {"depth_text": 2, "depth_vision": 2}, "vpt_deep": {"depth_vision": 2},
                 "deep_language": {"depth_text": 2}, "maple": {"depth": 2},
-                "promptsrc": {"depth_text": 2, "depth_vision": 2}}
+                "promptsrc": {"depth_text": 2, "depth_vision": 2}, "tcp": {"class_layer": 1}}
 
 
 def write_old_prompt(learner, out, version: int = 2, drop=()):

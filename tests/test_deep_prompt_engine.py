@@ -108,12 +108,13 @@ def test_prompted_learner_leaves_the_shared_backbone_frozen(shapes, bb, tmp_path
 def test_base2new_study_with_deep_prompts_on_real_images(caltech_root, tmp_path, capsys):
     out = tmp_path / "b2n-deep"
     assert main(["study", "base2new", "--datasets", "caltech101", "--root", str(caltech_root), "--methods",
-                 "zeroshot,coop,ivlp,vpt_deep,maple,promptsrc", "--seeds", "1", "--shots", "1", *TINY, "--epochs", "1",
-                 "--option", "depth_text=2", "--option", "depth_vision=2", "--option", "depth=2", "--output", str(out),
+                 "zeroshot,coop,ivlp,vpt_deep,maple,promptsrc,tcp", "--seeds", "1", "--shots", "1", *TINY, "--epochs", "1",
+                 "--option", "depth_text=2", "--option", "depth_vision=2", "--option", "depth=2",
+                 "--option", "class_layer=1", "--output", str(out),
                  "--quiet"]) == 0
     printed = capsys.readouterr().out
     rows = aggregate(collect(out))
-    for method in ("ivlp", "vpt_deep", "maple", "promptsrc", "coop"):
+    for method in ("ivlp", "vpt_deep", "maple", "promptsrc", "tcp", "coop"):
         assert {r["metric"] for r in rows if r["method"] == method} == {"base", "new", "h"}
         assert f"| caltech101 | {method} |" in printed
     ivlp = json.loads((out / "runs" / "caltech101" / "ivlp" / "1shots_seed1" / "base" / "metrics.json").read_text())

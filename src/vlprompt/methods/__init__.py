@@ -16,6 +16,7 @@ from .maple import MaPLeMethod
 from .loading import load_prompt
 from .prograd import ProGradMethod
 from .promptsrc import PromptSRCMethod
+from .tcp import TCPMethod
 from .tip_adapter import TipAdapterMethod
 from .tip_adapter_f import TipAdapterFMethod
 from .zeroshot import ZeroShotMethod
@@ -38,6 +39,7 @@ METHODS = {
     "deep_language": DeepPromptMethod("deep_language", DeepLanguageOptions, prompts_image=False),
     "maple": MaPLeMethod(),
     "promptsrc": PromptSRCMethod(),
+    "tcp": TCPMethod(),
 }
 
 

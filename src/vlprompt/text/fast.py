@@ -143,10 +143,11 @@ def _eot_attention(q_eot, k, v, k_pre: Optional[torch.Tensor], v_pre: Optional[t
 
 
 def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengths: torch.Tensor,
-         deep: Sequence[Optional[torch.Tensor]] = ()) -> torch.Tensor:
+         deep: Sequence[Optional[torch.Tensor]] = (), class_rows: Optional[tuple] = None) -> torch.Tensor:
     """(C, d) float32 pooled outputs of sequences ``[prefix, seqs[c, :lengths[c]]]`` read at their last token.
     ``prefix`` (P, D) and ``seqs`` (C, >=max length, D) already carry their positional embeddings. ``deep[i]``
-    (N, D) for i >= 1 (None: keep) replaces prefix rows 1..N at the input of block i (`check_deep`)."""
+    (N, D) for i >= 1 (None: keep) replaces prefix rows 1..N at the input of block i (`check_deep`).
+    ``class_rows`` = (block L, rows (C, N, D)): each class's rows 1..N replaced at the input of block L (no prefix)."""
     blocks = bb.text.blocks
     width = seqs.shape[-1]
     p = prefix.shape[0] if prefix is not None else 0
@@ -157,6 +158,9 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
     for i, block in enumerate(blocks):
         if 0 < i < len(deep) and deep[i] is not None:  # deep rows shared by every class sit in the prefix
             x = torch.cat([x[:1], deep[i].to(x.dtype), x[1 + deep[i].shape[0]:]])
+        if class_rows is not None and i == class_rows[0]:
+            x = x.index_put((_class_row_index(lengths, class_rows[1].shape[1]),),
+                            class_rows[1].reshape(-1, width).to(x.dtype))  # out of place: gradients reach both
         last = i == len(blocks) - 1
         parts = read_parts(block)  # checked once, when the backbone was built (TextTower)
         heads = parts.heads
@@ -178,13 +182,23 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
     return bb.text.project(bb.text.ln_final(x)).float()
 
 
-def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
+def _class_row_index(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed positions of rows 1..n of every class (no prefix): class c starts at the sum of earlier lengths."""
+    starts = torch.cumsum(lengths, 0) - lengths
+    return (starts.unsqueeze(1) + 1 + torch.arange(n, device=lengths.device)).flatten()
+
+
+def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor,
+                     class_rows: Optional[tuple] = None) -> torch.Tensor:
     """(C, d) float32 features of prompt embeddings (C, L, D) pooled at ``eot_idx``; exact, any layout.
 
-    Every sequence is cut at its own EOT: nothing after it is computed."""
+    Every sequence is cut at its own EOT: nothing after it is computed. ``class_rows`` = (block L, rows (C, N, D))
+    replaces rows 1..N of each class at the input of block L (class-aware tokens; N + 1 <= every EOT index)."""
     length = int(eot_idx.max()) + 1
     pos = bb.text.positional_embedding.to(bb.dtype)
-    return _run(bb, None, prompts[:, :length].to(bb.dtype) + pos[:length], eot_idx + 1)
+    if class_rows is not None and (class_rows[1].shape[1] >= int(eot_idx.min()) or class_rows[0] >= len(bb.text.blocks)):
+        raise VlpromptError(f"class rows 1..{class_rows[1].shape[1]} at block {class_rows[0]} do not fit the prompts")
+    return _run(bb, None, prompts[:, :length].to(bb.dtype) + pos[:length], eot_idx + 1, class_rows=class_rows)
 
 
 def check_deep(deep: Sequence[Optional[torch.Tensor]], prefix_rows: int, blocks: int) -> None:

@@ -1,0 +1,126 @@
+"""TCP: class-aware rows from the hand-crafted features replace the context rows at the official text layer; text
+features and every gradient against a 77-token, sequence-first reference; its loss, optimiser and recipes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import TINY_OPTIONS, TINY_VIT, tiny_backbone
+
+import vlprompt as vp
+from vlprompt.backbones import builtin_config_dir
+from vlprompt.data import make_synthetic_dataset
+from vlprompt.engine.run import run
+from vlprompt.engine.trainer import TrainBatch
+from vlprompt.errors import VlpromptError
+from vlprompt.methods import METHODS
+from vlprompt.methods.base import MethodConfig, PromptLayout, parse_options
+
+CLASSES = ["abyssinian", "great pyrenees", "cat"]
+
+
+@pytest.fixture(scope="module")
+def bb4(tmp_path_factory):
+    cfg = json.loads((builtin_config_dir() / "vlprompt-tiny-ViT.json").read_text())
+    cfg["text_cfg"]["layers"] = 4
+    path = tmp_path_factory.mktemp("arch") / "tiny-text4.json"
+    path.write_text(json.dumps(cfg))
+    return tiny_backbone(str(path))
+
+
+def build(bb, dataset="oxford_pets", **options):
+    method = METHODS["tcp"]
+    config = MethodConfig("tcp", parse_options("tcp", method.Options, options), PromptLayout(), "a photo of a {}.",
+                          dataset)
+    torch.manual_seed(0)
+    return method.create(bb, CLASSES, config)
+
+
+def reference_text(bb, learner, template, layer):
+    """77 tokens per class; rows 1..4 = the context before the positions; at block ``layer``'s input rows 1..4 =
+    meta_net(hand-crafted features) of the class; blocks one by one in (L, C, D)."""
+    tokens = bb.tokenize(["X X X X " + template.format(c) for c in CLASSES])
+    emb = bb.text.token_embedding(tokens).float()
+    c = len(CLASSES)
+    emb = torch.cat([emb[:, :1], learner.ctx.expand(c, -1, -1), emb[:, 5:]], dim=1)
+    x = (emb + bb.text.positional_embedding).permute(1, 0, 2)
+    hand = F.normalize(bb.model.encode_text(bb.tokenize([learner.hand_template.format(n) for n in CLASSES])).float(),
+                       dim=-1)
+    rows = learner.meta_net(hand).view(c, 4, -1).permute(1, 0, 2)
+    for i, block in enumerate(bb.text.blocks):
+        if i == layer:
+            x = torch.cat([x[:1], rows, x[5:]], dim=0)
+        x = block(x.permute(1, 0, 2), attn_mask=bb.text.attn_mask).permute(1, 0, 2)
+    x = bb.text.ln_final(x.permute(1, 0, 2))
+    return F.normalize(bb.text.project(x[torch.arange(c), tokens.argmax(-1)]).float(), dim=-1)
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
+def test_class_aware_rows_match_the_reference(bb4, layer):
+    learner = build(bb4, class_layer=layer)
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert learner.prompt_template == "{}, a type of pet." and learner.hand_template == "a photo of a {}, a type of pet."
+    target = torch.randn(len(CLASSES), bb4.embed_dim)
+    ref = reference_text(bb4, learner, learner.prompt_template, layer)
+    (ref * target).sum().backward()
+    ref_grads = {k: p.grad.clone() for k, p in learner.named_parameters()}
+    learner.zero_grad(set_to_none=True)
+    got = learner.text_features()
+    (got * target).sum().backward()
+    torch.testing.assert_close(got.detach(), ref.detach(), rtol=2e-5, atol=2e-6)
+    for name, p in learner.named_parameters():
+        # at block 0 the class rows replace the context before any block sees it
+        assert (float(p.grad.abs().max()) > 0) == (layer > 0 or name != "ctx"), name
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=2e-4, atol=1e-6)
+
+
+def test_rows_differ_per_class_and_follow_the_dataset(bb4):
+    learner = build(bb4, class_layer=2)
+    tokens = learner.class_tokens()
+    assert tokens.shape == (3, 4, bb4.ctx_dim) and not torch.equal(tokens[0], tokens[1])
+    other = build(bb4, dataset="my_folder", class_layer=2)
+    assert other.prompt_template == "{}." and other.hand_template == "a photo of a {}."
+    with pytest.raises(VlpromptError, match="class_layer=4, but the text tower"):
+        build(bb4, class_layer=4)
+
+
+def test_loss_and_optimiser_follow_the_official_code(bb4):
+    learner = build(bb4, class_layer=2)
+    objective = METHODS["tcp"].objective(learner, learner.method_config)
+    feats = torch.randn(4, bb4.embed_dim)
+    labels = torch.tensor([0, 1, 2, 0])
+    loss, terms = objective.loss(learner, TrainBatch({"weak": feats}, labels, torch.arange(4)))
+    with torch.no_grad():
+        g = learner.text_features()
+        logits = bb4.logit_scale * F.normalize(feats, dim=-1) @ g.T
+        cos = (g * learner.hand).sum(-1) / (g.norm(dim=-1) * learner.hand.norm(dim=-1))
+        expected = F.cross_entropy(logits, labels) + 8.0 * (1 - cos.mean())
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+    class Settings:
+        lr, weight_decay = 0.002, 5e-4
+    opt = objective.optimizer([learner.ctx], Settings)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["eps"] == 1e-3 and opt.defaults["weight_decay"] == 5e-4
+
+
+def test_trains_transfers_and_its_recipes(tmp_path):
+    bb = tiny_backbone()
+    shapes = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=2, n_test_per_class=1, seed=0)
+    cfg = vp.RunConfig.from_sources(dataset=shapes, method="tcp", backbone=TINY_VIT, pretrained="random", shots=2,
+                                    epochs=2, batch_size=4, output=str(tmp_path / "run"), progress=False,
+                                    method_options=TINY_OPTIONS["tcp"])
+    m = run(cfg, backbone=bb)
+    assert {"ce", "kg"} <= set(m["train"]["epochs"][0])
+    moved = vp.load_prompt(tmp_path / "run", bb, classnames=["teapot", "violin"])
+    assert moved.class_tokens().shape[0] == 2
+
+    def values(**kw):
+        return vp.RunConfig.from_sources(method="tcp", **kw)
+    base = values(subsample="base", dataset="caltech101")
+    assert (base.batch_size, base.lr, base.epochs) == (32, 0.002, 50)
+    assert values(subsample="base", dataset="sun397").epochs == 25 and values(subsample="base", dataset="imagenet").epochs == 25
