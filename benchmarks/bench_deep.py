@@ -20,6 +20,8 @@ bench.py). The backbone is a randomly initialised ViT-B/16 (cost does not depend
           model as teacher) at 100 classes, batch 4, against the straightforward computation (77-token text per
           class, the prompted image tower through open_clip's blocks and, for PromptSRC, a separate frozen image
           forward through open_clip as the official code keeps a second model), fp32 and bf16.
+- artifacts: the saved prompt of each deep method at its base-to-new recipe on ViT-B/16 (100 classes): trainable
+          parameters and the size of prompt.safetensors.
 """
 
 from __future__ import annotations
@@ -225,7 +227,8 @@ def section_memory(out: dict) -> None:
 def build(bb, method_name: str, n_cls: int):
     method = METHODS[method_name]
     torch.manual_seed(0)
-    config = MethodConfig(method_name, parse_options(method_name, method.Options, {}), PromptLayout(), "", "")
+    config = MethodConfig(method_name, parse_options(method_name, method.Options, {}), PromptLayout(), "a photo of a {}.",
+                          "")
     learner = method.create(bb, class_names(n_cls), config)
     return learner, method.objective(learner, config)
 
@@ -279,9 +282,27 @@ def section_coupled(out: dict, n_cls: int, batch: int, repeats: int) -> None:
     out["coupled"] = rows
 
 
+def section_artifacts(out: dict) -> None:
+    import tempfile
+
+    print(f"\nsaved prompts, {ARCH}, 100 classes, base-to-new recipe options")
+    print(f"{'method':>14} {'parameters':>11} {'kB':>9}")
+    bb = vp.load_backbone(ARCH, pretrained=None, precision="fp32")
+    rows = []
+    for name in ("ivlp", "deep_language", "vpt_deep", "maple", "promptsrc", "tcp"):
+        learner, _ = build(bb, name, 100)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = learner.save_pretrained(Path(tmp) / "prompt")
+            size = (folder / "prompt.safetensors").stat().st_size
+        params = sum(p.numel() for p in learner.parameters() if p.requires_grad)
+        rows.append({"method": name, "parameters": params, "kB": size / 1024})
+        print(f"{name:>14} {params:11,d} {size / 1024:9.1f}", flush=True)
+    out["artifacts"] = rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="step,image,eval,memory,coupled")
+    ap.add_argument("--sections", default="step,image,eval,memory,coupled,artifacts")
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
@@ -307,6 +328,8 @@ def main(argv=None) -> int:
         section_memory(out)
     if "coupled" in sections:
         section_coupled(out, args.classes, args.batch, args.repeats)
+    if "artifacts" in sections:
+        section_artifacts(out)
     print(f"\n{time.perf_counter() - t0:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
