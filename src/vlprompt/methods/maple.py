@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import VlpromptError
 from ..prompts.deep import DeepPrompts
 from .base import MethodConfig, option
 from .deep_prompts import _PHRASE_HELP, _ROUNDING_HELP, DeepPromptMethod, _check
@@ -50,12 +49,7 @@ class MaPLePrompts(DeepPrompts):
 
     def __init__(self, backbone, classnames: Sequence[str], options: MaPLeOptions, method: str = "maple"):
         super().__init__(backbone, classnames, options, method)
-        if backbone.prompted_image_unsupported:
-            raise VlpromptError(f"{method}: backbone {backbone.source.name} cannot take deep visual prompts: "
-                                f"{backbone.prompted_image_unsupported}")
-        visual = backbone.model.visual
-        self._check_depth("depth", self.depth_text, len(visual.transformer.resblocks), "image")
-        width = visual.class_embedding.shape[-1]
+        width = self._image_width("depth", self.depth_text)
         self.n_vision, self.depth_vision, self.from_pixels = self.n_text, self.depth_text, True
         self.proj = nn.Linear(backbone.ctx_dim, width).to(backbone.device)
         first = nn.Linear(backbone.ctx_dim, width).to(backbone.device)

@@ -83,12 +83,7 @@ class DeepPrompts(TextClassifier):
         dev = backbone.device
         self._check_depth("depth_text", self.depth_text, len(backbone.text.blocks), "text")
         if self.n_vision:
-            if backbone.prompted_image_unsupported:
-                raise VlpromptError(f"{method}: backbone {backbone.source.name} cannot take deep visual prompts: "
-                                    f"{backbone.prompted_image_unsupported}")
-            visual = backbone.model.visual
-            self._check_depth("depth_vision", self.depth_vision, len(visual.transformer.resblocks), "image")
-            width = visual.class_embedding.shape[-1]
+            width = self._image_width("depth_vision", self.depth_vision)
             self.vision_ctx = _normal((self.n_vision, width), dev)
             self.vision_deep = nn.ParameterList([_normal((self.n_vision, width), dev)
                                                  for _ in range(self.depth_vision - 1)])
@@ -99,6 +94,16 @@ class DeepPrompts(TextClassifier):
             self.text_deep = nn.ParameterList([_normal((self.n_text, backbone.ctx_dim), dev)
                                                for _ in range(self.depth_text - 1)])
         self._build_buffers()
+
+    def _image_width(self, key: str, depth: int) -> int:
+        """The width of the image tower's tokens, after checking that it takes prompts ``depth`` blocks deep."""
+        bb = self.backbone
+        if bb.prompted_image_unsupported:
+            raise VlpromptError(f"{self.method}: backbone {bb.source.name} cannot take deep visual prompts: "
+                                f"{bb.prompted_image_unsupported}")
+        visual = bb.model.visual
+        self._check_depth(key, depth, len(visual.transformer.resblocks), "image")
+        return visual.class_embedding.shape[-1]
 
     def _check_depth(self, key: str, depth: int, blocks: int, tower: str) -> None:
         if depth > blocks:
