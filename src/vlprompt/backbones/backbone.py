@@ -197,14 +197,17 @@ class Backbone(nn.Module):
             return encode_vit_cls(self.model.visual, images).float()
         return self.model.encode_image(images).float()
 
-    def encode_images_prompted(self, images: torch.Tensor, prompts: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-        """Raw float32 image features with deep visual prompts (`vit.encode_vit_prompted`), differentiable with
-        respect to the prompts: prompts are arguments, never state on the backbone, so one backbone serves a
-        frozen teacher and any number of prompted learners."""
+    def encode_images_prompted(self, images: torch.Tensor, prompts: Sequence[Optional[torch.Tensor]],
+                               adapter=None) -> torch.Tensor:
+        """Raw float32 image features with deep visual prompts (`vit.encode_vit_prompted`) and low-rank updates
+        of the attention projections (``adapter``, `lora.LowRankQKV`), differentiable with respect to both: they
+        are arguments, never state on the backbone, so one backbone serves a frozen teacher and any number of
+        adapted learners."""
         if self.prompted_image_unsupported is not None:
             raise VlpromptError(f"backbone {self.source.name}: deep visual prompts cannot enter its image tower: "
                                 f"{self.prompted_image_unsupported}")
-        return encode_vit_prompted(self.model.visual, images.to(self.device, self.dtype), list(prompts)).float()
+        return encode_vit_prompted(self.model.visual, images.to(self.device, self.dtype), list(prompts),
+                                   adapter).float()
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:

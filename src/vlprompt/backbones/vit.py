@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import VlpromptError
 from .blocks import block_unsupported, open_clip_version, read_parts
+from .lora import LowRankQKV, adapted_qkv
 
 # Recorded in the feature-cache key: features from another implementation are never mixed in.
 FAST_IMAGE_ID = "vit-cls-last-layer+sdpa/v2"
@@ -70,18 +71,15 @@ def fast_image_unsupported(visual: nn.Module) -> Optional[str]:
     return None
 
 
-def _attend(block: nn.Module, x: torch.Tensor, query_rows: Optional[int], per_image: bool = True) -> torch.Tensor:
+def _attend(block: nn.Module, x: torch.Tensor, query_rows: Optional[int], per_image: bool = True,
+            adapter: Optional[LowRankQKV] = None, index: int = 0) -> torch.Tensor:
     """Self-attention of one block on (B, N, D) with queries for every token, or the first ``query_rows``;
-    ``per_image``: bf16 on CPU one image at a time (`_attend_per_image`, inference only)."""
+    ``per_image``: bf16 on CPU one image at a time (`_attend_per_image`, inference only); ``adapter``: low-rank
+    updates of the projections (`lora`), ``index`` the block's position in the tower."""
     parts = read_parts(block)  # checked by fast_image_unsupported
-    width = x.shape[-1]
-    w, b = parts.in_proj_weight, parts.in_proj_bias
     h = parts.ln_1(x)
-    if query_rows is None:
-        q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
-    else:
-        k, v = F.linear(h, w[width:], None if b is None else b[width:]).chunk(2, dim=-1)
-        q = F.linear(h[:, :query_rows], w[:width], None if b is None else b[:width])
+    first_rows = None if query_rows is None else (lambda t: t[:, :query_rows])
+    q, k, v = adapted_qkv(adapter, index, h, parts.in_proj_weight, parts.in_proj_bias, first_rows)
     q, k, v = (t.unflatten(-1, (parts.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
     if per_image and query_rows is None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
         out = _attend_per_image(q, k, v)
@@ -168,12 +166,14 @@ def _prompt_rows(prompt: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.
     return prompt.to(dtype).unsqueeze(0).expand(batch, -1, -1)
 
 
-def encode_vit_prompted(visual: nn.Module, images: torch.Tensor, prompts: list) -> torch.Tensor:
+def encode_vit_prompted(visual: nn.Module, images: torch.Tensor, prompts: list,
+                        adapter: Optional[LowRankQKV] = None) -> torch.Tensor:
     """(B, d) pooled, projected features of a ViT with deep visual prompts; differentiable with respect to the
     prompts (the tower's own weights stay frozen). ``prompts[0]`` (N, D) is appended after the patch tokens,
     with no positional embedding, and normalised by ``ln_pre`` together with them; ``prompts[i]`` for i >= 1
     (None: keep) replaces the last N rows at the input of block i, before its ``ln_1``. The prompt rows are
-    never pooled. With an empty list this is the frozen tower's forward.
+    never pooled. With an empty list this is the frozen tower's forward. ``adapter``: low-rank updates of the blocks'
+    query, key and value projections (`lora`; the blocks must be ones the fast paths compute from their parts).
 
     The caller has checked `prompted_image_unsupported(visual)` and passes images in the tower's dtype."""
     b = images.shape[0]
@@ -189,18 +189,24 @@ def encode_vit_prompted(visual: nn.Module, images: torch.Tensor, prompts: list) 
     x = visual.ln_pre(x)
     blocks = visual.transformer.resblocks
     by_class_token = fast_image_unsupported(visual) is None  # class-token pooling and recognised blocks
+    if adapter is not None and not by_class_token:
+        why = next((f"block {i}: {w}" for i, w in enumerate(map(block_unsupported, blocks)) if w), None)
+        if why is not None:
+            raise VlpromptError(f"open_clip {open_clip_version()}: low-rank updates need image blocks computed from "
+                                f"their parts; {why}")
+    by_parts = by_class_token or adapter is not None
     for i, block in enumerate(blocks):
         if 0 < i < len(prompts) and prompts[i] is not None:
             if prompts[i].shape[0] != n:
                 raise VlpromptError(f"deep visual prompt of block {i} has {prompts[i].shape[0]} rows, layer 0 has {n}")
             x = torch.cat([x[:, :x.shape[1] - n], _prompt_rows(prompts[i], b, x.dtype)], dim=1)
-        if not by_class_token:
+        if not by_parts:
             x = block(x)
-        elif i < len(blocks) - 1:
-            x = x + block.ls_1(_attend(block, x, None, per_image=False))
+        elif i < len(blocks) - 1 or not by_class_token:
+            x = x + block.ls_1(_attend(block, x, None, per_image=False, adapter=adapter, index=i))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
         else:  # only the class token's row is read after the last layer
-            x = x[:, :1] + block.ls_1(_attend(block, x, 1))
+            x = x[:, :1] + block.ls_1(_attend(block, x, 1, adapter=adapter, index=i))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
     if by_class_token:
         pooled = visual.ln_post(x[:, 0])

@@ -78,6 +78,18 @@ def recipe_record(cfg: RunConfig, epochs: int, paper_epochs: int) -> dict:
             "preset": cfg.preset, "reference": ref.source, **ref.record()}
 
 
+def iteration_record(cfg: RunConfig, history: dict) -> Optional[dict]:
+    """For a run whose recipe counts iterations (CLIP-LoRA), metrics.json's ``recipe.iterations`` and
+    ``recipe.paper_iterations``, with a deviation when they differ (``deviations``); None for epochs."""
+    sched = history["schedule"]
+    if sched["unit"] != "iterations":
+        return None
+    steps, paper = history["steps"], sched["reference_steps"]
+    out = [Deviation("iterations", steps, paper, reference_recipe(cfg).label,
+                     f"{cfg.epochs} epochs of {sched['batches_per_epoch']} batches asked for")] if steps != paper else []
+    return {"iterations": steps, "paper_iterations": paper, "deviations": out}
+
+
 def option_deviations(method, options, cfg: Optional[RunConfig] = None) -> list[Deviation]:
     """Method options that differ from the recipe's: the reference cell's options over the method's defaults,
     for methods whose reference cell is their own (an option at its ``official`` value is no deviation)."""
@@ -406,7 +418,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     timings["encode_test_s"] = time.perf_counter() - t
     # A method with its own recipe (KgCoOp, dual-view MI) has fixed epochs; CoOp's depend on the shots.
     paper_epochs, epochs = recipe_epochs(cfg, ds.name)
-    history = None
+    history = iterations = None
     extra_deviations: list = []  # records, or words (`recipes.as_records` converts them)
     options = {}
     fits = method.needs.fitted  # fitted in closed form or by a search (linear probe, Tip-Adapter), not SGD
@@ -437,6 +449,10 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
         history = train_prompt(learner, objective, source, len(ds.train), settings, progress=cfg.progress,
                                checkpoint=checkpoint)
         timings["train_s"] = time.perf_counter() - t
+        iterations = iteration_record(cfg, history)
+        if iterations is not None:  # counted in iterations: the epochs are what those iterations took
+            epochs = paper_epochs = history["schedule"]["epochs"]
+            extra_deviations.extend(iterations.pop("deviations"))
         extra_deviations.extend(objective.deviations)  # read after prepare(), which may add to them
         extra_deviations.extend(option_deviations(method, objective.options, cfg))
         if source.deviation:
@@ -451,7 +467,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     metrics = {
         **result_record("train" if method.trains else "zeroshot", cfg, ds, bb, report, method.trains),
         "method_options": options,
-        "recipe": recipe_record(cfg, epochs if by_sgd else 0, paper_epochs),
+        "recipe": {**recipe_record(cfg, epochs if by_sgd else 0, paper_epochs), **(iterations or {})},
         "train": history,
         "timings": timings,
         "versions": versions(),

@@ -1,6 +1,7 @@
 """The prompt-training loop (CoOp's optimisation recipe: `schedule`, docs/recipes.md).
 
-SGD on the prompt parameters only (float32 master weights); LR set per epoch from `coop_lr`; a fresh
+SGD on the prompt parameters only (float32 master weights); LR per epoch from `coop_lr` (or the objective's own
+`schedule`); a fresh
 random permutation of the training set each epoch with Dassl's drop-last rule; the model of the last
 epoch is the result (no validation). Every random draw of an epoch is a function of the trainer's generator
 at the epoch's start (the permutation, then one epoch seed from which each image's augmentation and each
@@ -29,7 +30,7 @@ from ..methods.base import Objective
 from .checkpoint import (OBJECTIVE_LAYOUT, Checkpointer, check_progress, global_random_state, objective_state,
                          restore_failed, set_global_random_state)
 from .features import encode_items
-from .schedule import batches_per_epoch, coop_lr
+from .schedule import Schedule, batches_per_epoch
 
 
 @dataclass
@@ -46,12 +47,14 @@ class TrainSettings:
     seed: int
     num_workers: int = 0
     cache_images: int = 5000  # decode at most this many training images once and keep them in memory
+    explicit_epochs: bool = False  # epochs set by the user, not by the recipe (a schedule counted in iterations
+    # then trains that many epochs instead of its own length)
 
     @classmethod
     def from_config(cls, cfg, epochs: int) -> "TrainSettings":
         return cls(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                    weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-                   seed=cfg.seed, num_workers=cfg.num_workers)
+                   seed=cfg.seed, num_workers=cfg.num_workers, explicit_epochs=cfg.epochs is not None)
 
 
 class DecodedImages:
@@ -235,17 +238,18 @@ class FeatureBank:
             yield TrainBatch(views, self.labels[idx], idx)
 
 
-def epoch_batches(n_items: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """A fresh permutation cut into batches with the drop-last rule."""
+def epoch_batches(n_items: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> list[list[int]]:
+    """A fresh permutation cut into batches with the drop-last rule (or keeping the last partial batch)."""
     perm = torch.randperm(n_items, generator=generator).tolist()
-    n_batches = batches_per_epoch(n_items, batch_size)
+    n_batches = batches_per_epoch(n_items, batch_size) if drop_last else -(-n_items // batch_size)
     return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
 
-def _epoch_plan(n_items: int, settings: TrainSettings, gen: torch.Generator):
-    """(batches, epoch seed) of the epoch that starts at ``gen``'s current state."""
-    batches = epoch_batches(n_items, settings.batch_size, gen)
-    return batches, int(torch.randint(0, 2**62, (1,), generator=gen))
+def _epoch_plan(n_items: int, settings: TrainSettings, schedule: Schedule, epoch: int, gen: torch.Generator):
+    """(batches, epoch seed) of ``epoch``, which starts at ``gen``'s current state: the whole permutation is
+    drawn, then cut where the schedule's steps end."""
+    batches = epoch_batches(n_items, settings.batch_size, gen, schedule.drop_last)
+    return batches[:schedule.steps_in_epoch(epoch)], int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
 class LossObjective(Objective):
@@ -263,7 +267,8 @@ def train_prompt(learner: torch.nn.Module, objective: Objective | Callable, sour
     ``objective`` (a `methods.base.Objective`, or a bare ``loss(learner, batch) -> (loss, {term: value})``)
     builds the optimiser, gives each step's loss (a ``logits`` term (B, C) gives the training accuracy) and its
     gradients (``objective.backward``), and is told when an epoch (``on_epoch_end``, 0-based) and the training
-    (``on_train_end``) end. The learning rate of every param group is set here per epoch (`coop_lr`). With
+    (``on_train_end``) end. How long it trains and the learning rate of every param group at every step are the
+    objective's `Schedule` (``objective.schedule``: CoOp's per-epoch cosine by default). With
     ``checkpoint``, training resumes from its saved state when there is one and saves at the end of every
     epoch (and every ``checkpoint.every`` steps), the objective's ``state_dict()`` included. A non-finite loss
     stops training with one error line. Returns the per-epoch history: lr, mean of each logged term, training
@@ -275,12 +280,12 @@ def train_prompt(learner: torch.nn.Module, objective: Objective | Callable, sour
     opt = objective.optimizer(params, settings)
     gen = torch.Generator().manual_seed(settings.seed)
     history = []
-    per_epoch = batches_per_epoch(n_items, settings.batch_size)
-    n_steps = settings.epochs * per_epoch
+    schedule = objective.schedule(settings, n_items)
+    per_epoch, n_steps = schedule.per_epoch, schedule.steps
     start_epoch, start_step, partial = 0, 0, None
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
-        check_progress(saved, checkpoint.path, settings.epochs, per_epoch)
+        check_progress(saved, checkpoint.path, schedule.epochs, per_epoch)
         try:  # a crafted or damaged state of the right types: one line, not a stack trace
             learner.load_state_dict(saved["learner"])
             opt.load_state_dict(saved["optimizer"])
@@ -304,18 +309,19 @@ def train_prompt(learner: torch.nn.Module, objective: Objective | Callable, sour
     bar.done = start_epoch * per_epoch + start_step
     learner.train()
     t_start = time.perf_counter()
-    for epoch in range(start_epoch, settings.epochs):
+    for epoch in range(start_epoch, schedule.epochs):
         t0 = time.perf_counter()
-        lr = coop_lr(epoch, settings.epochs, settings.lr, settings.warmup_epochs, settings.warmup_lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = epoch_lr = schedule.lr(epoch, 0)
         epoch_state = gen.get_state()
-        batches, seed = _epoch_plan(n_items, settings, gen)
+        batches, seed = _epoch_plan(n_items, settings, schedule, epoch, gen)
         first = start_step if epoch == start_epoch else 0
         part = partial if epoch == start_epoch and partial else {"sums": {}, "correct": 0, "seen": 0, "seconds": 0.0}
         sums, correct, seen = dict(part["sums"]), part["correct"], part["seen"]
         for step, batch in enumerate(source.epoch(batches, seed, first), start=first):
             y = batch.labels
+            lr = schedule.lr(epoch, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
             loss, terms = objective.loss(learner, batch)
             if not torch.isfinite(loss.detach()).all():
                 raise VlpromptError(f"training stopped: the loss is {float(loss.detach())} at epoch {epoch + 1}, "
@@ -329,13 +335,13 @@ def train_prompt(learner: torch.nn.Module, objective: Objective | Callable, sour
             if "logits" in terms:
                 correct += int((terms["logits"].argmax(-1) == y).sum())
             seen += len(y)
-            bar.update(1, extra=f"epoch {epoch + 1}/{settings.epochs} loss {float(loss.detach()):.4f}")
+            bar.update(1, extra=f"epoch {epoch + 1}/{schedule.epochs} loss {float(loss.detach()):.4f}")
             done = epoch * per_epoch + step + 1
             if checkpoint is not None and checkpoint.every and done % checkpoint.every == 0 and step + 1 < len(batches):
                 save(epoch, step + 1, epoch_state, {"sums": sums, "correct": correct, "seen": seen,
                                                     "seconds": part["seconds"] + time.perf_counter() - t0})
             fault_point("step")
-        record = {"epoch": epoch + 1, "lr": lr, **{k: v / max(seen, 1) for k, v in sums.items()},
+        record = {"epoch": epoch + 1, "lr": epoch_lr, **{k: v / max(seen, 1) for k, v in sums.items()},
                   "train_accuracy": 100.0 * correct / max(seen, 1),
                   "seconds": part["seconds"] + time.perf_counter() - t0}
         history.append(record)
@@ -347,4 +353,6 @@ def train_prompt(learner: torch.nn.Module, objective: Objective | Callable, sour
     objective.on_train_end(learner)
     learner.eval()
     say(f"training done in {time.perf_counter() - t_start:.1f}s", progress)
-    return {"epochs": history, "steps": n_steps, "seconds": time.perf_counter() - t_start}
+    return {"epochs": history, "steps": n_steps, "seconds": time.perf_counter() - t_start,
+            "schedule": {"unit": schedule.unit, "epochs": schedule.epochs, "batches_per_epoch": per_epoch,
+                         "drop_last": schedule.drop_last, "reference_steps": schedule.reference_steps}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..errors import VlpromptError
 from .clip_adapter import ClipAdapterMethod
+from .clip_lora import CLIPLoRAMethod
 from .cocoop import CoCoOpMethod
 from .coop import CoOpMethod
 from .cpt import CPTMethod, CPTOptions
@@ -40,6 +41,7 @@ METHODS = {
     "maple": MaPLeMethod(),
     "promptsrc": PromptSRCMethod(),
     "tcp": TCPMethod(),
+    "clip_lora": CLIPLoRAMethod(),
 }
 
 

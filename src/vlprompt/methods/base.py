@@ -26,7 +26,7 @@ class Objective:
     (Dassl's) and cross-entropy. Subclasses override ``view_transforms`` and ``loss``, and where a method
     needs it, the rest of its lifecycle, which `engine.trainer.train_prompt` runs in this order::
 
-        prepare (run.py) -> optimizer -> [load_state_dict, when resuming]
+        prepare (run.py) -> optimizer, schedule -> [load_state_dict, when resuming]
         -> per step: loss, backward, (optimiser step) -> per epoch: on_epoch_end, (checkpoint: state_dict)
         -> on_train_end -> (run.py saves the learner)
     """
@@ -49,11 +49,19 @@ class Objective:
 
     def optimizer(self, params: list[torch.nn.Parameter], settings) -> torch.optim.Optimizer:
         """The optimiser of ``params`` (the learner's trainable parameters) under ``settings``
-        (`engine.trainer.TrainSettings`). Default: CoOp's SGD. The trainer keeps the learning-rate schedule:
-        it sets ``lr`` of every param group at each epoch's start, so an override must put every parameter
-        in a group whose ``lr`` may be set so (a group that needs another rate is not supported)."""
+        (`engine.trainer.TrainSettings`). Default: CoOp's SGD. The trainer sets ``lr`` of every param group at
+        every step from `schedule`, so an override must put every parameter in a group whose ``lr`` may be set
+        so (a group that needs another rate is not supported)."""
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                weight_decay=settings.weight_decay, dampening=0, nesterov=False)
+
+    def schedule(self, settings, n_items: int):
+        """How long the run trains and its learning rate at every step (`engine.schedule.Schedule`) for
+        ``n_items`` training images under ``settings``. Default: CoOp's, ``settings.epochs`` whole epochs with
+        Dassl's drop-last rule and the per-epoch cosine after warm-up (`engine.schedule.coop_lr`)."""
+        from ..engine.schedule import EpochCosine  # lazily: the engine imports the methods
+
+        return EpochCosine(n_items, settings)
 
     def backward(self, params: list[torch.nn.Parameter], loss: torch.Tensor, terms: dict) -> None:
         """Set the gradients of ``params`` (all None on entry) from one step's ``loss`` and logged ``terms``.
@@ -153,6 +161,7 @@ class MethodConfig:
     seed: int = 1
     train_mode: str = "exact"
     n_train: int = 0  # training images (a contrastive loss needs two per batch)
+    shots: int = 0  # images per class asked for (-1: all; 0: unknown): a length counted per shot (CLIP-LoRA)
 
     def artifact(self) -> dict:
         """What a saved learner records of its configuration (`prompts.artifact`): everything it is built from,
@@ -210,7 +219,8 @@ def method_config(method, cfg, dataset=None) -> "MethodConfig":
     layout = PromptLayout(cfg.n_ctx, cfg.ctx_init, cfg.csc, cfg.class_token_position, cfg.ctx_init_rule)
     template = cfg.template or (dataset.template if dataset is not None else "a photo of a {}.")
     return MethodConfig(method.name, options, layout, template, dataset.name if dataset is not None else "",
-                        cfg.batch_size, cfg.seed, cfg.train_mode, len(dataset.train) if dataset is not None else 0)
+                        cfg.batch_size, cfg.seed, cfg.train_mode, len(dataset.train) if dataset is not None else 0,
+                        cfg.shots)
 
 
 class MethodBase:

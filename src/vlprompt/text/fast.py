@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.blocks import read_parts
+from ..backbones.lora import LowRankQKV, adapted_qkv
 from ..errors import VlpromptError
 
 if TYPE_CHECKING:
@@ -143,11 +144,13 @@ def _eot_attention(q_eot, k, v, k_pre: Optional[torch.Tensor], v_pre: Optional[t
 
 
 def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengths: torch.Tensor,
-         deep: Sequence[Optional[torch.Tensor]] = (), class_rows: Optional[tuple] = None) -> torch.Tensor:
+         deep: Sequence[Optional[torch.Tensor]] = (), class_rows: Optional[tuple] = None,
+         adapter: Optional[LowRankQKV] = None) -> torch.Tensor:
     """(C, d) float32 pooled outputs of sequences ``[prefix, seqs[c, :lengths[c]]]`` read at their last token.
     ``prefix`` (P, D) and ``seqs`` (C, >=max length, D) already carry their positional embeddings. ``deep[i]``
     (N, D) for i >= 1 (None: keep) replaces prefix rows 1..N at the input of block i (`check_deep`).
-    ``class_rows`` = (block L, rows (C, N, D)): each class's rows 1..N replaced at the input of block L (no prefix)."""
+    ``class_rows`` = (block L, rows (C, N, D)): each class's rows 1..N replaced at the input of block L (no prefix).
+    ``adapter``: low-rank updates of the blocks' query, key and value projections (`backbones.lora`)."""
     blocks = bb.text.blocks
     width = seqs.shape[-1]
     p = prefix.shape[0] if prefix is not None else 0
@@ -164,13 +167,10 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
         last = i == len(blocks) - 1
         parts = read_parts(block)  # checked once, when the backbone was built (TextTower)
         heads = parts.heads
-        w, b = parts.in_proj_weight, parts.in_proj_bias
         h = parts.ln_1(x)
-        if last:  # keys and values for every token, queries only where the output is read
-            k, v = F.linear(h, w[width:], None if b is None else b[width:]).chunk(2, dim=-1)
-            q = F.linear(h[p:].index_select(0, plan.eot), w[:width], None if b is None else b[:width])
-        else:
-            q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
+        # In the last layer keys and values for every token, queries only where the output is read.
+        eot_rows = (lambda t: t[p:].index_select(0, plan.eot)) if last else None
+        q, k, v = adapted_qkv(adapter, i, h, parts.in_proj_weight, parts.in_proj_bias, eot_rows)
         if last:
             k_pre, v_pre = (_heads(k[:p], heads), _heads(v[:p], heads)) if p else (None, None)  # (H, P, hd)
             out = _eot_attention(q, k[p:], v[p:], k_pre, v_pre, plan, heads)
@@ -189,16 +189,18 @@ def _class_row_index(lengths: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor,
-                     class_rows: Optional[tuple] = None) -> torch.Tensor:
+                     class_rows: Optional[tuple] = None, adapter: Optional[LowRankQKV] = None) -> torch.Tensor:
     """(C, d) float32 features of prompt embeddings (C, L, D) pooled at ``eot_idx``; exact, any layout.
 
     Every sequence is cut at its own EOT: nothing after it is computed. ``class_rows`` = (block L, rows (C, N, D))
-    replaces rows 1..N of each class at the input of block L (class-aware tokens; N + 1 <= every EOT index)."""
+    replaces rows 1..N of each class at the input of block L (class-aware tokens; N + 1 <= every EOT index).
+    ``adapter``: low-rank updates of the query, key and value projections (`backbones.lora`)."""
     length = int(eot_idx.max()) + 1
     pos = bb.text.positional_embedding.to(bb.dtype)
     if class_rows is not None and (class_rows[1].shape[1] >= int(eot_idx.min()) or class_rows[0] >= len(bb.text.blocks)):
         raise VlpromptError(f"class rows 1..{class_rows[1].shape[1]} at block {class_rows[0]} do not fit the prompts")
-    return _run(bb, None, prompts[:, :length].to(bb.dtype) + pos[:length], eot_idx + 1, class_rows=class_rows)
+    return _run(bb, None, prompts[:, :length].to(bb.dtype) + pos[:length], eot_idx + 1, class_rows=class_rows,
+                adapter=adapter)
 
 
 def check_deep(deep: Sequence[Optional[torch.Tensor]], prefix_rows: int, blocks: int) -> None:
@@ -212,19 +214,26 @@ def check_deep(deep: Sequence[Optional[torch.Tensor]], prefix_rows: int, blocks:
 
 
 def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tensor,
-                         suffix_len: torch.Tensor, deep: Sequence[Optional[torch.Tensor]] = ()) -> torch.Tensor:
+                         suffix_len: torch.Tensor, deep: Sequence[Optional[torch.Tensor]] = (),
+                         adapter: Optional[LowRankQKV] = None) -> torch.Tensor:
     """(C, d) float32 features for prompts ``[prefix, suffix_c[:suffix_len_c]]`` pooled at their last token.
 
     ``prefix``: (P, D) embeddings shared by every class (SOS + context); ``suffix``: (C, S, D) each class's
     own embeddings (name, '.', EOT, padding); ``suffix_len``: (C,) tokens up to and including EOT. ``deep``:
     deep prompt rows per block (index 0 unused: layer 0's context is in ``prefix``), shared by every class,
-    so they stay in the prefix and the shared-prefix saving holds.
+    so they stay in the prefix and the shared-prefix saving holds. ``adapter``: low-rank updates of the query, key
+    and value projections (`backbones.lora`) without dropout (evaluation): a random mask per class would make the
+    prefix differ between classes (training with dropout uses `encode_truncated`).
     """
     pos = bb.text.positional_embedding.to(bb.dtype)
     p = prefix.shape[0]
     s = int(suffix_len.max())
     check_deep(deep, p, len(bb.text.blocks))
-    return _run(bb, prefix.to(bb.dtype) + pos[:p], suffix[:, :s].to(bb.dtype) + pos[p:p + s], suffix_len, deep)
+    if adapter is not None and adapter.training and adapter.dropout > 0:
+        raise VlpromptError("a shared prefix cannot take low-rank updates with dropout: each class draws its own "
+                            "masks (use encode_truncated)")
+    return _run(bb, prefix.to(bb.dtype) + pos[:p], suffix[:, :s].to(bb.dtype) + pos[p:p + s], suffix_len, deep,
+                adapter=adapter)
 
 
 def encode_per_image_prefix(bb: Backbone, prefixes: torch.Tensor, suffix: torch.Tensor,
