@@ -20,6 +20,11 @@ bench.py). The backbone is a randomly initialised ViT-B/16 (cost does not depend
           model as teacher) at 100 classes, batch 4, against the straightforward computation (77-token text per
           class, the prompted image tower through open_clip's blocks and, for PromptSRC, a separate frozen image
           forward through open_clip as the official code keeps a second model), fp32 and bf16.
+- tcp:    one TCP text forward + backward (text features of every class, cross-entropy on a fixed batch of image
+          features, backward to the context and the meta-net) at 100 classes, class rows at block 8: the
+          straightforward computation (every class's 77 tokens through open_clip's blocks) against the
+          truncated path (each class computed in full up to its EOT) and the shared-prefix path (SOS + context
+          computed once below block 8), fp32 and bf16.
 - artifacts: the saved prompt of each deep method at its base-to-new recipe on ViT-B/16 (100 classes): trainable
           parameters and the size of prompt.safetensors.
 """
@@ -46,6 +51,7 @@ from bench import (ARCH, _layer_flops, alternate, best_peak, class_names,  # noq
 from vlprompt.methods import METHODS  # noqa: E402
 from vlprompt.methods.base import MethodConfig, PromptLayout, parse_options  # noqa: E402
 from vlprompt.text import reference_encode  # noqa: E402
+from vlprompt.text.fast import encode_truncated  # noqa: E402
 
 
 def ivlp(bb, n_cls: int):
@@ -282,6 +288,67 @@ def section_coupled(out: dict, n_cls: int, batch: int, repeats: int) -> None:
     out["coupled"] = rows
 
 
+def tcp_prompts(learner):
+    """(C, 77, D) TCP prompt embeddings: SOS, the context, each class's own tokens."""
+    c = len(learner.classnames)
+    return torch.cat([learner.token_prefix, learner.ctx.expand(c, -1, -1), learner.token_suffix], dim=1)
+
+
+def tcp_reference_text(learner):
+    """TCP's text features the straightforward way (as the official code): every class's 77 tokens through
+    open_clip's blocks, its context rows replaced by its class rows at the input of block ``class_layer``."""
+    bb, tower = learner.backbone, learner.backbone.text
+    n, layer = learner.options.n_ctx, learner.options.class_layer
+    x = tcp_prompts(learner).to(bb.dtype) + tower.positional_embedding.to(bb.dtype)
+    rows = learner.class_tokens().to(bb.dtype)
+    mask = tower.attn_mask.to(bb.dtype)
+    for i, block in enumerate(tower.blocks):
+        if i == layer:
+            x = torch.cat([x[:, :1], rows, x[:, 1 + n:]], dim=1)
+        x = block(x, attn_mask=mask) if tower.batch_first else block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+    x = tower.ln_final(x[torch.arange(x.shape[0]), learner.eot_idx])
+    return F.normalize(tower.project(x).float(), dim=-1)
+
+
+def tcp_truncated_text(learner):
+    """Every class computed in full up to its EOT, the class rows inserted at ``class_layer``."""
+    rows = (learner.options.class_layer, learner.class_tokens())
+    return F.normalize(encode_truncated(learner.backbone, tcp_prompts(learner), learner.eot_idx, class_rows=rows),
+                       dim=-1)
+
+
+def section_tcp(out: dict, n_cls: int, repeats: int) -> None:
+    print(f"\nTCP text forward + backward, {ARCH}, {n_cls} classes (4 context rows, class rows at block 8): the "
+          "straightforward computation against the truncated and shared-prefix paths")
+    print(f"{'prec':>5} {'ref s':>8} {'trunc s':>8} {'prefix s':>9} {'ref/trunc':>10} {'ref/prefix':>11} "
+          f"{'max diff':>9}")
+    rows = []
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        learner, _ = build(bb, "tcp", n_cls)
+        feats = torch.randn(32, bb.embed_dim, generator=torch.Generator().manual_seed(0))
+        labels = torch.randint(0, n_cls, (32,), generator=torch.Generator().manual_seed(1))
+
+        def step(text_fn):
+            def run():
+                learner.zero_grad(set_to_none=True)
+                F.cross_entropy(learner.logits(feats, text_fn(learner)), labels).backward()
+            return run
+
+        paths = {"ref": tcp_reference_text, "trunc": tcp_truncated_text, "prefix": type(learner).text_features}
+        with torch.no_grad():  # the three compute the same features
+            ref = tcp_reference_text(learner)
+            diff = max(float((paths[k](learner) - ref).abs().max()) for k in ("trunc", "prefix"))
+        t = alternate({k: step(fn) for k, fn in paths.items()}, repeats)
+        row = {"precision": precision, "classes": n_cls, "ref_s": t["ref"], "trunc_s": t["trunc"],
+               "prefix_s": t["prefix"], "ref_over_trunc": t["ref"] / t["trunc"],
+               "ref_over_prefix": t["ref"] / t["prefix"], "max_feature_diff": diff}
+        rows.append(row)
+        print(f"{precision:>5} {t['ref']:8.3f} {t['trunc']:8.3f} {t['prefix']:9.3f} {row['ref_over_trunc']:9.2f}x "
+              f"{row['ref_over_prefix']:10.2f}x {diff:9.1e}", flush=True)
+    out["tcp"] = rows
+
+
 def section_artifacts(out: dict) -> None:
     import tempfile
 
@@ -302,7 +369,7 @@ def section_artifacts(out: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="step,image,eval,memory,coupled,artifacts")
+    ap.add_argument("--sections", default="step,image,eval,memory,coupled,tcp,artifacts")
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
@@ -328,6 +395,8 @@ def main(argv=None) -> int:
         section_memory(out)
     if "coupled" in sections:
         section_coupled(out, args.classes, args.batch, args.repeats)
+    if "tcp" in sections:
+        section_tcp(out, args.classes, args.repeats)
     if "artifacts" in sections:
         section_artifacts(out)
     print(f"\n{time.perf_counter() - t0:.0f}s")

@@ -18,8 +18,12 @@ from vlprompt.engine.trainer import TrainBatch
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import METHODS
 from vlprompt.methods.base import MethodConfig, PromptLayout, parse_options
+from vlprompt.text.fast import encode_shared_prefix, encode_truncated
 
 CLASSES = ["abyssinian", "great pyrenees", "cat"]
+# Names of 1 to 16 tokens, enough rows to span several attention chunks in both layouts.
+NAMES = ["cat", "great pyrenees", "american pit bull terrier", "F/A-18", "dog", "2012 Tesla Model S Sedan",
+         "a very long class name made of many words that tokenize to many tokens indeed", "tree"]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,58 @@ def test_class_aware_rows_match_the_reference(bb4, layer):
         # at block 0 the class rows replace the context before any block sees it
         assert (float(p.grad.abs().max()) > 0) == (layer > 0 or name != "ctx"), name
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=2e-4, atol=1e-6)
+
+
+def shared_and_whole(bb, prefix_rows: int, n: int = 4):
+    """A random prefix of ``prefix_rows`` rows (SOS + context), NAMES' own tokens, random class rows (C, n, D)."""
+    torch.manual_seed(1)
+    tokens = bb.tokenize(["X " * (prefix_rows - 1) + name + "." for name in NAMES])
+    emb = bb.text.token_embedding(tokens).float()
+    prefix = torch.cat([emb[0, :1], 0.1 * torch.randn(prefix_rows - 1, bb.ctx_dim)]).requires_grad_()
+    suffix = emb[:, prefix_rows:].clone().requires_grad_()
+    rows = (0.1 * torch.randn(len(NAMES), n, bb.ctx_dim)).requires_grad_()
+    return prefix, suffix, rows, bb.eot_index(tokens)
+
+
+@pytest.mark.parametrize("prefix_rows", [5, 7])
+def test_shared_prefix_with_class_rows_equals_the_truncated_path(bb4, prefix_rows):
+    """Below the layer the prefix is computed once, from it on per class: the same features and gradients (to the
+    context, the class rows and the class tokens) as every class computed in full, at every layer."""
+    prefix, suffix, rows, eot = shared_and_whole(bb4, prefix_rows)
+    target = torch.randn(len(NAMES), bb4.embed_dim)
+    assert len(set(eot.tolist())) > 4
+    for layer in range(len(bb4.text.blocks)):
+        whole = torch.cat([prefix.expand(len(NAMES), -1, -1), suffix], dim=1)
+        ref = encode_truncated(bb4, whole, eot, class_rows=(layer, rows))
+        ref_grads = torch.autograd.grad((ref * target).sum(), (prefix, suffix, rows))
+        got = encode_shared_prefix(bb4, prefix, suffix, eot + 1 - prefix_rows, class_rows=(layer, rows))
+        grads = torch.autograd.grad((got * target).sum(), (prefix, suffix, rows))
+        torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-6)
+        for name, g, r in zip(("prefix", "suffix", "rows"), grads, ref_grads):
+            # float32 rounding only (the prefix copies are summed in another order): tolerance scaled to the tensor
+            torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-6 * float(r.abs().max()),
+                                       msg=lambda m: f"layer {layer}, {name}: {m}")
+        # the context rows replaced at block 0 never reach the output; SOS and any rows after them always do
+        assert (float(grads[0][1:5].abs().max()) > 0) == (layer > 0)
+        assert float(grads[0][0].abs().max()) > 0 and float(grads[2].abs().max()) > 0
+
+
+def test_bad_class_rows_are_refused(bb4):
+    prefix, suffix, rows, eot = shared_and_whole(bb4, 5)
+    own = eot + 1 - 5
+    with pytest.raises(VlpromptError, match=r"class rows 1..5 do not fit in the shared prefix: 5 rows"):
+        encode_shared_prefix(bb4, prefix, suffix, own, class_rows=(2, torch.zeros(len(NAMES), 5, bb4.ctx_dim)))
+    for layer in (4, -1):
+        with pytest.raises(VlpromptError, match=f"class rows at block {layer} of a text tower of 4 blocks"):
+            encode_shared_prefix(bb4, prefix, suffix, own, class_rows=(layer, rows))
+    with pytest.raises(VlpromptError, match=r"class rows of shape \(3, 4, \d+\); \(classes=8, N, width\)"):
+        encode_shared_prefix(bb4, prefix, suffix, own, class_rows=(1, rows[:3]))
+    with pytest.raises(VlpromptError, match="deep text prompts and class rows cannot be combined"):
+        encode_shared_prefix(bb4, prefix, suffix, own, [None, torch.zeros(2, bb4.ctx_dim)], class_rows=(1, rows))
+    whole = torch.cat([prefix.expand(len(NAMES), -1, -1), suffix], dim=1)
+    too_long = torch.zeros(len(NAMES), int(eot.min()), bb4.ctx_dim)
+    with pytest.raises(VlpromptError, match="do not fit in the rows before the earliest EOT"):
+        encode_truncated(bb4, whole, eot, class_rows=(1, too_long))
 
 
 def test_rows_differ_per_class_and_follow_the_dataset(bb4):

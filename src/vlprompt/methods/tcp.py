@@ -5,8 +5,9 @@ shared context, blocks from it on see each class's own tokens. The image tower i
 
 Prompt text and hand-crafted view follow the official per-dataset templates (``TCP_PROMPTS``, ``TCP_HAND``);
 other datasets use "{}." and their own template. Adam with eps 1e-3 (the official README's fix for its fp16
-parameters) and coupled weight decay 5e-4. The text tower runs the exact truncated path with the class rows
-inserted in the packed sequences (the shared-prefix saving below ``class_layer`` is not used yet).
+parameters) and coupled weight decay 5e-4. The text tower runs the exact shared-prefix path: SOS and the context
+are computed once for every class below ``class_layer``; from it on each class runs its own copy of them with its
+class-aware rows in place of the context, cut at its EOT.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..errors import VlpromptError
 from ..prompts.base import TextClassifier
 from ..prompts.templates import prompt_text
 from ..prompts.zeroshot import handcrafted_text_features
-from ..text.fast import encode_truncated
+from ..text.fast import encode_shared_prefix
 from .base import MethodBase, MethodConfig, Needs, Objective, option
 
 # The text after the n_ctx learned rows, per dataset (UCF101 and ImageNet: "a photo of a" sits where the rows go).
@@ -91,10 +92,10 @@ class TCPPrompts(TextClassifier):
         return self.meta_net(self.hand).view(len(self.classnames), self.options.n_ctx, -1)
 
     def text_features(self) -> torch.Tensor:
-        c = len(self.classnames)
-        prompts = torch.cat([self.token_prefix, self.ctx.unsqueeze(0).expand(c, -1, -1), self.token_suffix], dim=1)
+        prefix = torch.cat([self.token_prefix[0], self.ctx])  # SOS + context: the same for every class
+        own = self.eot_idx + 1 - prefix.shape[0]  # each class's tokens after the context, up to its EOT
         rows = (self.options.class_layer, self.class_tokens())
-        return F.normalize(encode_truncated(self.backbone, prompts, self.eot_idx, class_rows=rows), dim=-1)
+        return F.normalize(encode_shared_prefix(self.backbone, prefix, self.token_suffix, own, class_rows=rows), dim=-1)
 
 
 class TCPObjective(Objective):

@@ -5,7 +5,9 @@
 - `encode_shared_prefix`: one context shared by every class with the class name at the end, so positions
   0..M (SOS + context) are identical for every class in every layer. They are computed once; each class
   then runs only its own tokens (name, '.', EOT) against the shared keys/values plus its own causal
-  keys/values. Gradients reach the context through the shared keys, values and activations.
+  keys/values. Gradients reach the context through the shared keys, values and activations. With
+  ``class_rows`` (class-aware rows that replace rows 1..N of each class from one block on, as TCP does) the
+  prefix is shared only below that block; from it on each class carries its own copy of the prefix rows.
 
 Both run the tower's own weights on packed tokens: the shared prefix and every class's own tokens, each
 class cut at its EOT, sit in one (T, D) matrix, so each layer's projections and MLP are a few large
@@ -57,7 +59,7 @@ class _Plan:
 
     def __init__(self, lengths: torch.Tensor, p: int, rows: int = CHUNK_ROWS):
         dev = lengths.device
-        self.p, self.n_cls = p, lengths.shape[0]
+        self.p, self.n_cls, self.lengths = p, lengths.shape[0], lengths
         self.s = s = int(lengths.max())
         self.rows = rows = max(rows, s - 1)  # a window reaches back at most one chunk
         self.t = t = int(lengths.sum())
@@ -149,10 +151,10 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
     """(C, d) float32 pooled outputs of sequences ``[prefix, seqs[c, :lengths[c]]]`` read at their last token.
     ``prefix`` (P, D) and ``seqs`` (C, >=max length, D) already carry their positional embeddings. ``deep[i]``
     (N, D) for i >= 1 (None: keep) replaces prefix rows 1..N at the input of block i (`check_deep`).
-    ``class_rows`` = (block L, rows (C, N, D)): each class's rows 1..N replaced at the input of block L (no prefix).
-    ``adapter``: low-rank updates of the blocks' query, key and value projections (`backbones.lora`)."""
+    ``class_rows`` = (block L, rows (C, N, D)): each class's rows 1..N replaced at the input of block L; with a
+    prefix, blocks from L on run one sequence per class (`_split_prefix`). ``adapter``: low-rank updates of the
+    blocks' query, key and value projections (`backbones.lora`)."""
     blocks = bb.text.blocks
-    width = seqs.shape[-1]
     p = prefix.shape[0] if prefix is not None else 0
     plan = _Plan(lengths, p)
     x = plan.pack(seqs)
@@ -162,8 +164,8 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
         if 0 < i < len(deep) and deep[i] is not None:  # deep rows shared by every class sit in the prefix
             x = torch.cat([x[:1], deep[i].to(x.dtype), x[1 + deep[i].shape[0]:]])
         if class_rows is not None and i == class_rows[0]:
-            x = x.index_put((_class_row_index(lengths, class_rows[1].shape[1]),),
-                            class_rows[1].reshape(-1, width).to(x.dtype))  # out of place: gradients reach both
+            x, plan = _split_prefix(x, plan, class_rows[1])
+            p = 0
         last = i == len(blocks) - 1
         parts = read_parts(block)  # checked once, when the backbone was built (TextTower)
         heads = parts.heads
@@ -182,10 +184,24 @@ def _run(bb: Backbone, prefix: Optional[torch.Tensor], seqs: torch.Tensor, lengt
     return bb.text.project(bb.text.ln_final(x)).float()
 
 
-def _class_row_index(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """Packed positions of rows 1..n of every class (no prefix): class c starts at the sum of earlier lengths."""
-    starts = torch.cumsum(lengths, 0) - lengths
-    return (starts.unsqueeze(1) + 1 + torch.arange(n, device=lengths.device)).flatten()
+def _split_prefix(x: torch.Tensor, plan: _Plan, rows: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
+    """Rows 1..N of every class replaced by ``rows`` (C, N, D); returns the packed rows and their plan, which has
+    no prefix. With a prefix, the classes stop sharing it here: each class's sequence becomes its copy of the
+    prefix rows as they are now (rows 1..N its own) followed by its own rows. One gather from [x, rows]: its
+    backward sums every copy's gradient into the shared prefix rows, so they reach the blocks below."""
+    p, t, c, n = plan.p, plan.t, plan.n_cls, rows.shape[1]
+    dev = x.device
+    starts = torch.cumsum(plan.lengths, 0) - plan.lengths
+    slot = torch.arange(n, device=dev)
+    if not p:  # already one sequence per class: rows 1..N in place (out of place: gradients reach both)
+        index = (starts.unsqueeze(1) + 1 + slot).flatten()
+        return x.index_put((index,), rows.reshape(-1, x.shape[-1]).to(x.dtype)), plan
+    split = _Plan(p + plan.lengths, 0)
+    head = torch.arange(p, device=dev).expand(c, p).clone()  # (C, p): the shared rows
+    head[:, 1:1 + n] = p + t + torch.arange(c, device=dev).unsqueeze(1) * n + slot  # the class's rows after x
+    own = p + starts.unsqueeze(1) + torch.arange(plan.s, device=dev)  # (C, S): its own rows (past its end: unused)
+    index = torch.cat([head, own], dim=1).flatten().index_select(0, split.valid)
+    return torch.cat([x, rows.reshape(-1, x.shape[-1]).to(x.dtype)]).index_select(0, index), split
 
 
 def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor,
@@ -197,8 +213,9 @@ def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor,
     ``adapter``: low-rank updates of the query, key and value projections (`backbones.lora`)."""
     length = int(eot_idx.max()) + 1
     pos = bb.text.positional_embedding.to(bb.dtype)
-    if class_rows is not None and (class_rows[1].shape[1] >= int(eot_idx.min()) or class_rows[0] >= len(bb.text.blocks)):
-        raise VlpromptError(f"class rows 1..{class_rows[1].shape[1]} at block {class_rows[0]} do not fit the prompts")
+    if class_rows is not None:
+        check_class_rows(class_rows, prompts.shape[0], int(eot_idx.min()), len(bb.text.blocks),
+                         "the rows before the earliest EOT")
     return _run(bb, None, prompts[:, :length].to(bb.dtype) + pos[:length], eot_idx + 1, class_rows=class_rows,
                 adapter=adapter)
 
@@ -213,27 +230,45 @@ def check_deep(deep: Sequence[Optional[torch.Tensor]], prefix_rows: int, blocks:
                                 f"{prefix_rows - 1} after SOS")
 
 
+def check_class_rows(class_rows: tuple, n_cls: int, room: int, blocks: int, where: str) -> None:
+    """Class rows replace rows 1..N (after SOS) of each of the C classes at the input of an existing block; they
+    must fit in the first ``room`` rows (``where``: what bounds them)."""
+    layer, rows = class_rows
+    if rows.dim() != 3 or rows.shape[0] != n_cls:
+        raise VlpromptError(f"class rows of shape {tuple(rows.shape)}; (classes={n_cls}, N, width) is needed")
+    if not 0 <= layer < blocks:
+        raise VlpromptError(f"class rows at block {layer} of a text tower of {blocks} blocks")
+    if 1 + rows.shape[1] > room:
+        raise VlpromptError(f"class rows 1..{rows.shape[1]} do not fit in {where}: {room} rows, SOS included")
+
+
 def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tensor,
                          suffix_len: torch.Tensor, deep: Sequence[Optional[torch.Tensor]] = (),
-                         adapter: Optional[LowRankQKV] = None) -> torch.Tensor:
+                         class_rows: Optional[tuple] = None, adapter: Optional[LowRankQKV] = None) -> torch.Tensor:
     """(C, d) float32 features for prompts ``[prefix, suffix_c[:suffix_len_c]]`` pooled at their last token.
 
     ``prefix``: (P, D) embeddings shared by every class (SOS + context); ``suffix``: (C, S, D) each class's
     own embeddings (name, '.', EOT, padding); ``suffix_len``: (C,) tokens up to and including EOT. ``deep``:
     deep prompt rows per block (index 0 unused: layer 0's context is in ``prefix``), shared by every class,
-    so they stay in the prefix and the shared-prefix saving holds. ``adapter``: low-rank updates of the query, key
-    and value projections (`backbones.lora`) without dropout (evaluation): a random mask per class would make the
-    prefix differ between classes (training with dropout uses `encode_truncated`).
+    so they stay in the prefix and the shared-prefix saving holds. ``class_rows`` = (block L, rows (C, N, D)):
+    each class's prefix rows 1..N replaced at the input of block L (TCP); the prefix is computed once below L,
+    per class from L on (at L = 0 nothing is shared: the truncated computation). ``adapter``: low-rank updates of
+    the query, key and value projections (`backbones.lora`) without dropout (evaluation): a random mask per class
+    would make the prefix differ between classes (training with dropout uses `encode_truncated`).
     """
     pos = bb.text.positional_embedding.to(bb.dtype)
     p = prefix.shape[0]
     s = int(suffix_len.max())
     check_deep(deep, p, len(bb.text.blocks))
+    if class_rows is not None:
+        if any(d is not None for d in deep[1:]):
+            raise VlpromptError("deep text prompts and class rows cannot be combined: both replace the prefix rows")
+        check_class_rows(class_rows, suffix.shape[0], p, len(bb.text.blocks), "the shared prefix")
     if adapter is not None and adapter.training and adapter.dropout > 0:
         raise VlpromptError("a shared prefix cannot take low-rank updates with dropout: each class draws its own "
                             "masks (use encode_truncated)")
     return _run(bb, prefix.to(bb.dtype) + pos[:p], suffix[:, :s].to(bb.dtype) + pos[p:p + s], suffix_len, deep,
-                adapter=adapter)
+                class_rows, adapter)
 
 
 def encode_per_image_prefix(bb: Backbone, prefixes: torch.Tensor, suffix: torch.Tensor,
