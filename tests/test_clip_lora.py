@@ -298,3 +298,30 @@ def test_artefact_holds_only_the_low_rank_factors_and_transfers(shapes, bb, tmp_
         feats = learner.text_features()
         ref = F.normalize(reference_text(bb, learner.text_lora, [f"a photo of a {c}." for c in other], False), dim=-1)
     torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_training_learns(shapes, bb, tmp_path):
+    m = run(train_cfg(shapes, tmp_path / "run", shots=4, lr=0.005, batch_size=8, method_options={"iterations": 60}),
+            backbone=bb)
+    epochs = m["train"]["epochs"]
+    assert epochs[0]["loss"] > 3.0 > 2.0 > epochs[-1]["loss"]
+    assert epochs[-1]["train_accuracy"] > 2 * epochs[0]["train_accuracy"]
+    assert m["test"]["accuracy"] > 2 * 100 / len(vp.load_dataset(shapes).classnames)  # twice chance
+
+
+def test_fewshot_study_with_linear_probe_and_clip_lora_on_real_images(caltech_root, tmp_path, capsys):
+    from vlprompt.cli import main
+    from vlprompt.protocols.report import aggregate
+    from vlprompt.protocols.store import collect
+
+    out = tmp_path / "fs"
+    assert main(["study", "fewshot", "--datasets", "caltech101", "--root", str(caltech_root), "--methods",
+                 "linear_probe,clip_lora", "--seeds", "1", "--shots", "1", "--backbone", TINY_VIT, "--pretrained",
+                 "random", "--option", "iterations=8", "--output", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = aggregate(collect(out))
+    assert {r["method"] for r in rows} == {"linear_probe", "clip_lora"}
+    assert "| caltech101 | clip_lora |" in printed and "| caltech101 | linear_probe |" in printed
+    m = json.loads((out / "runs" / "caltech101" / "clip_lora" / "1shots_seed1" / "metrics.json").read_text())
+    assert m["train"]["steps"] == m["recipe"]["iterations"] == 8 and m["recipe"]["cell_id"] == "clip_lora/fewshot/any"
+    assert m["test"]["n"] == m["data"]["n_test"] > 1000  # the whole CoOp test split, through the adapted tower

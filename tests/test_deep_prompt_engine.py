@@ -36,7 +36,7 @@ def bb():
 def train(method, shapes, out, bb, cache_dir, **kw):
     cfg = vp.RunConfig.from_sources(dataset=shapes, method=method, backbone=TINY_VIT, pretrained="random", shots=2,
                                     epochs=2, batch_size=4, output=str(out), progress=False, cache_dir=str(cache_dir),
-                                    method_options=TINY_OPTIONS[method], **kw)
+                                    method_options=TINY_OPTIONS.get(method), **kw)
     return run(cfg, backbone=bb)
 
 
@@ -77,17 +77,18 @@ def test_text_only_deep_prompts_keep_the_frozen_feature_cache(shapes, bb, tmp_pa
     assert cached_files(cache)  # the test split's frozen features
 
 
-def test_feature_bank_and_export_are_refused_in_one_line(shapes, bb, tmp_path, capsys):
-    args = ["train", "--dataset", shapes, *TINY, "--method", "ivlp", "--train-mode", "feature_bank", "--shots", "1",
+@pytest.mark.parametrize("method", ["vpt_deep", "clip_lora"])
+def test_feature_bank_and_export_are_refused_in_one_line(method, shapes, bb, tmp_path, capsys):
+    args = ["train", "--dataset", shapes, *TINY, "--method", method, "--train-mode", "feature_bank", "--shots", "1",
             "--output", str(tmp_path / "fb"), "--quiet"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "feature_bank: method ivlp prompts the image tower" in err[0]
+    assert len(err) == 1 and f"feature_bank: method {method} learns inside the image tower" in err[0]
     assert not (tmp_path / "fb").exists()
-    train("vpt_deep", shapes, tmp_path / "run", bb, tmp_path / "cache")
+    train(method, shapes, tmp_path / "run", bb, tmp_path / "cache")
     assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "head")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "prompts the image tower" in err[0]
+    assert len(err) == 1 and f"method '{method}' learns inside the image tower" in err[0]
 
 
 def test_interpret_reads_the_text_context_of_ivlp(shapes, bb, tmp_path, capsys):

@@ -18,7 +18,8 @@ from vlprompt.protocols.published import PROTOCOL_METRICS, PublishedRow, load_pu
 
 HEADER = "protocol,dataset,method,backbone,shots,metric,value,config,source,confidence"
 METHODS = {"zeroshot", "coop", "cocoop", "kgcoop", "prograd", "maple", "promptsrc", "linear_probe",
-           "tip_adapter", "tip_adapter_f", "clip_adapter", "proda", "ivlp", "vpt_deep", "deep_language", "tcp"}
+           "tip_adapter", "tip_adapter_f", "clip_adapter", "proda", "ivlp", "vpt_deep", "deep_language", "tcp",
+           "clip_lora"}
 ELEVEN = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
           "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
 DG_TARGETS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
@@ -89,7 +90,10 @@ def test_row_fields_are_valid(rows):
         if "rerun" in r.config:
             assert r.config == {"rerun": "kgcoop"} and r.source.startswith("KgCoOp README"), r
         if r.confidence == "R-low":
-            assert (r.protocol, r.method, r.backbone, r.shots) in {("fewshot", "coop", "RN50", s) for s in (2, 4, 8)}
+            # CoOp's intermediate shots read off a figure; CLIP-LoRA's averages as another README quotes them
+            assert ((r.protocol, r.method, r.backbone, r.shots) in {("fewshot", "coop", "RN50", s) for s in (2, 4, 8)}
+                    or (r.method, r.dataset, r.source.endswith("SD-LoRA README quotes it")) == ("clip_lora", "average",
+                                                                                                 True)), r
 
 
 def test_keys_are_unique(rows):
@@ -99,9 +103,10 @@ def test_keys_are_unique(rows):
 
 def test_row_counts(rows):
     # fewshot: SPEC 7.1 (11 zero-shot + 5 x 11 CoOp + 3 averages) + 7.2 (11 + average) + Tip exp.log (3 x 5 x 11)
+    # + CLIP-LoRA (5 averages + Flowers102 at 16 shots)
     # base2new: 5 methods x 11 datasets x 3 + 14 average rows x 3;  xd: 4 methods x (source + 10 + average)
     # dg: 8 rows of 7.3 and 4 of 7.6 (its zero-shot row equals 7.3's) x 5 test sets
-    assert Counter(r.protocol for r in rows) == {"fewshot": 69 + 12 + 165, "base2new": 165 + 42, "xd": 48, "dg": 60}
+    assert Counter(r.protocol for r in rows) == {"fewshot": 69 + 12 + 165 + 6, "base2new": 165 + 42, "xd": 48, "dg": 60}
 
 
 def test_base2new_averages_equal_the_mean_of_the_datasets(rows, by_key):
@@ -160,7 +165,8 @@ def test_xd_averages_are_the_mean_of_the_ten_targets(rows, by_key):
 
 
 def test_fewshot_averages_are_the_mean_of_the_eleven_datasets(rows, by_key):
-    avgs = [r for r in rows if r.protocol == "fewshot" and r.dataset == "average"]
+    # CLIP-LoRA's averages are quoted without their per-dataset table (not shipped): nothing to check them against
+    avgs = [r for r in rows if r.protocol == "fewshot" and r.dataset == "average" and r.method != "clip_lora"]
     assert len(avgs) == 4  # SPEC 7.1: zero-shot, 1-shot, 16-shot; SPEC 7.2: ViT-B/16 16-shot
     for a in avgs:
         vals = [by_key[key(a, dataset=d)].value for d in ELEVEN]

@@ -359,7 +359,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
 def check_train_mode(method, cfg: RunConfig) -> None:
     """A learner whose image features depend on its parameters cannot draw them from a feature bank."""
     if cfg.train_mode == "feature_bank" and not method.needs.cacheable_features:
-        raise VlpromptError(f"train_mode feature_bank: method {method.name} prompts the image tower, so its image "
+        raise VlpromptError(f"train_mode feature_bank: method {method.name} learns inside the image tower, so its image "
                             "features change at every step and cannot be encoded once; use train_mode exact")
 
 

@@ -67,8 +67,8 @@ def not_linear_reason(learner, method: str) -> Optional[str]:
     from ..prompts.base import TextClassifier
 
     if learner.from_pixels:
-        return (f"method '{method}' prompts the image tower (learned tokens inside it), so its classifier is not a "
-                "head over the frozen image features; use `vlprompt predict` instead")
+        return (f"method '{method}' learns inside the image tower (prompt tokens or weight updates), so its classifier "
+                "is not a head over the frozen image features; use `vlprompt predict` instead")
     if getattr(learner, "conditional", False):
         return (f"method '{method}' conditions its prompts on each image (a meta-network shifts the context per "
                 "image), so its classifier is not one fixed linear head; use `vlprompt predict` instead")

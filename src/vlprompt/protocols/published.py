@@ -7,7 +7,7 @@ or ``average``), ``method``, ``backbone`` (open_clip name), ``shots`` (0 for zer
 naming the RunConfig settings (``method_options.NAME`` for a method option) that tell separately reported variants apart, empty when there is one
 variant), ``source`` (a short citation) and ``confidence``: V (read in the official code, config, README or
 an issue), R (from a paper's text or tables, not re-checked), R-low (R, of lower confidence: intermediate shot
-counts read off a figure) or D (derived by arithmetic from V or R numbers).
+counts read off a figure, or a paper's table as another project quotes it) or D (derived by arithmetic from V or R numbers).
 
     >>> lookup("dg", "imagenet", "coop", "ViT-B-16", 16, "top1", {"n_ctx": 16})[0].value
     71.92
