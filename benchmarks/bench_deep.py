@@ -25,6 +25,13 @@ bench.py). The backbone is a randomly initialised ViT-B/16 (cost does not depend
           straightforward computation (every class's 77 tokens through open_clip's blocks) against the
           truncated path (each class computed in full up to its EOT) and the shared-prefix path (SOS + context
           computed once below block 8), fp32 and bf16.
+- lora:   one CLIP-LoRA training step (rank 2 on q, k, v of every block of both towers, dropout 0.25, AdamW) at
+          100 classes and batch 32: vlprompt (the updates as arguments of the fast paths: truncated text, class-token
+          last image layer) against the straightforward computation (every class's 77 tokens and every image token
+          through every block, q, k and v as separate projections each with its own update, as the official code
+          rebuilds the attention), fp32 and bf16; and the text side alone (image features fixed).
+- methods_memory: peak memory of one step of MaPLe and PromptSRC (batch 4), TCP and CLIP-LoRA (batch 32) at 100
+          classes, vlprompt and the straightforward computation (a fresh process each).
 - artifacts: the saved prompt of each deep method at its base-to-new recipe on ViT-B/16 (100 classes): trainable
           parameters and the size of prompt.safetensors.
 """
@@ -349,6 +356,136 @@ def section_tcp(out: dict, n_cls: int, repeats: int) -> None:
     out["tcp"] = rows
 
 
+def lora_reference_blocks(blocks, lora, x: torch.Tensor, mask) -> torch.Tensor:
+    """Batch-first tokens through ``blocks`` as the official CLIP-LoRA attention computes them: q, k and v as
+    separate projections of the block's normalised input, each plus its own low-rank update with its own dropout
+    (in training), then attention, the output projection and the MLP."""
+    for i, block in enumerate(blocks):
+        h = block.ln_1(x)
+        w, b, heads = block.attn.in_proj_weight, block.attn.in_proj_bias, block.attn.num_heads
+        d = h.shape[-1]
+        qkv = []
+        for slot in range(3):
+            y = F.linear(h, w[slot * d:(slot + 1) * d], b[slot * d:(slot + 1) * d])
+            if i in lora.blocks and slot in lora.slots:
+                j, s = lora.blocks.index(i), lora.slots.index(slot)
+                drop = F.dropout(h, lora.dropout, lora.training)
+                y = y + lora.scale * F.linear(F.linear(drop, lora.a[j, s].to(h.dtype)), lora.b[j, s].to(h.dtype))
+            qkv.append(y.unflatten(-1, (heads, -1)).transpose(1, 2))
+        out = F.scaled_dot_product_attention(*qkv, attn_mask=mask).transpose(1, 2).flatten(2)
+        x = x + block.ls_1(block.attn.out_proj(out))
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x
+
+
+def lora_reference_text(learner) -> torch.Tensor:
+    bb = learner.backbone
+    tokens = bb.tokenize([learner.options.text_template.format(n.replace("_", " ")) for n in learner.classnames])
+    x = bb.text.token_embedding(tokens).to(bb.dtype) + bb.text.positional_embedding.to(bb.dtype)
+    x = lora_reference_blocks(bb.text.blocks, learner.text_lora, x, bb.text.attn_mask.to(bb.dtype))
+    x = bb.text.ln_final(x[torch.arange(x.shape[0]), bb.eot_index(tokens)])
+    return F.normalize(bb.text.project(x).float(), dim=-1)
+
+
+def lora_reference_image(learner, images: torch.Tensor) -> torch.Tensor:
+    bb = learner.backbone
+    v = bb.model.visual
+    x = v.conv1(images.to(bb.dtype))
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    x = torch.cat([v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding.to(x.dtype)
+    x = lora_reference_blocks(v.transformer.resblocks, learner.vision_lora, v.ln_pre(x), None)
+    return (v.ln_post(x[:, 0]) @ v.proj).float()
+
+
+def lora_step(learner, images, labels, opt, reference: bool, text_only: bool = False):
+    frozen = learner.backbone.encode_images(images).clone() if text_only else None
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        if reference:
+            text = lora_reference_text(learner)
+            img = frozen if text_only else lora_reference_image(learner, images)
+        else:
+            text = learner.text_features()
+            img = frozen if text_only else learner.image_features(images)
+        F.cross_entropy(learner.logits(img, text), labels).backward()
+        opt.step()
+    return step
+
+
+def section_lora(out: dict, n_cls: int, batch: int, repeats: int) -> None:
+    print(f"\nCLIP-LoRA step, {ARCH}, {n_cls} classes, batch {batch} (rank 2, q/k/v, both towers, dropout 0.25): "
+          "vlprompt against the straightforward computation")
+    print(f"{'prec':>5} {'what':>6} {'ref s':>8} {'vlprompt s':>11} {'speedup':>8}")
+    rows = []
+    for precision in ("fp32", "bf16"):
+        bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+        learner, _ = build(bb, "clip_lora", n_cls)
+        learner.train()
+        images = torch.randn(batch, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
+        labels = torch.randint(0, n_cls, (batch,), generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.AdamW(list(learner.parameters()), lr=1e-9)
+        for what, text_only in (("whole", False), ("text", True)):
+            t = alternate({"ref": lora_step(learner, images, labels, opt, True, text_only),
+                           "fast": lora_step(learner, images, labels, opt, False, text_only)}, repeats)
+            row = {"precision": precision, "what": what, "ref_s": t["ref"], "fast_s": t["fast"],
+                   "speedup": t["ref"] / t["fast"], "classes": n_cls, "batch": batch}
+            rows.append(row)
+            print(f"{precision:>5} {what:>6} {t['ref']:8.3f} {t['fast']:11.3f} {row['speedup']:7.2f}x", flush=True)
+    out["lora"] = rows
+
+
+def _method_memory_child(spec: str) -> None:
+    name, precision, batch, reference = spec.split(",")
+    batch, reference = int(batch), bool(int(reference))
+    bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
+    learner, objective = build(bb, name, 100)
+    images = torch.randn(batch, 3, bb.image_size, bb.image_size)
+    labels = torch.randint(0, 100, (batch,))
+    params = [p for p in learner.parameters() if p.requires_grad]
+    if name == "clip_lora":
+        learner.train()
+        step = lora_step(learner, images, labels, torch.optim.AdamW(params, lr=1e-9), reference)
+    elif name == "tcp":
+        feats = bb.encode_images(images).clone()
+        opt = torch.optim.Adam(params, lr=1e-9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            text = tcp_reference_text(learner) if reference else learner.text_features()
+            F.cross_entropy(learner.logits(feats, text), labels).backward()
+            opt.step()
+    else:
+        step = coupled_step(learner, objective, images, labels, torch.optim.SGD(params, lr=1e-9, momentum=0.9),
+                            reference, name == "promptsrc")
+    peak_rss_reset()
+    before = rss_kb("VmRSS")
+    step()
+    print(json.dumps({"peak_gb": rss_kb("VmHWM") / 2**20, "step_gb": max(rss_kb("VmHWM") - before, 0) / 2**20}))
+
+
+def section_methods_memory(out: dict) -> None:
+    print(f"\npeak memory of one step per method, {ARCH}, 100 classes (fresh process each; GB)")
+    print(f"{'method':>10} {'prec':>5} {'batch':>6} {'ref step':>9} {'vlprompt step':>14} {'vlprompt peak':>14}")
+    rows = []
+    for name, batch in (("maple", 4), ("promptsrc", 4), ("tcp", 32), ("clip_lora", 32)):
+        for precision in ("fp32", "bf16"):
+            got = {}
+            for reference in (1, 0):
+                res = subprocess.run([sys.executable, __file__, "--method-memory-child",
+                                      f"{name},{precision},{batch},{reference}"], capture_output=True, text=True)
+                try:
+                    got[reference] = json.loads(res.stdout.strip().splitlines()[-1])
+                except (IndexError, json.JSONDecodeError):
+                    got[reference] = {"peak_gb": float("nan"), "step_gb": float("nan")}
+            row = {"method": name, "precision": precision, "batch": batch, "ref_step_gb": got[1]["step_gb"],
+                   "step_gb": got[0]["step_gb"], "peak_gb": got[0]["peak_gb"]}
+            rows.append(row)
+            print(f"{name:>10} {precision:>5} {batch:6d} {row['ref_step_gb']:9.2f} {row['step_gb']:14.2f} "
+                  f"{row['peak_gb']:14.2f}", flush=True)
+    out["methods_memory"] = rows
+
+
 def section_artifacts(out: dict) -> None:
     import tempfile
 
@@ -356,7 +493,7 @@ def section_artifacts(out: dict) -> None:
     print(f"{'method':>14} {'parameters':>11} {'kB':>9}")
     bb = vp.load_backbone(ARCH, pretrained=None, precision="fp32")
     rows = []
-    for name in ("ivlp", "deep_language", "vpt_deep", "maple", "promptsrc", "tcp"):
+    for name in ("ivlp", "deep_language", "vpt_deep", "maple", "promptsrc", "tcp", "clip_lora"):
         learner, _ = build(bb, name, 100)
         with tempfile.TemporaryDirectory() as tmp:
             folder = learner.save_pretrained(Path(tmp) / "prompt")
@@ -369,15 +506,20 @@ def section_artifacts(out: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="step,image,eval,memory,coupled,tcp,artifacts")
+    ap.add_argument("--sections", default="step,image,eval,memory,coupled,tcp,lora,methods_memory,artifacts")
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--lora-batch", type=int, default=32)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--method-memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
         _memory_child(args.memory_child)
+        return 0
+    if args.method_memory_child:
+        _method_memory_child(args.method_memory_child)
         return 0
     out = {"machine": {"threads": torch.get_num_threads(), "matmul_gflops": {
         "fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}}}
@@ -397,6 +539,10 @@ def main(argv=None) -> int:
         section_coupled(out, args.classes, args.batch, args.repeats)
     if "tcp" in sections:
         section_tcp(out, args.classes, args.repeats)
+    if "lora" in sections:
+        section_lora(out, args.classes, args.lora_batch, args.repeats)
+    if "methods_memory" in sections:
+        section_methods_memory(out)
     if "artifacts" in sections:
         section_artifacts(out)
     print(f"\n{time.perf_counter() - t0:.0f}s")

@@ -144,10 +144,10 @@ class CLIPLoRAObjective(Objective):
 
     def __init__(self, options: CLIPLoRAOptions, shots: int):
         super().__init__(options)
-        if not options.iterations and shots < 1:
+        if not options.iterations and shots < 0:
             raise VlpromptError("method clip_lora counts its iterations per shot (iters_per_shot x shots): with "
                                 "all images per class (shots -1) set --option iterations=N")
-        self.reference_steps = options.iterations or options.iters_per_shot * shots
+        self.reference_steps = options.iterations or options.iters_per_shot * max(shots, 0)  # 0: shots unknown
 
     def loss(self, learner: CLIPLoRA, batch):
         logits = learner(batch.pixels["weak"])
@@ -161,6 +161,9 @@ class CLIPLoRAObjective(Objective):
     def schedule(self, settings, n_items: int) -> IterationCosine:
         per_epoch = -(-n_items // settings.batch_size)
         steps = settings.epochs * per_epoch if settings.explicit_epochs else self.reference_steps
+        if not steps:
+            raise VlpromptError("method clip_lora: no training length (the shots are unknown): set --option "
+                                "iterations=N or --epochs")
         return IterationCosine(n_items, settings.batch_size, steps, settings.lr, self.options.eta_min,
                                self.reference_steps)
 
