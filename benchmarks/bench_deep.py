@@ -29,7 +29,8 @@ bench.py). The backbone is a randomly initialised ViT-B/16 (cost does not depend
           100 classes and batch 32: vlprompt (the updates as arguments of the fast paths: truncated text, class-token
           last image layer) against the straightforward computation (every class's 77 tokens and every image token
           through every block, q, k and v as separate projections each with its own update, as the official code
-          rebuilds the attention), fp32 and bf16; and the text side alone (image features fixed).
+          rebuilds the attention), fp32 and bf16; and the text side alone (image features fixed), exact (every class
+          cut at its end token) and with prefix_masks=shared (the template's words as a shared prefix).
 - methods_memory: peak memory of one step of MaPLe and PromptSRC (batch 4), TCP and CLIP-LoRA (batch 32) at 100
           classes, vlprompt and the straightforward computation (a fresh process each).
 - artifacts: the saved prompt of each deep method at its base-to-new recipe on ViT-B/16 (100 classes): trainable
@@ -39,6 +40,7 @@ bench.py). The backbone is a randomly initialised ViT-B/16 (cost does not depend
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -416,7 +418,7 @@ def lora_step(learner, images, labels, opt, reference: bool, text_only: bool = F
 def section_lora(out: dict, n_cls: int, batch: int, repeats: int) -> None:
     print(f"\nCLIP-LoRA step, {ARCH}, {n_cls} classes, batch {batch} (rank 2, q/k/v, both towers, dropout 0.25): "
           "vlprompt against the straightforward computation")
-    print(f"{'prec':>5} {'what':>6} {'ref s':>8} {'vlprompt s':>11} {'speedup':>8}")
+    print(f"{'prec':>5} {'what':>11} {'ref s':>8} {'vlprompt s':>11} {'speedup':>8}")
     rows = []
     for precision in ("fp32", "bf16"):
         bb = vp.load_backbone(ARCH, pretrained=None, precision=precision)
@@ -425,13 +427,17 @@ def section_lora(out: dict, n_cls: int, batch: int, repeats: int) -> None:
         images = torch.randn(batch, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
         labels = torch.randint(0, n_cls, (batch,), generator=torch.Generator().manual_seed(1))
         opt = torch.optim.AdamW(list(learner.parameters()), lr=1e-9)
-        for what, text_only in (("whole", False), ("text", True)):
+        exact = learner.options
+        for what, text_only in (("whole", False), ("text", True), ("text-shared", True)):
+            # text-shared: prefix_masks=shared, the template's words as a shared prefix (one mask for every class)
+            learner.options = dataclasses.replace(exact, prefix_masks="shared" if what == "text-shared" else "per_class")
             t = alternate({"ref": lora_step(learner, images, labels, opt, True, text_only),
                            "fast": lora_step(learner, images, labels, opt, False, text_only)}, repeats)
             row = {"precision": precision, "what": what, "ref_s": t["ref"], "fast_s": t["fast"],
                    "speedup": t["ref"] / t["fast"], "classes": n_cls, "batch": batch}
             rows.append(row)
-            print(f"{precision:>5} {what:>6} {t['ref']:8.3f} {t['fast']:11.3f} {row['speedup']:7.2f}x", flush=True)
+            print(f"{precision:>5} {what:>11} {t['ref']:8.3f} {t['fast']:11.3f} {row['speedup']:7.2f}x", flush=True)
+        learner.options = exact
     out["lora"] = rows
 
 

@@ -325,3 +325,76 @@ def test_fewshot_study_with_linear_probe_and_clip_lora_on_real_images(caltech_ro
     m = json.loads((out / "runs" / "caltech101" / "clip_lora" / "1shots_seed1" / "metrics.json").read_text())
     assert m["train"]["steps"] == m["recipe"]["iterations"] == 8 and m["recipe"]["cell_id"] == "clip_lora/fewshot/any"
     assert m["test"]["n"] == m["data"]["n_test"] > 1000  # the whole CoOp test split, through the adapted tower
+
+
+@pytest.mark.parametrize("kill_at", ["mid", "last_epoch"])
+def test_killed_mid_schedule_resumes_bit_identically(kill_at, shapes, bb, tmp_path):
+    """Iterations that end inside an epoch, a checkpoint every step, a SIGKILL mid-epoch or inside the cut last
+    epoch: the resumed run ends with the uninterrupted run's factors and metrics."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    n_train = len(vp.load_dataset(shapes, shots=2).train)
+    per_epoch = -(-n_train // 3)
+    iterations = 2 * per_epoch + 1  # the third epoch stops after one batch
+    values = dict(method_options={"iterations": iterations}, checkpoint_every=1)
+    reference = run(train_cfg(shapes, tmp_path / "reference", **values), backbone=bb)
+    step = per_epoch // 2 + 1 if kill_at == "mid" else iterations  # the last epoch's only step
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "vlprompt.cli", "train", "--dataset", shapes, "--method", "clip_lora", "--backbone",
+            TINY_VIT, "--pretrained", "random", "--shots", "2", "--batch-size", "3", "--option",
+            f"iterations={iterations}", "--checkpoint-every", "1", "--output", str(out), "--quiet"]
+    env = {**os.environ, "VLPROMPT_FAULTS": f"kill@step={step}"}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # after that step, before its checkpoint or the result
+    assert not out.exists()
+    resumed = run(train_cfg(shapes, out, **values), backbone=bb)
+    assert resumed["test"] == reference["test"] and resumed["train"]["steps"] == iterations
+    for name, t in load_file(str(tmp_path / "reference" / "prompt" / WEIGHTS_NAME)).items():
+        assert torch.equal(t, load_file(str(out / "prompt" / WEIGHTS_NAME))[name]), name
+    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in reference["train"]["epochs"]]
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in resumed["train"]["epochs"]] == strip
+    assert len(strip) == 3
+
+
+def test_base_to_new_and_cross_dataset_studies_transfer_the_updates(shapes, tmp_path, capsys):
+    """The adapted towers are rebuilt for the new classes and for another dataset's names."""
+    from pathlib import Path
+
+    from vlprompt.cli import main
+
+    tiny = ["--backbone", TINY_VIT, "--pretrained", "random", "--option", "iterations=4", "--seeds", "1", "--quiet"]
+    out = tmp_path / "b2n"
+    assert main(["study", "base2new", "--datasets", shapes, "--methods", "clip_lora", "--shots", "2", *tiny,
+                 "--output", str(out)]) == 0
+    runs = out / "runs" / Path(shapes).name / "clip_lora" / "2shots_seed1"
+    base, new = (json.loads((runs / part / "metrics.json").read_text()) for part in ("base", "new"))
+    assert base["kind"] == "train" and new["kind"] == "eval"
+    assert set(base["data"]["classnames"]).isdisjoint(new["data"]["classnames"])
+    assert base["recipe"]["cell_id"] == "clip_lora/base2new/any" and base["recipe"]["reconstructed"]
+    other = make_synthetic_dataset(str(tmp_path / "other"), n_train_per_class=2, n_test_per_class=2, seed=3)
+    out = tmp_path / "xd"
+    assert main(["study", "xd", "--source", shapes, "--targets", other, "--methods", "clip_lora", "--shots", "2",
+                 *tiny, "--output", str(out)]) == 0
+    capsys.readouterr()
+    target = json.loads((out / "runs" / "clip_lora" / "2shots_seed1" / Path(other).name / "metrics.json").read_text())
+    assert target["kind"] == "eval" and target["test"]["n"] == len(vp.load_dataset(other).test)
+
+
+def test_shared_prefix_masks_are_an_option_recorded_as_a_deviation(shapes, bb, tmp_path):
+    exact, shared = build(bb, dropout=0.0), build(bb, dropout=0.0, prefix_masks="shared")
+    exact.train(), shared.train()
+    torch.testing.assert_close(shared.text_features(), exact.text_features(), rtol=1e-5, atol=1e-6)  # no masks
+    learner = build(bb, prefix_masks="shared").train()
+    torch.manual_seed(0)
+    feats = learner.text_features()
+    feats.sum().backward()  # the shared prefix with dropout: gradients reach the text factors
+    assert float(learner.text_lora.b.grad.abs().max()) > 0
+    with pytest.raises(vp.VlpromptError, match="option prefix_masks must be one of"):
+        build(bb, prefix_masks="none")
+    m = run(train_cfg(shapes, tmp_path / "run", method_options={"iterations": 2, "prefix_masks": "shared"}),
+            backbone=bb)
+    dev = {d["key"]: d for d in m["deviations"]}["method_options.prefix_masks"]
+    assert (dev["value"], dev["reference"]) == ("shared", "per_class")

@@ -5,7 +5,8 @@ dataset ("a photo of a {}."). AdamW (lr 2e-4, weight decay 1e-2) with a cosine p
 
 The text tower runs the exact fast paths with the updates as an argument: in training, with dropout, every class
 cut at its end token (each class draws its own masks, as the official 77-token batch does); without dropout (in
-evaluation) the template's words before the class name are a shared prefix. The image tower runs the prompted
+evaluation) the template's words before the class name are a shared prefix (``prefix_masks=shared`` uses it in
+training too, one mask for every class's copy of those words: an approximation, recorded). The image tower runs the prompted
 ViT path with the updates. A learner holds only the low-rank factors, and rebuilds its classes from any names:
 it transfers to new classes and datasets (their names through the adapted text tower).
 """
@@ -28,6 +29,7 @@ from ..text.fast import encode_shared_prefix, encode_truncated
 from .base import MethodBase, MethodConfig, Needs, Objective, option
 
 ENCODERS = ("both", "text", "vision")
+PREFIX_MASKS = ("per_class", "shared")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class CLIPLoRAOptions:
     iterations: int = option(0, "training length in iterations (0: iters_per_shot x shots)")
     eta_min: float = option(1e-6, "the learning rate the per-iteration cosine ends at")
     logit_scale: float = option(100.0, "scale of the cosine logits (the official constant; 0: the model's own)")
+    prefix_masks: str = option("per_class", "dropout masks of the template's words before the class name in "
+                               "training: per_class (each class its own, as the official code; every class runs its "
+                               "whole prompt) | shared (one mask for every class: the words run once, as a shared "
+                               "prefix; faster, an approximation)")
 
     def __post_init__(self):
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
@@ -56,6 +62,9 @@ class CLIPLoRAOptions:
         if any(p.strip() not in tuple(PROJECTIONS) for p in self.params.split(",")):
             raise VlpromptError(f"method clip_lora: option params must be a comma list of q, k, v (the attention "
                                 f"output projection is not adapted), got {self.params!r}")
+        if self.prefix_masks not in PREFIX_MASKS:
+            raise VlpromptError(f"method clip_lora: option prefix_masks must be one of {list(PREFIX_MASKS)}, "
+                                f"got {self.prefix_masks!r}")
         if self.iters_per_shot < 1 or self.iterations < 0 or self.eta_min < 0 or self.logit_scale < 0:
             raise VlpromptError("method clip_lora: iters_per_shot >= 1, iterations >= 0, eta_min >= 0 and "
                                 "logit_scale >= 0 are needed")
@@ -122,12 +131,12 @@ class CLIPLoRA(TextClassifier):
     def text_features(self) -> torch.Tensor:
         """(C, d) L2-normalised class features through the adapted text tower."""
         bb, lora, n = self.backbone, self.text_lora, self.n_prefix
-        masks = lora is not None and lora.training and lora.dropout > 0  # a random mask per class and token
-        if masks or not n:
+        masks = lora is not None and lora.training and lora.dropout > 0  # random masks in every block
+        if not n or (masks and self.options.prefix_masks == "per_class"):
             feats = encode_truncated(bb, self.embedded, self.eot_idx, adapter=lora)
         else:
             feats = encode_shared_prefix(bb, self.embedded[0, :n], self.embedded[:, n:], self.eot_idx + 1 - n,
-                                         adapter=lora)
+                                         adapter=lora, shared_masks=masks)
         return F.normalize(feats, dim=-1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -244,7 +244,8 @@ def check_class_rows(class_rows: tuple, n_cls: int, room: int, blocks: int, wher
 
 def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tensor,
                          suffix_len: torch.Tensor, deep: Sequence[Optional[torch.Tensor]] = (),
-                         class_rows: Optional[tuple] = None, adapter: Optional[LowRankQKV] = None) -> torch.Tensor:
+                         class_rows: Optional[tuple] = None, adapter: Optional[LowRankQKV] = None,
+                         shared_masks: bool = False) -> torch.Tensor:
     """(C, d) float32 features for prompts ``[prefix, suffix_c[:suffix_len_c]]`` pooled at their last token.
 
     ``prefix``: (P, D) embeddings shared by every class (SOS + context); ``suffix``: (C, S, D) each class's
@@ -254,7 +255,8 @@ def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tenso
     each class's prefix rows 1..N replaced at the input of block L (TCP); the prefix is computed once below L,
     per class from L on (at L = 0 nothing is shared: the truncated computation). ``adapter``: low-rank updates of
     the query, key and value projections (`backbones.lora`) without dropout (evaluation): a random mask per class
-    would make the prefix differ between classes (training with dropout uses `encode_truncated`).
+    would make the prefix differ between classes (training with dropout uses `encode_truncated`, unless
+    ``shared_masks``: the prefix rows then draw one mask for every class, an approximation the caller records).
     """
     pos = bb.text.positional_embedding.to(bb.dtype)
     p = prefix.shape[0]
@@ -264,7 +266,7 @@ def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tenso
         if any(d is not None for d in deep[1:]):
             raise VlpromptError("deep text prompts and class rows cannot be combined: both replace the prefix rows")
         check_class_rows(class_rows, suffix.shape[0], p, len(bb.text.blocks), "the shared prefix")
-    if adapter is not None and adapter.training and adapter.dropout > 0:
+    if adapter is not None and adapter.training and adapter.dropout > 0 and not shared_masks:
         raise VlpromptError("a shared prefix cannot take low-rank updates with dropout: each class draws its own "
                             "masks (use encode_truncated)")
     return _run(bb, prefix.to(bb.dtype) + pos[:p], suffix[:, :s].to(bb.dtype) + pos[p:p + s], suffix_len, deep,
