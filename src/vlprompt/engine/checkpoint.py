@@ -301,12 +301,14 @@ def differing_keys(saved: dict, current: dict) -> list[str]:
 @dataclass
 class Checkpointer:
     """Where a run's checkpoint goes and when it is written: at the end of every epoch, and every
-    ``every`` steps when ``every`` > 0 (long epochs). ``identity`` is the run's result-deciding config."""
+    ``every`` steps when ``every`` > 0 (long epochs). ``identity`` is the run's result-deciding config;
+    ``legacy_identity`` the form an earlier version saved (a checkpoint written before an upgrade resumes)."""
 
     folder: Path
     identity: dict
     every: int = 0
     resume: bool = True
+    legacy_identity: Optional[dict] = None
     _loaded: Optional[dict] = None
 
     @property
@@ -344,7 +346,10 @@ class Checkpointer:
         state = read_checkpoint(self.path)
         if not isinstance(state["identity"], dict):
             raise _unusable(self.path, "damaged: its identity is not a mapping")
-        keys = differing_keys(state["identity"], self.identity)
+        current = self.identity
+        if "identity_version" not in state["identity"] and self.legacy_identity is not None:
+            current = self.legacy_identity  # written by an earlier version: compared in its own form
+        keys = differing_keys(state["identity"], current)
         if keys:
             raise VlpromptError(f"checkpoint {self.path} is of another configuration (differs in: "
                                 f"{', '.join(keys)}); pass --resume never to start over, or another --output")

@@ -46,6 +46,7 @@ from ..utils.threads import ThreadChoice, apply_threads, choose_threads
 from .checkpoint import Checkpointer, checkpoint_folder, differing_keys
 from .evaluate import accuracy_report, classify, image_logits, rank_logits
 from .feature_store import FeatureStore
+from .identity import IDENTITY_VERSION, config_key, legacy_config_key, legacy_identity, result_identity
 from .run_folder import commit_run_folder, recorded_key, stage_run_folder
 from .schedule import default_epochs
 from .trainer import ExactFeatures, FeatureBank, PixelSource, TrainSettings, train_prompt
@@ -164,31 +165,6 @@ def deviations(cfg: RunConfig, bb: Backbone, epochs: int, paper_epochs: int, tra
 
 
 SCHEMA_VERSION = 2
-# RunConfig keys that change how a run is carried out but never its result: left out of its identity. The
-# ``protocol`` only picks the recipe cell whose values the resolved configuration already holds (and what the run
-# is compared against), so runs of equal values are one run whatever protocol planned them.
-NON_RESULT_KEYS = ("output", "progress", "num_workers", "threads", "test_batch_size", "feature_cache", "cache_dir",
-                   "checkpoint_every", "resume", "keep_checkpoints", "overwrite", "protocol")
-
-
-def result_identity(values: dict) -> dict:
-    """The configuration keys that decide a run's result (what a checkpoint and an overwrite check compare), with
-    the method's options in full (parsed, defaults filled in, so ``weight: "4"`` from the command line and
-    ``weight: 4.0`` from a file are one run)."""
-    kept = {k: v for k, v in values.items() if k not in NON_RESULT_KEYS}
-    try:
-        method = get_method(kept["method"])
-        options = parse_options(method.name, method.Options, kept.get("method_options"))
-        kept["method_options"] = dataclasses.asdict(options) if options is not None else {}
-    except (KeyError, VlpromptError):
-        pass  # not a runnable configuration: kept as written
-    return kept
-
-
-def config_key(values: dict) -> str:
-    """A run's identity: the hash of its `result_identity`. Studies recognise a finished run by it (never by its
-    folder name)."""
-    return hashlib.sha256(json.dumps(result_identity(values), sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def _arch_name(name: Optional[str]) -> str:
@@ -229,9 +205,10 @@ def backbone_for(cfg: RunConfig, backbone: Optional[Backbone]) -> Backbone:
     return backbone
 
 
-def check_output(out: Path, cfg: RunConfig, key: str) -> None:
+def check_output(out: Path, cfg: RunConfig, key: str, legacy_key: Optional[str] = None) -> None:
     """Before any work: ``out`` must be a folder (or not exist yet), and a finished run there of another
-    configuration (``key`` differs from its recorded ``config_key``) is replaced only with ``overwrite``."""
+    configuration (its recorded ``config_key`` is neither ``key`` nor ``legacy_key``, the key an earlier version
+    gave it) is replaced only with ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise VlpromptError(f"output {out} exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()) or cfg.overwrite:
@@ -240,11 +217,11 @@ def check_output(out: Path, cfg: RunConfig, key: str) -> None:
     if recorded is None:
         raise VlpromptError(f"output {out} is a folder that holds no finished run; choose another --output or "
                             "pass --overwrite to replace it")
-    if recorded == key:
+    if recorded in (key, legacy_key):
         return
     try:
         old = load_yaml_file(out / "config.yaml", "run record")
-        keys = differing_keys(result_identity(old), result_identity(cfg.to_dict())) if isinstance(old, dict) else []
+        keys = differing_keys(legacy_identity(old), legacy_identity(cfg.to_dict())) if isinstance(old, dict) else []
     except VlpromptError:
         keys = []
     what = f"differs in: {', '.join(keys)}" if keys else "another prompt or configuration"
@@ -299,6 +276,7 @@ def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, tra
                     "acc5": None if report["top5_accuracy"] is None else report["top5_accuracy"] / 100.0,
                     "mean_per_class_recall": report["macro_accuracy"] / 100.0},
         "config_key": config_key(cfg.to_dict()),
+        "identity_version": IDENTITY_VERSION,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": cfg.method,
         "data": {"name": ds.name, "root": ds.info.get("root"), "fingerprint": dataset_fingerprint(ds),
@@ -327,13 +305,14 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
     parse_options(method.name, method.Options, cfg.method_options)  # a bad option fails before any work
     check_train_mode(method, cfg)
     out = Path(cfg.output or default_output(cfg))
-    check_output(out, cfg, config_key(cfg.to_dict()))
+    values = cfg.to_dict()
+    check_output(out, cfg, config_key(values), legacy_config_key(values))
     stage = stage_run_folder(out)
     checkpoint = None
     try:
         if method.trains and not method.needs.fitted:  # trained by SGD: resumable
-            checkpoint = Checkpointer(checkpoint_folder(out), result_identity(cfg.to_dict()), cfg.checkpoint_every,
-                                      resume=cfg.resume == "auto")
+            checkpoint = Checkpointer(checkpoint_folder(out), result_identity(values), cfg.checkpoint_every,
+                                      resume=cfg.resume == "auto", legacy_identity=legacy_identity(values))
             if cfg.resume == "never":
                 checkpoint.discard()
             checkpoint.check_writable()
@@ -568,9 +547,11 @@ def trained_record(prompt: Path) -> dict:
         return {}
 
 
-def eval_key(cfg: RunConfig, prompt_key: Optional[str]) -> str:
-    """The identity of an evaluation: its configuration plus the identity of the run that trained the prompt."""
-    return config_key({**cfg.to_dict(), "prompt_key": prompt_key})
+def eval_key(cfg: RunConfig, prompt_key: Optional[str], legacy: bool = False) -> str:
+    """The identity of an evaluation: its configuration plus the identity of the run that trained the prompt
+    (``legacy``: the key an earlier version gave it)."""
+    values = {**cfg.to_dict(), "prompt_key": prompt_key}
+    return legacy_config_key(values) if legacy else config_key(values)
 
 
 def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = None,
@@ -580,7 +561,8 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     at ``output`` (default: beside the evaluated run, `default_eval_output`)."""
     cfg, path = eval_config(prompt, cfg_overrides)
     out = Path(output) if output else default_eval_output(path, cfg)
-    check_output(out, cfg, eval_key(cfg, trained_record(path).get("config_key")))
+    prompt_key = trained_record(path).get("config_key")
+    check_output(out, cfg, eval_key(cfg, prompt_key), eval_key(cfg, prompt_key, legacy=True))
     stage = stage_run_folder(out)
     threads_before = torch.get_num_threads()
     try:

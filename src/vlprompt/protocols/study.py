@@ -27,7 +27,8 @@ from typing import Optional
 
 from ..config import RunConfig, check_plain_mapping, check_values
 from ..engine.feature_store import FeatureStore
-from ..engine.run import backbone_from_config, config_key, eval_config, eval_key, evaluate_prompt, run
+from ..engine.identity import config_key, legacy_config_key
+from ..engine.run import backbone_from_config, eval_config, eval_key, evaluate_prompt, run
 from ..errors import VlpromptError
 from ..methods import get_method
 from ..methods.base import parse_options
@@ -264,24 +265,31 @@ class Study:
         atomic_write_json(self.dir / "index.json", {"protocol": self.spec.protocol, "schema_version": 1,
                                                     "units": list(self.entries.values())})
 
-    def expected_key(self, unit: Unit) -> Optional[str]:
-        """The key a finished folder of ``unit`` carries; None when it cannot be known yet (an evaluation
-        whose training run has not finished)."""
+    def expected_key(self, unit: Unit, legacy: bool = False) -> Optional[str]:
+        """The key a finished folder of ``unit`` carries (``legacy``: the key an earlier version gave it); None
+        when it cannot be known yet (an evaluation whose training run has not finished)."""
         if unit.kind == "run":
-            return config_key(unit.cfg.to_dict())
+            return legacy_config_key(unit.cfg.to_dict()) if legacy else config_key(unit.cfg.to_dict())
         trained = self.folder(unit.after)
         prompt_key = recorded_key(trained)
         if prompt_key is None:
             return None
         cfg, _ = eval_config(trained, unit.eval_overrides)
-        return eval_key(cfg, prompt_key)
+        return eval_key(cfg, prompt_key, legacy=legacy)
 
     def is_finished(self, unit: Unit) -> bool:
-        try:
-            key = self.expected_key(unit)
-        except VlpromptError:
+        """Whether ``unit``'s folder holds its finished run: recorded under this version's key, or under the key an
+        earlier version gave it (a study finished before an upgrade is not rerun)."""
+        recorded = recorded_key(self.folder(unit.uid))
+        if recorded is None:
             return False
-        return key is not None and recorded_key(self.folder(unit.uid)) == key
+        for legacy in (False, True):
+            try:
+                if recorded == self.expected_key(unit, legacy):
+                    return True
+            except VlpromptError:
+                continue
+        return False
 
 
 @dataclass
