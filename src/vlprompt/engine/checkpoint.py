@@ -309,6 +309,7 @@ class Checkpointer:
     every: int = 0
     resume: bool = True
     legacy_identity: Optional[dict] = None
+    lease: Optional[object] = None  # `lease.Lease`: checked before every write (a process that lost it stops)
     _loaded: Optional[dict] = None
 
     @property
@@ -358,6 +359,8 @@ class Checkpointer:
 
     def save(self, state: dict) -> None:
         """Write atomically: a kill or a full disk leaves the previous checkpoint as it was."""
+        if self.lease is not None:
+            self.lease.check("the checkpoint")
         data = checkpoint_bytes({"identity": self.identity, **state})
         try:
             fault_point("checkpoint")

@@ -46,6 +46,7 @@ from ..utils.threads import ThreadChoice, apply_threads, choose_threads
 from .checkpoint import Checkpointer, checkpoint_folder, differing_keys
 from .evaluate import accuracy_report, classify, image_logits, rank_logits
 from .feature_store import FeatureStore
+from .lease import Lease
 from .identity import IDENTITY_VERSION, config_key, legacy_config_key, legacy_identity, result_identity
 from .run_folder import commit_run_folder, recorded_key, stage_run_folder
 from .schedule import default_epochs
@@ -307,28 +308,34 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
     out = Path(cfg.output or default_output(cfg))
     values = cfg.to_dict()
     check_output(out, cfg, config_key(values), legacy_config_key(values))
-    stage = stage_run_folder(out)
-    checkpoint = None
+    lease = Lease.acquire(out)  # the one process that writes this run's checkpoint and folder
     try:
-        if method.trains and not method.needs.fitted:  # trained by SGD: resumable
-            checkpoint = Checkpointer(checkpoint_folder(out), result_identity(values), cfg.checkpoint_every,
-                                      resume=cfg.resume == "auto", legacy_identity=legacy_identity(values))
-            if cfg.resume == "never":
-                checkpoint.discard()
-            checkpoint.check_writable()
-            checkpoint.load()  # one of another configuration is refused here, before any work
+        stage = stage_run_folder(out)
+        checkpoint = None
         try:
-            metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total, checkpoint)
-        except OSError as exc:  # a full disk, a vanished folder: one line; the checkpoint is kept
-            where = exc.filename or stage
-            raise VlpromptError(f"run {out} stopped: cannot write {where}: {exc.strerror or exc}"
-                                + ("; run the same command again to resume" if checkpoint else "")) from None
-        commit_run_folder(stage, out)
+            if method.trains and not method.needs.fitted:  # trained by SGD: resumable
+                checkpoint = Checkpointer(checkpoint_folder(out), result_identity(values), cfg.checkpoint_every,
+                                          resume=cfg.resume == "auto", legacy_identity=legacy_identity(values),
+                                          lease=lease)
+                if cfg.resume == "never":
+                    checkpoint.discard()
+                checkpoint.check_writable()
+                checkpoint.load()  # one of another configuration is refused here, before any work
+            try:
+                metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total, checkpoint)
+            except OSError as exc:  # a full disk, a vanished folder: one line; the checkpoint is kept
+                where = exc.filename or stage
+                raise VlpromptError(f"run {out} stopped: cannot write {where}: {exc.strerror or exc}"
+                                    + ("; run the same command again to resume" if checkpoint else "")) from None
+            lease.check("the run folder")
+            commit_run_folder(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
+            torch.set_num_threads(threads_before)
+        if checkpoint is not None:
+            checkpoint.keep_in(out) if cfg.keep_checkpoints else checkpoint.discard()
     finally:
-        shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
-        torch.set_num_threads(threads_before)
-    if checkpoint is not None:
-        checkpoint.keep_in(out) if cfg.keep_checkpoints else checkpoint.discard()
+        lease.release()
     say(f"{cfg.method} on {metrics['dataset']}: top-1 {metrics['test']['accuracy']:.2f}%  "
         f"macro {metrics['test']['macro_accuracy']:.2f}%  -> {out}", cfg.progress)
     metrics["output"] = str(out)
@@ -563,14 +570,19 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     out = Path(output) if output else default_eval_output(path, cfg)
     prompt_key = trained_record(path).get("config_key")
     check_output(out, cfg, eval_key(cfg, prompt_key), eval_key(cfg, prompt_key, legacy=True))
-    stage = stage_run_folder(out)
+    lease = Lease.acquire(out)
     threads_before = torch.get_num_threads()
     try:
-        metrics = _evaluate_into(stage, path, cfg, backbone, store if store is not None else FeatureStore())
-        commit_run_folder(stage, out)
+        stage = stage_run_folder(out)
+        try:
+            metrics = _evaluate_into(stage, path, cfg, backbone, store if store is not None else FeatureStore())
+            lease.check("the run folder")
+            commit_run_folder(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
     finally:
-        shutil.rmtree(stage, ignore_errors=True)  # gone already when the commit moved it into place
         torch.set_num_threads(threads_before)
+        lease.release()
     metrics["output"] = str(out)
     return metrics
 

@@ -35,7 +35,7 @@ def owner_tag() -> str:
     return f"{this_host()}-{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,7 +52,7 @@ def _left_behind(match: re.Match) -> bool:
     if host is not None and host != this_host():
         return False  # another machine's (shared storage): it cannot be judged from here
     pid = int(match.group("pid"))
-    return pid == os.getpid() or not _pid_alive(pid)
+    return pid == os.getpid() or not pid_alive(pid)
 
 
 def clean_stale(parent: Path, names: Optional[Iterable[str]] = None) -> list[Path]:
