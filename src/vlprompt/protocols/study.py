@@ -2,8 +2,9 @@
 
 A `StudySpec` names a protocol, its datasets (or a source and targets), methods, shots, seeds and the
 settings every run shares. `plan` turns it into units: training runs (`engine.run.run`) and evaluations of
-a trained prompt on other classes or datasets (`engine.run.evaluate_prompt`). `run_study` carries them out
-in one process with one model load per backbone and one `FeatureStore`, and keeps the study folder:
+a trained prompt on other classes or datasets (`engine.run.evaluate_prompt`). `run_study` drives them: it hands
+each unit to an executor (`executors`: ``local`` runs them in this process with one model load per backbone and
+one `FeatureStore`) and records every outcome; it is the only writer of the study folder's index:
 
     STUDY_DIR/study.yaml     the resolved study definition (re-runnable with `vlprompt study run`)
     STUDY_DIR/index.json     every unit with its state (done | failed | running | pending), key, error
@@ -20,15 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ..config import RunConfig, check_plain_mapping, check_values
-from ..engine.feature_store import FeatureStore
 from ..engine.identity import config_key, legacy_config_key
-from ..engine.run import backbone_from_config, eval_config, eval_key, evaluate_prompt, run
+from ..engine.run import eval_config, eval_key
 from ..errors import VlpromptError
 from ..methods import get_method
 from ..methods.base import parse_options
@@ -38,6 +37,7 @@ from ..utils.folder_lock import FolderLock
 from ..utils.io import atomic_write_json, atomic_write_text, read_json
 from ..utils.progress import logger, say
 from . import base2new, dg, fewshot, xd
+from .executors import LocalExecutor
 from .units import Planner, Unit
 
 # The protocols, one module each (a registry, not import side effects).
@@ -301,11 +301,6 @@ class StudyResult:
     total: int
 
 
-def _one_line(exc: BaseException) -> str:
-    text = (str(exc) or type(exc).__name__).strip().splitlines()[0]
-    return text if isinstance(exc, VlpromptError) else f"{type(exc).__name__}: {text}"
-
-
 def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False, rerun: bool = False,
               progress: bool = True, wait: bool = False) -> StudyResult:
     """Carry out (or continue) a study in this process; see the module docstring for what is kept. One
@@ -348,59 +343,56 @@ def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool
     kept_failed = sum(1 for e in study.entries.values() if e["state"] == "failed")
     say(f"study {spec.protocol}: {len(study.units)} runs, {skipped} finished, {kept_failed} failed before "
         f"{'(kept; --retry-failed to retry) ' if kept_failed else ''}-> {len(todo)} to run in {study.dir}", progress)
-    # Every backbone the remaining runs need is loaded now: a wrong architecture or weights file is one error
-    # line before any work, not a failure recorded for every run.
-    backbones: dict = {}
-    for u in todo:
-        if u.kind == "run":
-            _backbone(backbones, u.cfg)
-    store = FeatureStore()
+    executor = LocalExecutor(study.folder, progress)
+    executor.prepare(todo)
     durations: dict[str, list[float]] = {}  # seconds per finished unit, by method label and kind
-    done = 0
-    for i, u in enumerate(todo, 1):
-        entry = study.entries[u.uid]
-        say(f"study: run {i}/{len(todo)}, {_eta(todo[i - 1:], durations)}: {u.uid}", progress)
-        if u.after and study.entries[u.after]["state"] != "done":
-            entry.update(state="failed", error=f"its training run {u.after} did not finish")
+    done, started = 0, 0
+    pending, in_flight = list(todo), {}
+    try:
+        while pending or in_flight:
+            while pending and executor.free_slots() > 0:
+                u = _next_ready(pending, in_flight)
+                if u is None:
+                    break
+                pending.remove(u)
+                started += 1
+                entry = study.entries[u.uid]
+                say(f"study: run {started}/{len(todo)}, {_eta(todo[started - 1:], durations)}: {u.uid}", progress)
+                if u.after and study.entries[u.after]["state"] != "done":
+                    entry.update(state="failed", error=f"its training run {u.after} did not finish")
+                    study.save()
+                    say(f"study: run {started}/{len(todo)} {u.uid} FAILED: {entry['error']}", progress)
+                    continue
+                entry.update(state="running")
+                study.save()
+                executor.submit(u)
+                in_flight[u.uid] = (u, started)
+            if not in_flight:
+                continue
+            outcome = executor.next_outcome()
+            u, number = in_flight.pop(outcome.uid)
+            entry = study.entries[u.uid]
+            if outcome.error is not None:
+                entry.update(state="failed", error=outcome.error, seconds=outcome.seconds)
+                study.save()
+                say(f"study: run {number}/{len(todo)} {u.uid} FAILED: {entry['error']}", progress)
+                continue
+            durations.setdefault(_kind(u), []).append(outcome.seconds)
+            entry.update(state="done", key=outcome.metrics["config_key"], error=None, seconds=outcome.seconds)
             study.save()
-            say(f"study: run {i}/{len(todo)} {u.uid} FAILED: {entry['error']}", progress)
-            continue
-        entry.update(state="running")
-        study.save()
-        t = time.perf_counter()
-        try:
-            # A study owns its run folders: one whose configuration changed is replaced (overwrite).
-            if u.kind == "run":
-                metrics = run(u.cfg.replace(overwrite=True), backbone=_backbone(backbones, u.cfg), store=store)
-            else:
-                trained = study.folder(u.after)
-                overrides = {**u.eval_overrides, "progress": progress, "overwrite": True}
-                bb = _backbone(backbones, eval_config(trained, overrides)[0])
-                metrics = evaluate_prompt(str(trained), overrides, output=str(study.folder(u.uid)), backbone=bb,
-                                          store=store)
-        except Exception as exc:  # one run's failure never stops the study
-            entry.update(state="failed", error=_one_line(exc), seconds=time.perf_counter() - t)
-            study.save()
-            say(f"study: run {i}/{len(todo)} {u.uid} FAILED: {entry['error']}", progress)
-            continue
-        seconds = time.perf_counter() - t
-        durations.setdefault(_kind(u), []).append(seconds)
-        entry.update(state="done", key=metrics["config_key"], error=None, seconds=seconds)
-        study.save()
-        done += 1
+            done += 1
+    finally:
+        executor.close()
     failed = [(uid, e["error"]) for uid, e in study.entries.items() if e["state"] == "failed"]
     say(f"study {spec.protocol}: {done} run now, {skipped} skipped as finished, {len(failed)} failed -> "
         f"{study.dir} (vlprompt report {study.dir})", progress)
     return StudyResult(study.dir, done, skipped, failed, len(study.units))
 
 
-def _backbone(cache: dict, cfg: RunConfig):
-    """One model load per backbone for the whole study."""
-    key = (cfg.backbone.replace("/", "-"), cfg.weights, cfg.pretrained if not cfg.weights else None,
-           cfg.precision, cfg.device)
-    if key not in cache:
-        cache[key] = backbone_from_config(cfg)
-    return cache[key]
+def _next_ready(pending: list, in_flight: dict) -> Optional[Unit]:
+    """The first pending unit whose training run (if any) is neither pending nor running."""
+    waiting = {u.uid for u in pending} | set(in_flight)
+    return next((u for u in pending if not u.after or u.after not in waiting), None)
 
 
 def _kind(u: Unit) -> str:
