@@ -174,6 +174,15 @@ def _add_study_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rerun", action="store_true", help="run everything again, finished runs included")
     g.add_argument("--wait", action="store_true", help="when another process is running this study folder, wait "
                    "for it to finish and then continue (default: refuse, naming it)")
+    g.add_argument("--executor", default="local", choices=["local", "pool"],
+                   help="local: runs one after another in this process | pool: worker processes on this machine")
+    g.add_argument("--workers", type=int, help="pool: worker processes (default 2)")
+    g.add_argument("--threads-per-worker", dest="threads_per_worker", type=int,
+                   help="pool: threads of each worker (default: the cores divided among the workers)")
+    g.add_argument("--gpus", help="pool: GPU ids, e.g. 0,1 (one worker per GPU and --runs-per-gpu)")
+    g.add_argument("--runs-per-gpu", dest="runs_per_gpu", type=int, help="pool: runs at once on each GPU (default 1)")
+    g.add_argument("--max-retries", dest="max_retries", type=int,
+                   help="pool: times a unit whose worker died is given again (default 1)")
     _add_execution(g)
 
 
@@ -379,8 +388,12 @@ def cmd_study(args) -> int:
             if getattr(args, key, None) is not None:
                 spec.settings[key] = getattr(args, key)
     folder = args.output or spec.output or f"studies/{spec.protocol}"
+    pool = {k: getattr(args, k) for k in ("workers", "threads_per_worker", "runs_per_gpu", "max_retries")
+            if getattr(args, k, None) is not None}
+    if getattr(args, "gpus", None):
+        pool["gpus"] = _csv_list("gpus", args.gpus, int)
     result = run_study(spec, folder, retry_failed=args.retry_failed, rerun=args.rerun,
-                       progress=args.progress is not False, wait=args.wait)
+                       progress=args.progress is not False, wait=args.wait, executor=args.executor, **pool)
     rows, out = write_report(folder)
     print(to_markdown(rows))
     print(f"report: {out / 'index.html'} (tables, figures); `vlprompt report {folder}` prints it again")

@@ -292,11 +292,14 @@ def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, tra
     }
 
 
-def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[FeatureStore] = None) -> dict:
+def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[FeatureStore] = None,
+        execution: Optional[dict] = None) -> dict:
     """Run ``cfg`` and write its run folder; returns the metrics dictionary.
 
     ``backbone`` (checked against ``cfg``) and ``store`` let several runs share one model load and one set
     of encoded test splits; without them this run loads its own and releases them when it returns.
+    ``execution``: how the run was carried out (executor, host, device, attempt), recorded in ``metrics.json``
+    under ``execution`` (never part of its identity).
     """
     store = store if store is not None else FeatureStore()
     threads_before = torch.get_num_threads()  # a run's thread choice ends with it
@@ -322,7 +325,8 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
                 checkpoint.check_writable()
                 checkpoint.load()  # one of another configuration is refused here, before any work
             try:
-                metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total, checkpoint)
+                metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total, checkpoint,
+                                    execution or {})
             except OSError as exc:  # a full disk, a vanished folder: one line; the checkpoint is kept
                 where = exc.filename or stage
                 raise VlpromptError(f"run {out} stopped: cannot write {where}: {exc.strerror or exc}"
@@ -371,7 +375,7 @@ def test_report(learner, ds, cfg: RunConfig, test_features) -> dict:
 
 
 def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, timings, t_total,
-              checkpoint: Optional[Checkpointer]) -> dict:
+              checkpoint: Optional[Checkpointer], execution: dict) -> dict:
     if backbone is not None:
         backbone_for(cfg, backbone)  # a mismatch fails before the dataset is read
     set_seed(cfg.seed)
@@ -460,7 +464,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
         "deviations": deviations(cfg, bb, epochs, paper_epochs, by_sgd, ds.info.get("notes"))
         + as_records(extra_deviations, cfg.method),
         "train_mode": cfg.train_mode if by_sgd else None,
-        "execution": {"threads": threads.as_record() if threads else None},
+        "execution": {"threads": threads.as_record() if threads else None, **execution},
     }
     write_run_files(stage, cfg, metrics)
     return metrics
@@ -562,7 +566,8 @@ def eval_key(cfg: RunConfig, prompt_key: Optional[str], legacy: bool = False) ->
 
 
 def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = None,
-                    backbone: Optional[Backbone] = None, store: Optional[FeatureStore] = None) -> dict:
+                    backbone: Optional[Backbone] = None, store: Optional[FeatureStore] = None,
+                    execution: Optional[dict] = None) -> dict:
     """Evaluate a saved prompt (a run folder or a prompt folder) on a dataset's test split (configuration:
     `eval_config`) and write a run folder (``config.yaml`` + ``metrics.json``, the schema of a training run)
     at ``output`` (default: beside the evaluated run, `default_eval_output`)."""
@@ -575,7 +580,8 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     try:
         stage = stage_run_folder(out)
         try:
-            metrics = _evaluate_into(stage, path, cfg, backbone, store if store is not None else FeatureStore())
+            metrics = _evaluate_into(stage, path, cfg, backbone, store if store is not None else FeatureStore(),
+                                     execution or {})
             lease.check("the run folder")
             commit_run_folder(stage, out)
         finally:
@@ -587,7 +593,7 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     return metrics
 
 
-def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: FeatureStore) -> dict:
+def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: FeatureStore, execution: dict) -> dict:
     method = get_method(cfg.method)
     if backbone is not None:
         backbone_for(cfg, backbone)  # a mismatch fails before the dataset is read
@@ -609,7 +615,7 @@ def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: Fea
         "timings": {"evaluate_s": time.perf_counter() - t},
         "versions": versions(),
         "deviations": deviations(cfg, bb, 0, 0, False, ds.info.get("notes")),
-        "execution": {"threads": threads.as_record() if threads else None},
+        "execution": {"threads": threads.as_record() if threads else None, **execution},
     }
     metrics["config_key"] = eval_key(cfg, metrics["prompt"]["config_key"])
     write_run_files(stage, cfg, metrics)

@@ -5,10 +5,21 @@ unit, under its lease).
 
 - `LocalExecutor` (``local``): one unit at a time in this process, one model load per backbone and one feature store
   for the whole study.
+- `PoolExecutor` (``pool``): N worker processes on this machine, each keeping its backbones and feature store
+  across its units and running them with its own thread budget (``threads_per_worker``, by default the cores
+  divided among the workers, so N runs at once are never slower than one after another), or one GPU each
+  (``gpus`` x ``runs_per_gpu`` workers, each seeing only its GPU). A worker that dies (killed, out of memory) is
+  replaced and its unit given again, up to ``max_retries`` times; an exception inside a unit is that unit's
+  failure.
+
+Each unit's ``metrics.json`` records how it ran under ``execution`` (executor, host, worker, attempt, device).
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -47,21 +58,25 @@ def load_backbone_once(cache: dict, cfg: RunConfig):
 
 
 def execute_unit(unit: Unit, folder: Callable[[str], Path], backbones: dict, store: FeatureStore,
-                 progress: bool) -> Outcome:
+                 progress: bool, execution: Optional[dict] = None, threads: Optional[int] = None) -> Outcome:
     """Run one unit (a training run, or an evaluation of its training run's prompt); any exception becomes the
-    unit's one-line error: one unit's failure never stops a study."""
+    unit's one-line error: one unit's failure never stops a study. ``threads``: the run's thread budget (a pool
+    worker's); ``execution``: recorded in its metrics."""
     t = time.perf_counter()
+    budget = {} if threads is None else {"threads": str(threads)}
     try:
         # A study owns its run folders: one whose configuration changed is replaced (overwrite).
         if unit.kind == "run":
-            metrics = run(unit.cfg.replace(overwrite=True), backbone=load_backbone_once(backbones, unit.cfg),
-                          store=store)
+            cfg = unit.cfg.replace(overwrite=True, **budget)
+            metrics = run(cfg, backbone=load_backbone_once(backbones, unit.cfg), store=store,
+                          execution={**(execution or {}), "device": cfg.device})
         else:
             trained = folder(unit.after)
-            overrides = {**unit.eval_overrides, "progress": progress, "overwrite": True}
-            bb = load_backbone_once(backbones, eval_config(trained, overrides)[0])
-            metrics = evaluate_prompt(str(trained), overrides, output=str(folder(unit.uid)), backbone=bb,
-                                      store=store)
+            overrides = {**unit.eval_overrides, "progress": progress, "overwrite": True, **budget}
+            cfg = eval_config(trained, overrides)[0]
+            metrics = evaluate_prompt(str(trained), overrides, output=str(folder(unit.uid)),
+                                      backbone=load_backbone_once(backbones, cfg), store=store,
+                                      execution={**(execution or {}), "device": cfg.device})
     except Exception as exc:
         return Outcome(unit.uid, None, one_line(exc), time.perf_counter() - t)
     return Outcome(unit.uid, metrics, None, time.perf_counter() - t)
@@ -93,7 +108,133 @@ class LocalExecutor:
 
     def next_outcome(self) -> Outcome:
         """The outcome of the next submitted unit (run here, now)."""
-        return execute_unit(self._queue.popleft(), self.folder, self.backbones, self.store, self.progress)
+        return execute_unit(self._queue.popleft(), self.folder, self.backbones, self.store, self.progress,
+                            {"executor": "local", "host": socket.gethostname(), "attempt": 1})
+
+    def in_flight(self) -> list:
+        return []
 
     def close(self) -> None:
         self._queue.clear()
+
+
+def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, results) -> None:
+    """A pool worker: its own backbones and feature store for every unit it is given, its own thread budget."""
+    import torch
+
+    torch.set_num_threads(threads)
+    backbones: dict = {}
+    store = FeatureStore()
+
+    def folder(uid: str) -> Path:
+        return Path(runs_dir) / uid
+
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        unit, attempt = task
+        execution = {"executor": "pool", "host": socket.gethostname(), "worker": index, "attempt": attempt}
+        results.put((index, execute_unit(unit, folder, backbones, store, progress, execution, threads)))
+
+
+class PoolExecutor:
+    """N worker processes on this machine (see the module docstring)."""
+
+    name = "pool"
+
+    def __init__(self, runs_dir: Path, progress: bool, workers: int = 2, threads_per_worker: Optional[int] = None,
+                 gpus: Optional[list] = None, runs_per_gpu: int = 1, max_retries: int = 1):
+        import multiprocessing
+
+        if gpus:
+            workers = len(gpus) * runs_per_gpu
+        if workers < 1 or runs_per_gpu < 1 or max_retries < 0:
+            raise VlpromptError("executor pool: --workers and --runs-per-gpu must be >= 1, --max-retries >= 0")
+        cores = os.cpu_count() or 1
+        self.threads = threads_per_worker or max(1, cores // workers)
+        if self.threads < 1:
+            raise VlpromptError("executor pool: --threads-per-worker must be >= 1")
+        self.runs_dir, self.progress, self.max_retries = str(runs_dir), progress, max_retries
+        self.gpus = [str(g) for g in gpus] if gpus else None
+        self.runs_per_gpu = runs_per_gpu
+        # CPU workers fork from the driver, which has imported everything and run no torch work (no thread pool or
+        # GPU state to inherit): they start at once. GPU workers start a fresh interpreter (a CUDA context cannot
+        # be forked, and each must see only its own GPU from the start).
+        method = "fork" if not gpus and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        self._ctx = multiprocessing.get_context(method)
+        self._results = self._ctx.Queue()
+        self._workers: list = [None] * workers
+        self._busy: dict = {}  # worker index -> (unit, attempt)
+        for i in range(workers):
+            self._start(i, first=True)
+
+    def _start(self, index: int, first: bool) -> None:
+        """Start worker ``index`` (with its GPU, where there are GPUs). Fault injection (the tests') applies to
+        first workers only: a replacement runs clean."""
+        saved = dict(os.environ)
+        try:
+            if self.gpus:
+                os.environ["CUDA_VISIBLE_DEVICES"] = self.gpus[index // self.runs_per_gpu]
+            os.environ["OMP_NUM_THREADS"] = str(self.threads)
+            if not first:
+                os.environ.pop("VLPROMPT_FAULTS", None)
+            tasks = self._ctx.Queue()
+            proc = self._ctx.Process(target=_worker, args=(index, self.runs_dir, self.progress, self.threads, tasks,
+                                                           self._results), daemon=True)
+            proc.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self._workers[index] = (proc, tasks)
+
+    def prepare(self, units: list) -> None:
+        """Nothing to load here: each worker loads the backbones of its own units."""
+
+    def free_slots(self) -> int:
+        return len(self._workers) - len(self._busy)
+
+    def submit(self, unit: Unit, attempt: int = 1) -> None:
+        index = next(i for i in range(len(self._workers)) if i not in self._busy)
+        self._busy[index] = (unit, attempt)
+        self._workers[index][1].put((unit, attempt))
+
+    def in_flight(self) -> list:
+        return [unit.uid for unit, _ in self._busy.values()]
+
+    def next_outcome(self) -> Outcome:
+        """The next finished unit's outcome; a dead worker's unit is given to a fresh worker again (or, past the
+        retries, is that unit's failure)."""
+        while True:
+            try:
+                index, outcome = self._results.get(timeout=0.5)
+            except queue.Empty:
+                dead = self._dead_worker()
+                if dead is None:
+                    continue
+                index, code = dead
+                unit, attempt = self._busy.pop(index)
+                self._start(index, first=False)
+                if attempt <= self.max_retries:
+                    self.submit(unit, attempt + 1)
+                    continue
+                return Outcome(unit.uid, None, f"its worker process died (exit code {code}) in each of {attempt} "
+                                               "attempts", 0.0)
+            self._busy.pop(index, None)
+            return outcome
+
+    def _dead_worker(self) -> Optional[tuple]:
+        for index in list(self._busy):
+            proc = self._workers[index][0]
+            if not proc.is_alive():
+                return index, proc.exitcode
+        return None
+
+    def close(self) -> None:
+        for proc, tasks in self._workers:
+            if proc.is_alive():
+                tasks.put(None)
+        for proc, _ in self._workers:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()

@@ -37,7 +37,9 @@ from ..utils.folder_lock import FolderLock
 from ..utils.io import atomic_write_json, atomic_write_text, read_json
 from ..utils.progress import logger, say
 from . import base2new, dg, fewshot, xd
-from .executors import LocalExecutor
+from .executors import LocalExecutor, PoolExecutor
+
+EXECUTORS = ("local", "pool")
 from .units import Planner, Unit
 
 # The protocols, one module each (a registry, not import side effects).
@@ -302,13 +304,18 @@ class StudyResult:
 
 
 def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False, rerun: bool = False,
-              progress: bool = True, wait: bool = False) -> StudyResult:
-    """Carry out (or continue) a study in this process; see the module docstring for what is kept. One
-    process drives a study folder at a time: another one refuses in one line naming the holder, or with
-    ``wait`` waits for it (and then skips what it finished)."""
+              progress: bool = True, wait: bool = False, executor: str = "local", **executor_options) -> StudyResult:
+    """Carry out (or continue) a study; see the module docstring for what is kept. ``executor``: ``local`` (this
+    process) or ``pool`` (``executor_options``: workers, threads_per_worker, gpus, runs_per_gpu, max_retries; see
+    `executors.PoolExecutor`). One process drives a study folder at a time: another one refuses in one line naming
+    the holder, or with ``wait`` waits for it (and then skips what it finished)."""
+    if executor not in EXECUTORS:
+        raise VlpromptError(f"executor '{executor}' is not one of {list(EXECUTORS)}")
+    if executor == "local" and executor_options:
+        raise VlpromptError(f"executor local takes no {', '.join(sorted(executor_options))} (they are pool's)")
     _not_inside_a_study(Path(study_dir))
     with FolderLock(Path(study_dir), "study", wait=wait, on_wait=lambda msg: say(msg, progress)):
-        return _run_study(spec, Path(study_dir), retry_failed, rerun, progress)
+        return _run_study(spec, Path(study_dir), retry_failed, rerun, progress, executor, executor_options)
 
 
 def _not_inside_a_study(study_dir: Path) -> None:
@@ -321,7 +328,8 @@ def _not_inside_a_study(study_dir: Path) -> None:
                                 "give a folder outside it")
 
 
-def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool, progress: bool) -> StudyResult:
+def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool, progress: bool, executor_name: str,
+               executor_options: dict) -> StudyResult:
     study = Study(spec, study_dir, progress)
     for stale in study.dir.glob(".*.tmp"):  # an index write cut short by a kill
         stale.unlink(missing_ok=True)
@@ -343,7 +351,12 @@ def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool
     kept_failed = sum(1 for e in study.entries.values() if e["state"] == "failed")
     say(f"study {spec.protocol}: {len(study.units)} runs, {skipped} finished, {kept_failed} failed before "
         f"{'(kept; --retry-failed to retry) ' if kept_failed else ''}-> {len(todo)} to run in {study.dir}", progress)
-    executor = LocalExecutor(study.folder, progress)
+    if executor_name == "pool" and todo:
+        executor = PoolExecutor(study.dir / "runs", progress, **executor_options)
+        say(f"study: executor pool, {len(executor._workers)} workers x {executor.threads} thread(s)"
+            + (f", GPUs {','.join(executor.gpus)}" if executor.gpus else ""), progress)
+    else:
+        executor = LocalExecutor(study.folder, progress)
     executor.prepare(todo)
     durations: dict[str, list[float]] = {}  # seconds per finished unit, by method label and kind
     done, started = 0, 0
@@ -357,7 +370,9 @@ def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool
                 pending.remove(u)
                 started += 1
                 entry = study.entries[u.uid]
-                say(f"study: run {started}/{len(todo)}, {_eta(todo[started - 1:], durations)}: {u.uid}", progress)
+                flying = executor.in_flight()
+                say(f"study: run {started}/{len(todo)}, {_eta(todo[started - 1:], durations)}: {u.uid}"
+                    + (f" ({len(flying)} in flight: {', '.join(flying)})" if flying else ""), progress)
                 if u.after and study.entries[u.after]["state"] != "done":
                     entry.update(state="failed", error=f"its training run {u.after} did not finish")
                     study.save()

@@ -1,0 +1,99 @@
+"""Study executors: a study run by the pool executor (worker processes, each with its own thread budget) gives the
+same run folders' results and report as the local one; dependencies (an evaluation after its training run) hold; a
+run that raises is recorded failed and the rest finish; a worker killed mid-run is replaced and its run retried."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from support import TINY_VIT
+
+from vlprompt.cli import main
+from vlprompt.data import make_synthetic_dataset
+
+TINY = ["--backbone", TINY_VIT, "--pretrained", "random", "--epochs", "2", "--seeds", "1,2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=2, n_test_per_class=2,
+                                  seed=0)
+
+
+def outcomes(study: Path) -> dict:
+    """Per run folder: its test result, its trained tensors, how it ran."""
+    out = {}
+    for metrics_file in sorted((study / "runs").rglob("metrics.json")):
+        m = json.loads(metrics_file.read_text())
+        prompt = metrics_file.parent / "prompt" / "prompt.safetensors"
+        tensors = {k: v.tolist() for k, v in load_file(str(prompt)).items()} if prompt.is_file() else {}
+        out[str(metrics_file.parent.relative_to(study))] = (m["test"], tensors, m["config_key"], m["execution"])
+    return out
+
+
+def test_pool_gives_the_local_results(shapes, tmp_path, capsys):
+    args = ["study", "fewshot", "--datasets", shapes, "--methods", "zeroshot,coop,kgcoop", "--shots", "1", *TINY]
+    assert main([*args, "--output", str(tmp_path / "local")]) == 0
+    local_report = capsys.readouterr().out.split("report:")[0]
+    assert main([*args, "--output", str(tmp_path / "pool"), "--executor", "pool", "--workers", "2",
+                 "--threads-per-worker", "1"]) == 0
+    pool_report = capsys.readouterr().out.split("report:")[0]
+    local, pool = outcomes(tmp_path / "local"), outcomes(tmp_path / "pool")
+    assert local.keys() == pool.keys() and len(local) == 5  # zero-shot once, coop and kgcoop x 2 seeds
+    for uid in local:
+        assert local[uid][:3] == pool[uid][:3], uid  # test results, tensors and keys, exactly
+        assert local[uid][3]["executor"] == "local" and pool[uid][3]["executor"] == "pool"
+        assert pool[uid][3]["attempt"] == 1 and pool[uid][3]["worker"] in (0, 1) and pool[uid][3]["device"] == "cpu"
+    assert {p[3]["worker"] for p in pool.values()} == {0, 1}  # both workers ran units
+    assert local_report == pool_report.replace(str(tmp_path / "pool"), str(tmp_path / "local"))
+
+
+def test_pool_keeps_dependencies_and_records_failures(shapes, tmp_path, capsys):
+    out = tmp_path / "b2n"
+    # ivlp's recipe depth (12) does not fit the 2-block tiny towers: its runs fail, the rest finish
+    assert main(["study", "base2new", "--datasets", shapes, "--methods", "coop,ivlp", "--shots", "1", *TINY,
+                 "--output", str(out), "--executor", "pool", "--workers", "2"]) == 1
+    printed = capsys.readouterr().out
+    index = {u["uid"]: u for u in json.loads((out / "index.json").read_text())["units"]}
+    for uid, unit in index.items():
+        if "/coop/" in uid:
+            assert unit["state"] == "done", unit
+        else:
+            assert unit["state"] == "failed"
+            assert ("depth_text=12" in unit["error"]) if uid.endswith("base") else "did not finish" in unit["error"]
+    assert "failed:" in printed
+    new = json.loads(next(out.rglob("coop/*/new/metrics.json")).read_text())
+    assert new["kind"] == "eval" and new["execution"]["executor"] == "pool"
+
+
+def test_a_killed_worker_is_replaced_and_its_run_retried(shapes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VLPROMPT_FAULTS", "kill@step=2")  # the first workers die at their second training step
+    out = tmp_path / "killed"
+    assert main(["study", "fewshot", "--datasets", shapes, "--methods", "coop", "--shots", "1", *TINY,
+                 "--output", str(out), "--executor", "pool", "--workers", "2", "--max-retries", "1"]) == 0
+    capsys.readouterr()
+    runs = outcomes(out)
+    assert len(runs) == 2 and all(r[3]["attempt"] == 2 for r in runs.values())
+    monkeypatch.delenv("VLPROMPT_FAULTS")
+    reference = tmp_path / "reference"
+    assert main(["study", "fewshot", "--datasets", shapes, "--methods", "coop", "--shots", "1", *TINY,
+                 "--output", str(reference)]) == 0
+    assert {k: v[:3] for k, v in outcomes(reference).items()} == {k: v[:3] for k, v in runs.items()}
+
+
+def test_past_its_retries_a_dying_run_is_recorded_failed(shapes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VLPROMPT_FAULTS", "kill@step=2")
+    out = tmp_path / "killed"
+    assert main(["study", "fewshot", "--datasets", shapes, "--methods", "coop", "--shots", "1", *TINY,
+                 "--output", str(out), "--executor", "pool", "--workers", "1", "--max-retries", "0"]) == 1
+    printed = capsys.readouterr().out
+    assert "its worker process died (exit code -9) in each of 1 attempts" in printed
+
+
+def test_local_takes_no_pool_options(shapes, tmp_path, capsys):
+    assert main(["study", "fewshot", "--datasets", shapes, "--methods", "zeroshot", *TINY, "--output",
+                 str(tmp_path / "s"), "--workers", "2"]) == 2
+    assert "executor local takes no workers" in capsys.readouterr().err
