@@ -118,10 +118,26 @@ class LocalExecutor:
         self._queue.clear()
 
 
-def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, results) -> None:
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this worker when the driver dies (Linux): a driver killed with kill -9 leaves no
+    worker behind, so its runs' leases belong to dead processes and a restarted driver takes them over at once.
+    Elsewhere the worker notices its parent is gone when it next waits for a task."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, results, parent: int) -> None:
     """A pool worker: its own backbones and feature store for every unit it is given, its own thread budget."""
     import torch
 
+    _die_with_parent()
+    if os.getppid() != parent:  # the driver died before the request above took effect
+        return
     torch.set_num_threads(threads)
     backbones: dict = {}
     store = FeatureStore()
@@ -130,7 +146,12 @@ def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, resu
         return Path(runs_dir) / uid
 
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
         if task is None:
             return
         unit, attempt = task
@@ -181,7 +202,7 @@ class PoolExecutor:
                 os.environ.pop("VLPROMPT_FAULTS", None)
             tasks = self._ctx.Queue()
             proc = self._ctx.Process(target=_worker, args=(index, self.runs_dir, self.progress, self.threads, tasks,
-                                                           self._results), daemon=True)
+                                                           self._results, os.getpid()), daemon=True)
             proc.start()
         finally:
             os.environ.clear()
