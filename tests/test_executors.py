@@ -100,7 +100,6 @@ def test_local_takes_no_pool_options(shapes, tmp_path, capsys):
 
 
 def test_a_driver_killed_mid_study_leaves_no_worker_and_resumes(shapes, tmp_path, capsys):
-    import os
     import subprocess
     import sys
     import time
