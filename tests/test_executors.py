@@ -120,7 +120,9 @@ def test_a_driver_killed_mid_study_leaves_no_worker_and_resumes(shapes, tmp_path
             break
         time.sleep(0.05)
     assert driver.poll() is None, "the study ended before it could be killed"
-    workers = subprocess.run(["pgrep", "-P", str(driver.pid)], capture_output=True, text=True).stdout.split()
+    helpers = subprocess.run(["pgrep", "-P", str(driver.pid)], capture_output=True, text=True).stdout.split()
+    workers = [w for h in helpers  # forked by the fork server, a child of the driver
+               for w in subprocess.run(["pgrep", "-P", h], capture_output=True, text=True).stdout.split()]
     driver.kill()
     driver.wait()
     finished = {u["uid"]: u["seconds"] for u in units if u["state"] == "done"}

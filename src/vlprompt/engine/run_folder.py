@@ -36,13 +36,19 @@ def owner_tag() -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running: it exists and is not a zombie (a killed process whose
+    parent has not reaped it, e.g. a worker of a fork server orphaned by a killed driver)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: existing is running
 
 
 def _left_behind(match: re.Match) -> bool:

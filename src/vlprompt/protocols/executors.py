@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from typing import Callable, Optional
 from ..config import RunConfig
 from ..engine.feature_store import FeatureStore
 from ..engine.run import backbone_from_config, eval_config, evaluate_prompt, run
+from ..engine.run_folder import pid_alive
 from ..errors import VlpromptError
 from .units import Unit
 
@@ -119,25 +122,35 @@ class LocalExecutor:
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to kill this worker when the driver dies (Linux): a driver killed with kill -9 leaves no
-    worker behind, so its runs' leases belong to dead processes and a restarted driver takes them over at once.
-    Elsewhere the worker notices its parent is gone when it next waits for a task."""
+    """Ask the kernel to kill this worker when its parent dies (Linux; the parent is the fork server, which exits
+    when the driver does, or the driver itself): a driver killed with kill -9 leaves no worker behind, so its runs'
+    leases belong to dead processes and a restarted driver takes them over at once. Elsewhere the worker notices
+    that the driver is gone when it next waits for a task."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
 
-def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, results, parent: int) -> None:
-    """A pool worker: its own backbones and feature store for every unit it is given, its own thread budget."""
+def _watch_driver(driver: int) -> None:
+    """Kill this worker as soon as the driver is gone (mid-run too): its unit is the restarted driver's to give
+    again, and its lease then belongs to a dead process, which a rerun takes over at once."""
+    while pid_alive(driver):
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, results, driver: int, env: dict) -> None:
+    """A pool worker: its own backbones and feature store for every unit it is given, its own thread budget, and
+    the driver's environment as it was when the worker was started (a fork server's is older)."""
     import torch
 
+    os.environ.clear()
+    os.environ.update(env)
     _die_with_parent()
-    if os.getppid() != parent:  # the driver died before the request above took effect
-        return
+    threading.Thread(target=_watch_driver, args=(driver,), name="driver watch", daemon=True).start()
     torch.set_num_threads(threads)
     backbones: dict = {}
     store = FeatureStore()
@@ -149,7 +162,7 @@ def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, resu
         try:
             task = tasks.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:
+            if not pid_alive(driver):
                 return
             continue
         if task is None:
@@ -179,11 +192,15 @@ class PoolExecutor:
         self.runs_dir, self.progress, self.max_retries = str(runs_dir), progress, max_retries
         self.gpus = [str(g) for g in gpus] if gpus else None
         self.runs_per_gpu = runs_per_gpu
-        # CPU workers fork from the driver, which has imported everything and run no torch work (no thread pool or
-        # GPU state to inherit): they start at once. GPU workers start a fresh interpreter (a CUDA context cannot
-        # be forked, and each must see only its own GPU from the start).
-        method = "fork" if not gpus and "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self._ctx = multiprocessing.get_context(method)
+        # CPU workers fork from a fork server: a clean process that has imported vlprompt and torch once and run
+        # no torch work, so each worker starts at once without inheriting a thread pool's locks (forking the driver
+        # itself deadlocks once it has run torch operations). GPU workers start a fresh interpreter each (a CUDA
+        # context cannot be forked, and each must see only its own GPU from the start).
+        if not gpus and "forkserver" in multiprocessing.get_all_start_methods():
+            self._ctx = multiprocessing.get_context("forkserver")
+            self._ctx.set_forkserver_preload([__name__])
+        else:
+            self._ctx = multiprocessing.get_context("spawn")
         self._results = self._ctx.Queue()
         self._workers: list = [None] * workers
         self._busy: dict = {}  # worker index -> (unit, attempt)
@@ -193,16 +210,18 @@ class PoolExecutor:
     def _start(self, index: int, first: bool) -> None:
         """Start worker ``index`` (with its GPU, where there are GPUs). Fault injection (the tests') applies to
         first workers only: a replacement runs clean."""
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[index // self.runs_per_gpu]
+        if not first:
+            env.pop("VLPROMPT_FAULTS", None)
         saved = dict(os.environ)
         try:
-            if self.gpus:
-                os.environ["CUDA_VISIBLE_DEVICES"] = self.gpus[index // self.runs_per_gpu]
-            os.environ["OMP_NUM_THREADS"] = str(self.threads)
-            if not first:
-                os.environ.pop("VLPROMPT_FAULTS", None)
+            os.environ.clear()
+            os.environ.update(env)  # a spawned worker's interpreter starts with it (CUDA_VISIBLE_DEVICES)
             tasks = self._ctx.Queue()
             proc = self._ctx.Process(target=_worker, args=(index, self.runs_dir, self.progress, self.threads, tasks,
-                                                           self._results, os.getpid()), daemon=True)
+                                                           self._results, os.getpid(), env), daemon=True)
             proc.start()
         finally:
             os.environ.clear()
