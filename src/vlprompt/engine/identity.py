@@ -111,19 +111,20 @@ def legacy_identity(values: dict) -> dict:
     return kept
 
 
-def _hash(identity: dict) -> str:
+def key_of(identity: dict) -> str:
+    """The key of an identity (`result_identity`, `legacy_identity`): a short hash of it."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def config_key(values: dict) -> str:
     """A run's key: the hash of its `result_identity`. Studies recognise a finished run by it (never by its
     folder name)."""
-    return _hash(result_identity(values))
+    return key_of(result_identity(values))
 
 
 def legacy_config_key(values: dict) -> str:
     """The key version 2 gave the same configuration (a run folder written by an earlier vlprompt)."""
-    return _hash(legacy_identity(values))
+    return key_of(legacy_identity(values))
 
 
 def same_run(recorded: Optional[str], values: dict) -> bool:

@@ -47,7 +47,7 @@ from .checkpoint import Checkpointer, checkpoint_folder, differing_keys
 from .evaluate import accuracy_report, classify, image_logits, rank_logits
 from .feature_store import FeatureStore
 from .lease import Lease
-from .identity import IDENTITY_VERSION, config_key, legacy_config_key, legacy_identity, result_identity
+from .identity import IDENTITY_VERSION, config_key, key_of, legacy_config_key, legacy_identity, result_identity
 from .run_folder import commit_run_folder, recorded_key, stage_run_folder
 from .schedule import default_epochs
 from .trainer import ExactFeatures, FeatureBank, PixelSource, TrainSettings, train_prompt
@@ -260,8 +260,9 @@ def dataset_fingerprint(ds) -> str:
     return digest.hexdigest()[:20]
 
 
-def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, trains: bool) -> dict:
-    """The fields every metrics.json starts with (one schema for trained, zero-shot and evaluated runs):
+def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, trains: bool, key: str) -> dict:
+    """The fields every metrics.json starts with (one schema for trained, zero-shot and evaluated runs; ``key``: the
+    run's identity, `config_key` or `eval_key`):
     the CLIP_benchmark-style summary (dataset, model, pretrained, task, metrics as fractions), then the
     dataset, backbone and test report in full (accuracies in percent)."""
     src = bb.source
@@ -276,7 +277,7 @@ def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, tra
         "metrics": {"acc1": report["accuracy"] / 100.0,
                     "acc5": None if report["top5_accuracy"] is None else report["top5_accuracy"] / 100.0,
                     "mean_per_class_recall": report["macro_accuracy"] / 100.0},
-        "config_key": config_key(cfg.to_dict()),
+        "config_key": key,
         "identity_version": IDENTITY_VERSION,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": cfg.method,
@@ -310,14 +311,16 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
     check_train_mode(method, cfg)
     out = Path(cfg.output or default_output(cfg))
     values = cfg.to_dict()
-    check_output(out, cfg, config_key(values), legacy_config_key(values))
+    identity = result_identity(values)  # reads the dataset's lists: once per run
+    key = key_of(identity)
+    check_output(out, cfg, key, legacy_config_key(values))
     lease = Lease.acquire(out)  # the one process that writes this run's checkpoint and folder
     try:
         stage = stage_run_folder(out)
         checkpoint = None
         try:
             if method.trains and not method.needs.fitted:  # trained by SGD: resumable
-                checkpoint = Checkpointer(checkpoint_folder(out), result_identity(values), cfg.checkpoint_every,
+                checkpoint = Checkpointer(checkpoint_folder(out), identity, cfg.checkpoint_every,
                                           resume=cfg.resume == "auto", legacy_identity=legacy_identity(values),
                                           lease=lease)
                 if cfg.resume == "never":
@@ -326,7 +329,7 @@ def run(cfg: RunConfig, backbone: Optional[Backbone] = None, store: Optional[Fea
                 checkpoint.load()  # one of another configuration is refused here, before any work
             try:
                 metrics = _run_into(stage, out, cfg, method, backbone, store, timings, t_total, checkpoint,
-                                    execution or {})
+                                    execution or {}, key)
             except OSError as exc:  # a full disk, a vanished folder: one line; the checkpoint is kept
                 where = exc.filename or stage
                 raise VlpromptError(f"run {out} stopped: cannot write {where}: {exc.strerror or exc}"
@@ -375,7 +378,7 @@ def test_report(learner, ds, cfg: RunConfig, test_features) -> dict:
 
 
 def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, timings, t_total,
-              checkpoint: Optional[Checkpointer], execution: dict) -> dict:
+              checkpoint: Optional[Checkpointer], execution: dict, key: str) -> dict:
     if backbone is not None:
         backbone_for(cfg, backbone)  # a mismatch fails before the dataset is read
     set_seed(cfg.seed)
@@ -455,7 +458,7 @@ def _run_into(stage: Path, out: Path, cfg: RunConfig, method, backbone, store, t
     timings["total_s"] = time.perf_counter() - t_total
 
     metrics = {
-        **result_record("train" if method.trains else "zeroshot", cfg, ds, bb, report, method.trains),
+        **result_record("train" if method.trains else "zeroshot", cfg, ds, bb, report, method.trains, key),
         "method_options": options,
         "recipe": {**recipe_record(cfg, epochs if by_sgd else 0, paper_epochs), **(iterations or {})},
         "train": history,
@@ -574,14 +577,15 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     cfg, path = eval_config(prompt, cfg_overrides)
     out = Path(output) if output else default_eval_output(path, cfg)
     prompt_key = trained_record(path).get("config_key")
-    check_output(out, cfg, eval_key(cfg, prompt_key), eval_key(cfg, prompt_key, legacy=True))
+    key = eval_key(cfg, prompt_key)
+    check_output(out, cfg, key, eval_key(cfg, prompt_key, legacy=True))
     lease = Lease.acquire(out)
     threads_before = torch.get_num_threads()
     try:
         stage = stage_run_folder(out)
         try:
             metrics = _evaluate_into(stage, path, cfg, backbone, store if store is not None else FeatureStore(),
-                                     execution or {})
+                                     execution or {}, key)
             lease.check("the run folder")
             commit_run_folder(stage, out)
         finally:
@@ -593,7 +597,8 @@ def evaluate_prompt(prompt: str, cfg_overrides: dict, output: Optional[str] = No
     return metrics
 
 
-def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: FeatureStore, execution: dict) -> dict:
+def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: FeatureStore, execution: dict,
+                   key: str) -> dict:
     method = get_method(cfg.method)
     if backbone is not None:
         backbone_for(cfg, backbone)  # a mismatch fails before the dataset is read
@@ -609,7 +614,7 @@ def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: Fea
     report = test_report(learner, ds, cfg, frozen_test_features(method, bb, ds, cfg, store))
     trained = trained_record(path)
     metrics = {
-        **result_record("eval", cfg, ds, bb, report, method.trains),
+        **result_record("eval", cfg, ds, bb, report, method.trains, key),
         "prompt": {"path": str(path), "config_key": trained.get("config_key"),
                    "trained_on": (trained.get("data") or trained.get("dataset") or {}).get("name")},
         "timings": {"evaluate_s": time.perf_counter() - t},
@@ -617,6 +622,5 @@ def _evaluate_into(stage: Path, path: Path, cfg: RunConfig, backbone, store: Fea
         "deviations": deviations(cfg, bb, 0, 0, False, ds.info.get("notes")),
         "execution": {"threads": threads.as_record() if threads else None, **execution},
     }
-    metrics["config_key"] = eval_key(cfg, metrics["prompt"]["config_key"])
     write_run_files(stage, cfg, metrics)
     return metrics

@@ -122,10 +122,8 @@ class LocalExecutor:
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to kill this worker when its parent dies (Linux; the parent is the fork server, which exits
-    when the driver does, or the driver itself): a driver killed with kill -9 leaves no worker behind, so its runs'
-    leases belong to dead processes and a restarted driver takes them over at once. Elsewhere the worker notices
-    that the driver is gone when it next waits for a task."""
+    """Ask the kernel to kill this worker when its parent dies (Linux). For a spawned (GPU) worker the parent is the
+    driver; a fork server outlives a killed driver, so CPU workers rely on `_watch_driver`."""
     try:
         import ctypes
 
@@ -159,12 +157,7 @@ def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, resu
         return Path(runs_dir) / uid
 
     while True:
-        try:
-            task = tasks.get(timeout=1.0)
-        except queue.Empty:
-            if not pid_alive(driver):
-                return
-            continue
+        task = tasks.get()  # a dead driver never sends one: `_watch_driver` ends this process then
         if task is None:
             return
         unit, attempt = task
@@ -185,10 +178,9 @@ class PoolExecutor:
             workers = len(gpus) * runs_per_gpu
         if workers < 1 or runs_per_gpu < 1 or max_retries < 0:
             raise VlpromptError("executor pool: --workers and --runs-per-gpu must be >= 1, --max-retries >= 0")
-        cores = os.cpu_count() or 1
-        self.threads = threads_per_worker or max(1, cores // workers)
-        if self.threads < 1:
-            raise VlpromptError("executor pool: --threads-per-worker must be >= 1")
+        if threads_per_worker is not None and threads_per_worker < 1:
+            raise VlpromptError(f"executor pool: --threads-per-worker must be >= 1, got {threads_per_worker}")
+        self.threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         self.runs_dir, self.progress, self.max_retries = str(runs_dir), progress, max_retries
         self.gpus = [str(g) for g in gpus] if gpus else None
         self.runs_per_gpu = runs_per_gpu
