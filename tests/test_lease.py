@@ -112,3 +112,18 @@ def test_the_lease_duration_comes_from_the_environment(monkeypatch, tmp_path):
     lease = Lease.acquire(tmp_path / "run")
     assert lease.seconds == 30 and json.loads(lease_path(tmp_path / "run").read_text())["seconds"] == 30
     lease.release()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"owner": "a", "token": "b", "seconds": "soon"}'])
+def test_a_damaged_lease_file_is_one_line_and_expires_like_any_other(text, tmp_path):
+    out = tmp_path / "run"
+    path = lease_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    with pytest.raises(vp.VlpromptError, match=r"is being run by an unknown process \(unreadable lease file\)"):
+        Lease.acquire(out)
+    then = time.time() - 1000
+    os.utime(path, (then, then))
+    lease = Lease.acquire(out)  # expired: taken over
+    assert lease.holds()
+    lease.release()

@@ -45,12 +45,23 @@ def lease_path(run_folder: Path) -> Path:
 
 
 def _read(path: Path) -> Optional[dict]:
+    """The lease at ``path`` (owner, token, seconds, age), or None when there is none. A file that is not a valid
+    lease (damaged, cut short by a kill) counts as one of an unknown owner: it expires like any other."""
     try:
-        info = json.loads(path.read_text())
-        info["age"] = time.time() - path.stat().st_mtime
-    except (OSError, ValueError):
+        age = time.time() - path.stat().st_mtime
+        text = path.read_text()
+    except OSError:
         return None
-    return info if isinstance(info, dict) else None
+    try:
+        info = json.loads(text)
+    except ValueError:
+        info = None
+    seconds = info.get("seconds") if isinstance(info, dict) else None
+    if not (isinstance(info, dict) and isinstance(info.get("owner"), str) and isinstance(info.get("token"), str)
+            and isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0):
+        info = {"owner": "an unknown process (unreadable lease file)", "token": None,
+                "seconds": DEFAULT_LEASE_SECONDS}
+    return {**info, "age": age}
 
 
 def _owner_gone(info: dict) -> bool:
