@@ -11,12 +11,14 @@ OPEN_CLIP=$(grep -o '"open_clip_torch[^"]*"' pyproject.toml | tr -d '"') || {
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-pipi() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null .venv/bin/pip install -q --disable-pip-version-check "$@"; }
+# --no-cache-dir: a cached copy of the torch wheel would double the disk this needs.
+pipi() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null .venv/bin/pip install -q --disable-pip-version-check --no-cache-dir "$@"; }
 if ! .venv/bin/python -c "import torch, torchvision, open_clip" 2>/dev/null; then
     echo "setup: installing torch 2.13.0 / torchvision 0.28.0 / $OPEN_CLIP into .venv (a minute or two)" >&2
     pipi torch==2.13.0 torchvision==0.28.0 "$OPEN_CLIP"
 fi
-if ! .venv/bin/python -c "import vlprompt, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.vlprompt-installed ]; then
-    pipi -e ".[test]"  # also brings an open_clip already installed outside the range into it
+# The test extra, and Ray for the ray executor's tests.
+if ! .venv/bin/python -c "import vlprompt, pytest, ray" 2>/dev/null || [ pyproject.toml -nt .venv/.vlprompt-installed ]; then
+    pipi -e ".[test,ray]"  # also brings an open_clip already installed outside the range into it
     touch .venv/.vlprompt-installed
 fi

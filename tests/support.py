@@ -76,3 +76,19 @@ def write_old_prompt(learner, out, version: int = 2, drop=()):
     save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(out / "prompt.safetensors"))
     (out / "prompt_config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def study_outcomes(study) -> dict:
+    """Per run folder of a study: its test result, its trained tensors, its key, how it ran."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for metrics_file in sorted((Path(study) / "runs").rglob("metrics.json")):
+        m = json.loads(metrics_file.read_text())
+        prompt = metrics_file.parent / "prompt" / "prompt.safetensors"
+        tensors = {k: v.tolist() for k, v in load_file(str(prompt)).items()} if prompt.is_file() else {}
+        out[str(metrics_file.parent.relative_to(study))] = (m["test"], tensors, m["config_key"], m["execution"])
+    return out

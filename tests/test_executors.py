@@ -5,11 +5,9 @@ run that raises is recorded failed and the rest finish; a worker killed mid-run 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-from support import TINY_VIT
+from support import TINY_VIT, study_outcomes as outcomes
 
 from vlprompt.cli import main
 from vlprompt.data import make_synthetic_dataset
@@ -21,17 +19,6 @@ TINY = ["--backbone", TINY_VIT, "--pretrained", "random", "--epochs", "2", "--se
 def shapes(tmp_path_factory):
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=2, n_test_per_class=2,
                                   seed=0)
-
-
-def outcomes(study: Path) -> dict:
-    """Per run folder: its test result, its trained tensors, how it ran."""
-    out = {}
-    for metrics_file in sorted((study / "runs").rglob("metrics.json")):
-        m = json.loads(metrics_file.read_text())
-        prompt = metrics_file.parent / "prompt" / "prompt.safetensors"
-        tensors = {k: v.tolist() for k, v in load_file(str(prompt)).items()} if prompt.is_file() else {}
-        out[str(metrics_file.parent.relative_to(study))] = (m["test"], tensors, m["config_key"], m["execution"])
-    return out
 
 
 def test_pool_gives_the_local_results(shapes, tmp_path, capsys):
@@ -96,7 +83,7 @@ def test_past_its_retries_a_dying_run_is_recorded_failed(shapes, tmp_path, monke
 def test_local_takes_no_pool_options(shapes, tmp_path, capsys):
     assert main(["study", "fewshot", "--datasets", shapes, "--methods", "zeroshot", *TINY, "--output",
                  str(tmp_path / "s"), "--workers", "2"]) == 2
-    assert "executor local takes no workers" in capsys.readouterr().err
+    assert "executor local takes no --workers (an option of pool and ray)" in capsys.readouterr().err
 
 
 def test_a_driver_killed_mid_study_leaves_no_worker_and_resumes(shapes, tmp_path, capsys):
@@ -143,3 +130,22 @@ def _alive(pid: str) -> bool:
         return False
     return state != "Z"
 
+
+
+def test_the_eta_counts_running_units_and_shares_the_work_among_the_slots(monkeypatch):
+    from types import SimpleNamespace
+
+    from vlprompt.protocols import study
+
+    def unit(method, kind="run"):
+        return SimpleNamespace(role={"method": method}, kind=kind)
+
+    durations = {"coop/run": [100.0, 200.0], "zeroshot/run": [10.0]}  # means 150 and 10; all three: 310 / 3
+    monkeypatch.setattr(study.time, "monotonic", lambda: 1000.0)
+    waiting = [unit("coop"), unit("coop"), unit("zeroshot")]  # 150 + 150 + 10
+    running = [(unit("coop"), 1000.0 - 60.0), (unit("coop"), 1000.0 - 400.0)]  # 90 left, and overdue: 0
+    assert study._eta(waiting, running, durations, slots=1) == f"ETA {study._fmt_s(400.0)}"
+    assert study._eta(waiting, running, durations, slots=2) == "ETA 3.3 min"  # 200 s
+    # a method with no finished unit yet is guessed at the mean of all finished units, and marked so
+    assert study._eta([unit("kgcoop")], [], durations, slots=1) == f"ETA ~{study._fmt_s(310.0 / 3)}"
+    assert study._eta(waiting, [], {}, slots=2) == "ETA after the first run"

@@ -174,15 +174,21 @@ def _add_study_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rerun", action="store_true", help="run everything again, finished runs included")
     g.add_argument("--wait", action="store_true", help="when another process is running this study folder, wait "
                    "for it to finish and then continue (default: refuse, naming it)")
-    g.add_argument("--executor", default="local", choices=["local", "pool"],
-                   help="local: runs one after another in this process | pool: worker processes on this machine")
-    g.add_argument("--workers", type=int, help="pool: worker processes (default 2)")
+    g.add_argument("--executor", default="local", choices=["local", "pool", "ray"],
+                   help="local: runs one after another in this process | pool: worker processes on this machine | "
+                   'ray: a Ray cluster (pip install "vlprompt[ray]")')
+    g.add_argument("--workers", type=int, help="pool: worker processes (default 2) | ray: workers (default: as many "
+                   "as the cluster's resources fit)")
     g.add_argument("--threads-per-worker", dest="threads_per_worker", type=int,
                    help="pool: threads of each worker (default: the cores divided among the workers)")
     g.add_argument("--gpus", help="pool: GPU ids, e.g. 0,1 (one worker per GPU and --runs-per-gpu)")
     g.add_argument("--runs-per-gpu", dest="runs_per_gpu", type=int, help="pool: runs at once on each GPU (default 1)")
     g.add_argument("--max-retries", dest="max_retries", type=int,
-                   help="pool: times a unit whose worker died is given again (default 1)")
+                   help="pool, ray: times a unit whose worker died is given again (default 1)")
+    g.add_argument("--address", help="ray: an existing cluster (auto, or host:port; default: start one here)")
+    g.add_argument("--cpus-per-run", dest="cpus_per_run", type=float, help="ray: CPUs each run holds (default 1)")
+    g.add_argument("--gpus-per-run", dest="gpus_per_run", type=float,
+                   help="ray: GPUs each run holds, a fraction packs runs on one GPU (default 0)")
     _add_execution(g)
 
 
@@ -388,12 +394,13 @@ def cmd_study(args) -> int:
             if getattr(args, key, None) is not None:
                 spec.settings[key] = getattr(args, key)
     folder = args.output or spec.output or f"studies/{spec.protocol}"
-    pool = {k: getattr(args, k) for k in ("workers", "threads_per_worker", "runs_per_gpu", "max_retries")
-            if getattr(args, k, None) is not None}
+    options = {k: getattr(args, k) for k in ("workers", "threads_per_worker", "runs_per_gpu", "max_retries",
+                                             "address", "cpus_per_run", "gpus_per_run")
+               if getattr(args, k, None) is not None}
     if getattr(args, "gpus", None):
-        pool["gpus"] = _csv_list("gpus", args.gpus, int)
+        options["gpus"] = _csv_list("gpus", args.gpus, int)
     result = run_study(spec, folder, retry_failed=args.retry_failed, rerun=args.rerun,
-                       progress=args.progress is not False, wait=args.wait, executor=args.executor, **pool)
+                       progress=args.progress is not False, wait=args.wait, executor=args.executor, **options)
     rows, out = write_report(folder)
     print(to_markdown(rows))
     print(f"report: {out / 'index.html'} (tables, figures); `vlprompt report {folder}` prints it again")

@@ -11,6 +11,7 @@ unit, under its lease).
   (``gpus`` x ``runs_per_gpu`` workers, each seeing only its GPU). A worker that dies (killed, out of memory) is
   replaced and its unit given again, up to ``max_retries`` times; an exception inside a unit is that unit's
   failure.
+- `ray_executor.RayExecutor` (``ray``): the same on the actors of a Ray cluster (an optional extra).
 
 Each unit's ``metrics.json`` records how it ran under ``execution`` (executor, host, worker, attempt, device).
 """
@@ -219,6 +220,10 @@ class PoolExecutor:
             os.environ.clear()
             os.environ.update(saved)
         self._workers[index] = (proc, tasks)
+
+    def describe(self) -> str:
+        return (f"executor pool, {len(self._workers)} workers x {self.threads} thread(s)"
+                + (f", GPUs {','.join(self.gpus)}" if self.gpus else ""))
 
     def prepare(self, units: list) -> None:
         """Nothing to load here: each worker loads the backbones of its own units."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -38,9 +39,11 @@ from ..utils.io import atomic_write_json, atomic_write_text, read_json
 from ..utils.progress import logger, say
 from . import base2new, dg, fewshot, xd
 from .executors import LocalExecutor, PoolExecutor
-
-EXECUTORS = ("local", "pool")
 from .units import Planner, Unit
+
+# Each executor and the options it takes (the command line's names, with _ for -).
+EXECUTORS = {"local": (), "pool": ("workers", "threads_per_worker", "gpus", "runs_per_gpu", "max_retries"),
+             "ray": ("address", "workers", "cpus_per_run", "gpus_per_run", "max_retries")}
 
 # The protocols, one module each (a registry, not import side effects).
 PROTOCOLS = {"fewshot": fewshot, "base2new": base2new, "xd": xd, "dg": dg}
@@ -306,13 +309,21 @@ class StudyResult:
 def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False, rerun: bool = False,
               progress: bool = True, wait: bool = False, executor: str = "local", **executor_options) -> StudyResult:
     """Carry out (or continue) a study; see the module docstring for what is kept. ``executor``: ``local`` (this
-    process) or ``pool`` (``executor_options``: workers, threads_per_worker, gpus, runs_per_gpu, max_retries; see
-    `executors.PoolExecutor`). One process drives a study folder at a time: another one refuses in one line naming
+    process), ``pool`` (worker processes on this machine, `executors.PoolExecutor`) or ``ray`` (a Ray cluster,
+    `ray_executor.RayExecutor`); ``executor_options``: the options `EXECUTORS` lists for it. One process drives a study folder at a time: another one refuses in one line naming
     the holder, or with ``wait`` waits for it (and then skips what it finished)."""
     if executor not in EXECUTORS:
         raise VlpromptError(f"executor '{executor}' is not one of {list(EXECUTORS)}")
-    if executor == "local" and executor_options:
-        raise VlpromptError(f"executor local takes no {', '.join(sorted(executor_options))} (they are pool's)")
+    foreign = sorted(set(executor_options) - set(EXECUTORS[executor]))
+    if foreign:
+        owners = [name for name, keys in EXECUTORS.items() if foreign[0] in keys]
+        raise VlpromptError(f"executor {executor} takes no {', '.join('--' + k.replace('_', '-') for k in foreign)} "
+                            "(an option of "
+                            f"{' and '.join(owners) or 'no executor'})")
+    if executor == "ray":
+        from .ray_executor import import_ray
+
+        import_ray()  # a missing extra is one line before any planning
     _not_inside_a_study(Path(study_dir))
     with FolderLock(Path(study_dir), "study", wait=wait, on_wait=lambda msg: say(msg, progress)):
         return _run_study(spec, Path(study_dir), retry_failed, rerun, progress, executor, executor_options)
@@ -351,12 +362,9 @@ def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool
     kept_failed = sum(1 for e in study.entries.values() if e["state"] == "failed")
     say(f"study {spec.protocol}: {len(study.units)} runs, {skipped} finished, {kept_failed} failed before "
         f"{'(kept; --retry-failed to retry) ' if kept_failed else ''}-> {len(todo)} to run in {study.dir}", progress)
-    if executor_name == "pool" and todo:
-        executor = PoolExecutor(study.dir / "runs", progress, **executor_options)
-        say(f"study: executor pool, {len(executor._workers)} workers x {executor.threads} thread(s)"
-            + (f", GPUs {','.join(executor.gpus)}" if executor.gpus else ""), progress)
-    else:
-        executor = LocalExecutor(study.folder, progress)
+    executor = _executor(executor_name if todo else "local", study, progress, executor_options)
+    if executor_name != "local" and todo:
+        say(f"study: {executor.describe()}", progress)
     executor.prepare(todo)
     durations: dict[str, list[float]] = {}  # seconds per finished unit, by method label and kind
     done, started = 0, 0
@@ -371,7 +379,9 @@ def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool
                 started += 1
                 entry = study.entries[u.uid]
                 flying = executor.in_flight()
-                say(f"study: run {started}/{len(todo)}, {_eta(todo[started - 1:], durations)}: {u.uid}"
+                slots = executor.free_slots() + len(flying)
+                eta = _eta([u, *pending], [(v, t) for v, _, t in in_flight.values()], durations, slots)
+                say(f"study: run {started}/{len(todo)}, {eta}: {u.uid}"
                     + (f" ({len(flying)} in flight: {', '.join(flying)})" if flying else ""), progress)
                 if u.after and study.entries[u.after]["state"] != "done":
                     entry.update(state="failed", error=f"its training run {u.after} did not finish")
@@ -381,11 +391,11 @@ def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool
                 entry.update(state="running")
                 study.save()
                 executor.submit(u)
-                in_flight[u.uid] = (u, started)
+                in_flight[u.uid] = (u, started, time.monotonic())
             if not in_flight:
                 continue
             outcome = executor.next_outcome()
-            u, number = in_flight.pop(outcome.uid)
+            u, number, _ = in_flight.pop(outcome.uid)
             entry = study.entries[u.uid]
             if outcome.error is not None:
                 entry.update(state="failed", error=outcome.error, seconds=outcome.seconds)
@@ -404,6 +414,16 @@ def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool
     return StudyResult(study.dir, done, skipped, failed, len(study.units))
 
 
+def _executor(name: str, study: Study, progress: bool, options: dict):
+    if name == "pool":
+        return PoolExecutor(study.dir / "runs", progress, **options)
+    if name == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(study.dir / "runs", progress, **options)
+    return LocalExecutor(study.folder, progress)
+
+
 def _next_ready(pending: list, in_flight: dict) -> Optional[Unit]:
     """The first pending unit whose training run (if any) is neither pending nor running."""
     waiting = {u.uid for u in pending} | set(in_flight)
@@ -414,17 +434,22 @@ def _kind(u: Unit) -> str:
     return f"{u.role.get('method')}/{u.kind}"
 
 
-def _eta(remaining: list[Unit], durations: dict[str, list[float]]) -> str:
-    """The study's time left: each remaining unit at the mean time of the finished units of its method and
-    kind (a linear-probe search and a zero-shot run differ by orders of magnitude), else of all of them."""
+def _eta(waiting: list[Unit], running: list[tuple[Unit, float]], durations: dict[str, list[float]],
+         slots: int) -> str:
+    """The study's time left: each unit still to start at the mean time of the finished units of its method and
+    kind (a linear-probe search and a zero-shot run differ by orders of magnitude), else of all of them; each
+    running unit at that mean less the time it has run (``running``: units and their monotonic start times); the
+    sum shared among the executor's ``slots``."""
     every = [s for values in durations.values() for s in values]
     if not every:
         return "ETA after the first run"
     overall = sum(every) / len(every)
     known = {k: sum(v) / len(v) for k, v in durations.items()}
-    guessed = any(_kind(u) not in known for u in remaining)
-    left = sum(known.get(_kind(u), overall) for u in remaining)
-    return f"ETA {'~' if guessed else ''}{_fmt_s(left)}"
+    guessed = any(_kind(u) not in known for u in [*waiting, *(u for u, _ in running)])
+    now = time.monotonic()
+    left = sum(known.get(_kind(u), overall) for u in waiting)
+    left += sum(max(0.0, known.get(_kind(u), overall) - (now - t)) for u, t in running)
+    return f"ETA {'~' if guessed else ''}{_fmt_s(left / max(1, slots))}"
 
 
 def _fmt_s(seconds: float) -> str:
