@@ -180,7 +180,7 @@ def _add_study_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="pool: worker processes (default 2) | ray: workers (default: as many "
                    "as the cluster's resources fit)")
     g.add_argument("--threads-per-worker", dest="threads_per_worker", type=int,
-                   help="pool: threads of each worker (default: the cores divided among the workers)")
+                   help="pool: most threads of each worker's runs (default: the cores divided among the workers)")
     g.add_argument("--gpus", help="pool: GPU ids, e.g. 0,1 (one worker per GPU and --runs-per-gpu)")
     g.add_argument("--runs-per-gpu", dest="runs_per_gpu", type=int, help="pool: runs at once on each GPU (default 1)")
     g.add_argument("--max-retries", dest="max_retries", type=int,

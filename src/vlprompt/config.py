@@ -16,7 +16,7 @@ from typing import Any, Optional, get_type_hints
 from .errors import VlpromptError
 
 CHOICES = {
-    "precision": ("fp32", "bf16", "auto"),
+    "precision": ("fp32", "bf16", "fp16", "auto"),
     "ctx_init_rule": ("words", "tokens", "first_tokens"),
     "resume": ("auto", "never"),
     "subsample": ("all", "base", "new"),
@@ -60,8 +60,9 @@ class RunConfig:
                                         "backbone")
     weights: Optional[str] = setting(None, "local weights file (OpenAI .pt, open_clip checkpoint, .safetensors, "
                                      ".bin); wins over --pretrained", "backbone")
-    precision: str = setting("fp32", "frozen encoders: fp32 | bf16 | auto (bf16 where faster); prompt parameters "
-                             "are always float32", "backbone")
+    precision: str = setting("fp32", "frozen encoders: fp32 | bf16 | fp16 (GPU only, as the official code runs "
+                             "them) | auto (bf16 where faster); prompt parameters are always float32 master "
+                             "weights", "backbone")
     device: str = setting("cpu", "cpu, cuda, cuda:1, ...", "backbone")
     n_ctx: int = setting(16, "number of context vectors", "prompt")
     ctx_init: Optional[str] = setting(None, "initialise the context from words, e.g. 'a photo of a' or "
@@ -86,7 +87,9 @@ class RunConfig:
                               "encoded once (an approximation)", "recipe")
     bank_views: int = setting(10, "augmented views per training image in feature_bank mode", "recipe")
     test_batch_size: int = setting(100, "images per batch when encoding test images", "execution")
-    num_workers: int = setting(0, "image-loading worker processes", "execution")
+    num_workers: Optional[int] = setting(None, "image-loading worker processes (default: 0 on a CPU, where the "
+                                         "training images are decoded once and kept in memory; on a GPU the "
+                                         "cores less one, at most 8)", "execution")
     threads: Optional[str] = setting(None, "CPU threads: N, or auto (the cores other processes leave free when the "
                                      "run starts; the last bits of results depend on the thread count); default: "
                                      "1 for small models, else every core (recorded in metrics.json)", "execution")
@@ -125,6 +128,10 @@ class RunConfig:
         if self.epochs is not None and self.epochs < 1:
             raise VlpromptError(f"epochs: must be >= 1, got {self.epochs}")
         check_device(self.device)
+        if self.precision == "fp16":
+            from .utils.hardware import check_precision
+
+            check_precision(self.precision, self.device)
         if self.seed < 0:
             raise VlpromptError(f"seed: must be >= 0, got {self.seed}")
         if self.checkpoint_every < 0:
@@ -140,7 +147,7 @@ class RunConfig:
             raise VlpromptError(f"momentum: must be in [0, 1), got {self.momentum}")
         if self.threads is not None and self.threads != "auto" and not (self.threads.isdigit() and int(self.threads) > 0):
             raise VlpromptError(f"threads: must be a number >= 1 or 'auto', got {self.threads!r}")
-        if self.warmup_epochs < 0 or self.num_workers < 0:
+        if self.warmup_epochs < 0 or (self.num_workers is not None and self.num_workers < 0):
             raise VlpromptError("warmup_epochs and num_workers must be >= 0")
 
     def _resolve_paths(self) -> None:

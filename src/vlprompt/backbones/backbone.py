@@ -19,7 +19,7 @@ from ..errors import VlpromptError
 from .blocks import attention_parts
 from .vit import FAST_IMAGE_ID, encode_vit_cls, encode_vit_prompted, fast_image_unsupported, prompted_image_unsupported
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class Backbone(nn.Module):
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Raw (unnormalised) image features in float32 for a batch of preprocessed images."""
-        images = images.to(self.device, self.dtype)
+        images = images.to(self.device, self.dtype, non_blocking=True)
         if self.fast_image_unsupported is None:
             return encode_vit_cls(self.model.visual, images).float()
         return self.model.encode_image(images).float()
@@ -206,7 +206,7 @@ class Backbone(nn.Module):
         if self.prompted_image_unsupported is not None:
             raise VlpromptError(f"backbone {self.source.name}: deep visual prompts cannot enter its image tower: "
                                 f"{self.prompted_image_unsupported}")
-        return encode_vit_prompted(self.model.visual, images.to(self.device, self.dtype), list(prompts),
+        return encode_vit_prompted(self.model.visual, images.to(self.device, self.dtype, non_blocking=True), list(prompts),
                                    adapter).float()
 
     @torch.inference_mode()

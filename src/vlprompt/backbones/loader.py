@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ..errors import VlpromptError
-from ..utils.hardware import resolve_precision
+from ..utils.hardware import check_precision, resolve_precision
 from ..utils.progress import logger as vlprompt_logger
 from .backbone import Backbone, BackboneSource
 from .torchscript_reader import read_torchscript_state_dict
@@ -263,10 +263,11 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
     ``pretrained``: an open_clip pretrained tag, fetched from a hub. ``weights``: a local weights file
     (takes precedence). With neither, the model is randomly initialised from ``random_init_seed`` so that
     separate processes build identical random models.
-    ``precision``: "fp32", "bf16" (frozen weights cast once) or "auto" (bf16 where this machine runs it
-    faster). ``quick_gelu``: defaults to True for OpenAI weights (the OpenAI models use QuickGELU), else to the
+    ``precision``: "fp32", "bf16", "fp16" (frozen weights cast once; fp16 on a GPU only) or "auto" (bf16 where this
+    machine runs it faster). ``quick_gelu``: defaults to True for OpenAI weights (the OpenAI models use QuickGELU), else to the
     architecture's own setting.
     """
+    check_precision(precision, device)
     precision = resolve_precision(precision, device)
     if pretrained is not None and str(pretrained).lower() in ("", "none", "random"):
         pretrained = None

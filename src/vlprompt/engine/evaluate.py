@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -58,7 +58,7 @@ def accuracy_report(preds: torch.Tensor, labels: torch.Tensor, classnames: Seque
 
 
 @torch.inference_mode()
-def image_logits(learner, items, batch_size: int = 100, num_workers: int = 0, progress: bool = True,
+def image_logits(learner, items, batch_size: int = 100, num_workers: Optional[int] = 0, progress: bool = True,
                  desc: str = "classifying test images") -> tuple[torch.Tensor, torch.Tensor]:
     """((N, C) float32 logits, (N,) labels) of test images through a learner whose image features depend on
     its parameters (``learner.from_pixels``: deep visual prompts): batched, with progress, never through the
@@ -72,7 +72,7 @@ def image_logits(learner, items, batch_size: int = 100, num_workers: int = 0, pr
     text = learner.text_features()
     bar = Progress(desc, len(items), enabled=progress)
     parts, labels = [], []
-    for images, y in make_loader(items, tf, batch_size, num_workers):
+    for images, y in make_loader(items, tf, batch_size, num_workers, device=bb.device):
         parts.append(learner.logits(learner.image_features(images), text).float())
         labels.append(y)
         bar.update(len(y))

@@ -24,6 +24,7 @@ from ..data.transforms import load_image
 from ..data.types import Datum
 from ..errors import VlpromptError
 from ..utils.faults import fault_point
+from ..utils.hardware import loader_workers
 from ..recipes.records import Deviation
 from ..utils.progress import Progress, say
 from ..methods.base import Objective
@@ -45,7 +46,7 @@ class TrainSettings:
     warmup_epochs: int
     warmup_lr: float
     seed: int
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # None: `utils.hardware.loader_workers` decides by device
     cache_images: int = 5000  # decode at most this many training images once and keep them in memory
     explicit_epochs: bool = False  # epochs set by the user, not by the recipe (a schedule counted in iterations
     # then trains that many epochs instead of its own length)
@@ -152,15 +153,18 @@ class PixelSource:
     def loader(self, batches: list[list[int]], seed: int, start: int = 0):
         """(images per view, labels, indices) of each batch from ``start`` on."""
         # The loader's own generator only seeds its workers; it keeps the loader off the global random state.
+        # On a GPU, pinned batches copy to the device without blocking (`epoch`).
+        dev = self.bb.device
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=seeded_batches(batches, seed)[start:],
-                                           num_workers=self.num_workers,
+                                           num_workers=loader_workers(self.num_workers, dev),
+                                           pin_memory=dev.type == "cuda",
                                            generator=torch.Generator().manual_seed(seed))
 
     def epoch(self, batches: list[list[int]], seed: int, start: int = 0):
         dev = self.bb.device
         for images, y, idx in self.loader(batches, seed, start):
-            pixels = {name: x.to(dev) for name, x in zip(self.names, images)}
-            yield TrainBatch({}, y.to(dev), idx.to(dev), pixels, self.encode)
+            pixels = {name: x.to(dev, non_blocking=True) for name, x in zip(self.names, images)}
+            yield TrainBatch({}, y.to(dev, non_blocking=True), idx.to(dev, non_blocking=True), pixels, self.encode)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen raw features of ``images`` as a normal tensor (not an inference-mode one), no graph."""
@@ -176,8 +180,9 @@ class ExactFeatures(PixelSource):
             # .clone() gives a normal tensor: inference-mode tensors cannot enter autograd.
             feats = self.bb.encode_images(torch.cat(images)).clone().chunk(len(images))
             dev = feats[0].device
-            pixels = {name: x.to(dev) for name, x in zip(self.names, images)}
-            yield TrainBatch(dict(zip(self.names, feats)), y.to(dev), idx.to(dev), pixels, self.encode)
+            pixels = {name: x.to(dev, non_blocking=True) for name, x in zip(self.names, images)}
+            yield TrainBatch(dict(zip(self.names, feats)), y.to(dev, non_blocking=True), idx.to(dev, non_blocking=True),
+                             pixels, self.encode)
 
 
 class FeatureBank:

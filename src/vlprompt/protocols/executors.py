@@ -6,8 +6,9 @@ unit, under its lease).
 - `LocalExecutor` (``local``): one unit at a time in this process, one model load per backbone and one feature store
   for the whole study.
 - `PoolExecutor` (``pool``): N worker processes on this machine, each keeping its backbones and feature store
-  across its units and running them with its own thread budget (``threads_per_worker``, by default the cores
-  divided among the workers, so N runs at once are never slower than one after another), or one GPU each
+  across its units and running them within its own thread budget (``threads_per_worker``, by default the cores
+  divided among the workers, so N runs at once are never slower than one after another; a run that would take
+  fewer threads alone, a small model's one, keeps that number), or one GPU each
   (``gpus`` x ``runs_per_gpu`` workers, each seeing only its GPU). A worker that dies (killed, out of memory) is
   replaced and its unit given again, up to ``max_retries`` times; an exception inside a unit is that unit's
   failure.
@@ -34,6 +35,7 @@ from ..engine.feature_store import FeatureStore
 from ..engine.run import backbone_from_config, eval_config, evaluate_prompt, run
 from ..engine.run_folder import pid_alive
 from ..errors import VlpromptError
+from ..utils.threads import set_thread_budget
 from .units import Unit
 
 
@@ -62,21 +64,20 @@ def load_backbone_once(cache: dict, cfg: RunConfig):
 
 
 def execute_unit(unit: Unit, folder: Callable[[str], Path], backbones: dict, store: FeatureStore,
-                 progress: bool, execution: Optional[dict] = None, threads: Optional[int] = None) -> Outcome:
+                 progress: bool, execution: Optional[dict] = None) -> Outcome:
     """Run one unit (a training run, or an evaluation of its training run's prompt); any exception becomes the
-    unit's one-line error: one unit's failure never stops a study. ``threads``: the run's thread budget (a pool
-    worker's); ``execution``: recorded in its metrics."""
+    unit's one-line error: one unit's failure never stops a study. ``execution``: recorded in its metrics. A worker's
+    thread budget caps the run's threads (`utils.threads.set_thread_budget`)."""
     t = time.perf_counter()
-    budget = {} if threads is None else {"threads": str(threads)}
     try:
         # A study owns its run folders: one whose configuration changed is replaced (overwrite).
         if unit.kind == "run":
-            cfg = unit.cfg.replace(overwrite=True, **budget)
+            cfg = unit.cfg.replace(overwrite=True)
             metrics = run(cfg, backbone=load_backbone_once(backbones, unit.cfg), store=store,
                           execution={**(execution or {}), "device": cfg.device})
         else:
             trained = folder(unit.after)
-            overrides = {**unit.eval_overrides, "progress": progress, "overwrite": True, **budget}
+            overrides = {**unit.eval_overrides, "progress": progress, "overwrite": True}
             cfg = eval_config(trained, overrides)[0]
             metrics = evaluate_prompt(str(trained), overrides, output=str(folder(unit.uid)),
                                       backbone=load_backbone_once(backbones, cfg), store=store,
@@ -151,6 +152,7 @@ def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, resu
     _die_with_parent()
     threading.Thread(target=_watch_driver, args=(driver,), name="driver watch", daemon=True).start()
     torch.set_num_threads(threads)
+    set_thread_budget(threads)
     backbones: dict = {}
     store = FeatureStore()
 
@@ -163,7 +165,7 @@ def _worker(index: int, runs_dir: str, progress: bool, threads: int, tasks, resu
             return
         unit, attempt = task
         execution = {"executor": "pool", "host": socket.gethostname(), "worker": index, "attempt": attempt}
-        results.put((index, execute_unit(unit, folder, backbones, store, progress, execution, threads)))
+        results.put((index, execute_unit(unit, folder, backbones, store, progress, execution)))
 
 
 class PoolExecutor:

@@ -57,11 +57,13 @@ class RayWorker:
         import torch
 
         from ..engine.feature_store import FeatureStore
+        from ..utils.threads import set_thread_budget
 
         for key in [k for k in os.environ if k.startswith("VLPROMPT_")]:
             del os.environ[key]
         os.environ.update(env)
         torch.set_num_threads(threads)
+        set_thread_budget(threads)
         self.index, self.runs_dir, self.progress, self.threads = index, Path(runs_dir), progress, threads
         self.backbones: dict = {}
         self.store = FeatureStore()
@@ -73,7 +75,7 @@ class RayWorker:
         execution = {"executor": "ray", "host": socket.gethostname(), "worker": self.index, "attempt": attempt,
                      "node": ray.get_runtime_context().get_node_id(), "gpus": gpus}
         return execute_unit(unit, lambda uid: self.runs_dir / uid, self.backbones, self.store, self.progress,
-                            execution, self.threads)
+                            execution)
 
 
 class RayExecutor:

@@ -29,6 +29,28 @@ def bf16_is_faster(device: str = "cpu") -> bool:
     return seconds(torch.bfloat16) < 0.8 * seconds(torch.float32)
 
 
+def loader_workers(num_workers, device) -> int:
+    """Image-loading worker processes: as asked, else none on a CPU (the workers would take the cores the
+    encoders use) and on a GPU the cores less one, at most 8 (decoding and augmenting keep a GPU waiting)."""
+    import os
+
+    if num_workers is not None:
+        return int(num_workers)
+    if torch.device(device).type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def check_precision(precision: str, device: str) -> None:
+    """fp16 only where float16 has fast kernels (a GPU): on a CPU it is real float16 arithmetic, about 100x slower
+    than float32 on CPUs without float16 matrix units, and no more exact than bf16."""
+    from ..errors import VlpromptError
+
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise VlpromptError("precision fp16 runs on a GPU (--device cuda): float16 on a CPU is about 100x slower "
+                            "than float32; use bf16 or auto here")
+
+
 def resolve_precision(precision: str, device: str = "cpu") -> str:
     """'auto' becomes bf16 where it is faster, fp32 otherwise; other values pass through."""
     if precision == "auto":

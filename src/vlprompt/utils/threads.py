@@ -66,10 +66,29 @@ def busy_cores(samples: int = 7, interval_s: float = 0.02) -> float:
         return 0.0
 
 
+# This process's share of the machine when it is one of several workers (`set_thread_budget`); None: all of it.
+_budget: Optional[int] = None
+
+
+def set_thread_budget(threads: Optional[int]) -> None:
+    """Cap every run of this process at ``threads`` (an executor's worker, one of several on the machine)."""
+    global _budget
+    _budget = threads
+
+
 def choose_threads(requested: Optional[str], model_width: Optional[int] = None) -> ThreadChoice:
-    """The threads of a run. ``requested``: a number, ``"auto"`` (the cores free now), or None: one thread for
-    a small model, every core otherwise. The default never depends on the load: the thread count changes
-    how sums are split, and so the last bits of a result, and the same command must give the same result."""
+    """The threads of a run: `_choose_threads`, capped by the worker's budget where this process has one (a run
+    never takes more than its share, and a small model keeps its one thread in a worker as it does alone)."""
+    choice = _choose_threads(requested, model_width)
+    if _budget is not None and choice.threads > _budget:
+        return ThreadChoice(_budget, f"{choice.reason}; capped at this worker's budget of {_budget}")
+    return choice
+
+
+def _choose_threads(requested: Optional[str], model_width: Optional[int] = None) -> ThreadChoice:
+    """``requested``: a number, ``"auto"`` (the cores free now), or None: one thread for a small model, every core
+    otherwise. The default never depends on the load: the thread count changes how sums are split, and so the last
+    bits of a result, and the same command must give the same result."""
     cores = usable_cores()
     if requested not in (None, "auto"):
         return ThreadChoice(int(requested), "asked for (--threads)")
