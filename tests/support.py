@@ -92,3 +92,32 @@ def study_outcomes(study) -> dict:
         tensors = {k: v.tolist() for k, v in load_file(str(prompt)).items()} if prompt.is_file() else {}
         out[str(metrics_file.parent.relative_to(study))] = (m["test"], tensors, m["config_key"], m["execution"])
     return out
+
+
+# Families whose text towers fit the causal path, shrunk for tests: the family's own open_clip configuration with a
+# 2-block text tower and the smallest image tower of the same timm family (EVA02: the tiny EVA02 with rotary
+# positions; PE-Core: the tiny PE-Core at 384 px with its attention-pool head; MobileCLIP-B: the MCi0 FastViT of
+# MobileCLIP's small models); MetaCLIP is open_clip's QuickGELU ViT.
+FAMILIES = {
+    "EVA02-B-16": {"timm_model_name": "eva02_tiny_patch14_224"},
+    "PE-Core-B-16": {"timm_model_name": "vit_pe_core_tiny_patch16_384", "image_size": 384},
+    "MobileCLIP-B": {"timm_model_name": "fastvit_mci0", "timm_pool": "avg", "image_size": 256},
+    "ViT-B-16-quickgelu": {"layers": 2, "width": 64, "head_width": 32},  # MetaCLIP's architecture
+}
+
+
+def family_arch(folder, family: str) -> str:
+    """An architecture JSON of ``family`` shrunk as `FAMILIES` says; its path."""
+    import copy
+    import json
+    from pathlib import Path
+
+    import open_clip
+
+    cfg = copy.deepcopy(open_clip.get_model_config(family))
+    cfg["text_cfg"].update(layers=2, width=64, heads=2)
+    cfg["vision_cfg"].update(FAMILIES[family])
+    cfg["embed_dim"] = 32
+    path = Path(folder) / f"{family}-small.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)

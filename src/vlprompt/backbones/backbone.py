@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import VlpromptError
 from .blocks import attention_parts
+from .preprocess import Preprocess, from_open_clip
 from .vit import FAST_IMAGE_ID, encode_vit_cls, encode_vit_prompted, fast_image_unsupported, prompted_image_unsupported
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,7 +121,7 @@ class Backbone(nn.Module):
     """A frozen open_clip model plus its tokenizer and preprocessing constants."""
 
     def __init__(self, model: nn.Module, tokenizer, source: BackboneSource, precision: str = "fp32",
-                 device: str = "cpu"):
+                 device: str = "cpu", preprocess: Optional[Preprocess] = None):
         super().__init__()
         if precision not in PRECISIONS:
             raise VlpromptError(f"precision '{precision}' is not one of {sorted(PRECISIONS)}")
@@ -136,11 +137,12 @@ class Backbone(nn.Module):
         self.text = TextTower(owner, arch)
         if self.text.pool_type == "eos" and self.text.eos_id is None:
             raise VlpromptError(f"backbone {arch}: 'eos' pooling without an eos token id")
-        pp = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
         size = getattr(model.visual, "image_size", 224)
-        self.image_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.image_mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.image_std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        # The pretrained tag's normalisation, interpolation and test resize (`preprocess`), given by the loader.
+        self.preprocess: Preprocess = preprocess or from_open_clip(model, size)
+        self.image_size: int = self.preprocess.size
+        self.image_mean, self.image_std = self.preprocess.mean, self.preprocess.std
         with torch.no_grad():
             self.logit_scale: float = float(model.logit_scale.exp().item())
         self.embed_dim: int = int(self._probe_embed_dim())

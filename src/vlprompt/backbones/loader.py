@@ -34,6 +34,7 @@ from ..errors import VlpromptError
 from ..utils.hardware import check_precision, resolve_precision
 from ..utils.progress import logger as vlprompt_logger
 from .backbone import Backbone, BackboneSource
+from .preprocess import Preprocess, resolve_preprocess
 from .torchscript_reader import read_torchscript_state_dict
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -98,7 +99,11 @@ def _resolve_arch(name: str) -> tuple[str, Optional[dict]]:
             cfg = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise VlpromptError(f"architecture file {name} is not valid JSON: {exc}") from None
-        cfg = cfg.get("model_cfg", cfg)
+        if isinstance(cfg, dict) and isinstance(cfg.get("model_cfg"), dict):  # open_clip_config.json's layout
+            cfg = {**cfg["model_cfg"], **({"preprocess_cfg": cfg["preprocess_cfg"]}
+                                          if isinstance(cfg.get("preprocess_cfg"), dict) else {})}
+        if not isinstance(cfg, dict):
+            raise VlpromptError(f"architecture file {name}: expected a mapping")
         for key in ("embed_dim", "vision_cfg", "text_cfg"):
             if key not in cfg:
                 raise VlpromptError(f"architecture file {name}: missing field '{key}'")
@@ -122,6 +127,7 @@ def _build_from_cfg(arch: str, cfg: dict, quick_gelu: bool):
         raise VlpromptError(f"backbone {arch}: Hugging Face text towers are not supported (need a CLIP BPE tower)")
     custom_text = cfg.pop("custom_text", False)
     cfg.pop("multimodal_cfg", None)
+    cfg.pop("preprocess_cfg", None)  # the images' preparation, not the model's (`preprocess`)
     cfg["quick_gelu"] = bool(quick_gelu or cfg.get("quick_gelu", False))
     cls = oc.CustomTextCLIP if custom_text else oc.CLIP
     return cls(**cfg)
@@ -291,7 +297,9 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
         model = _build_from_cfg(arch, cfg, quick_gelu=used_quick)
         _load_state(model, sd, path, arch)
         source = BackboneSource(name=name, weights=str(path.resolve()), quick_gelu=used_quick)
-        bb = Backbone(model, _tokenizer(arch, cfg), source, precision=precision, device=device)
+        # A tag given with the file names the images' preparation (its weights are the file's).
+        bb = Backbone(model, _tokenizer(arch, cfg), source, precision=precision, device=device,
+                      preprocess=_preprocess(arch, cfg, model, pretrained))
         hint = "" if bb.activation == "quickgelu" else (
             "; OpenAI weights need QuickGELU: use an architecture name ending in -quickgelu (e.g. "
             "ViT-B-16-quickgelu)")
@@ -323,7 +331,13 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
         msg = RANDOM_WARNING.format(name=name)
         warnings.warn(msg, stacklevel=2)
         source = BackboneSource(name=name, random_init_seed=random_init_seed, quick_gelu=used_quick)
-    return Backbone(model, _tokenizer(arch, cfg), source, precision=precision, device=device)
+    return Backbone(model, _tokenizer(arch, cfg), source, precision=precision, device=device,
+                    preprocess=_preprocess(arch, cfg, model, pretrained))
+
+
+def _preprocess(arch: str, cfg: dict, model, tag: Optional[str]) -> Preprocess:
+    size = getattr(model.visual, "image_size", 224)
+    return resolve_preprocess(arch, cfg, int(size[0] if isinstance(size, (tuple, list)) else size), tag)
 
 
 def resolve_weights_env() -> Optional[str]:

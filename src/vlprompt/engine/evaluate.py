@@ -68,7 +68,7 @@ def image_logits(learner, items, batch_size: int = 100, num_workers: Optional[in
     from .features import make_loader
 
     bb = learner.backbone
-    tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
+    tf = test_transform(**bb.preprocess.test_args())
     text = learner.text_features()
     bar = Progress(desc, len(items), enabled=progress)
     parts, labels = [], []

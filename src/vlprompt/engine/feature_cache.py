@@ -68,8 +68,7 @@ def split_key(bb: Backbone, items: Sequence[Datum], dataset: str) -> dict:
         digest.update(b"\n")
     return {
         "backbone": backbone_key(bb),
-        "transform": {"id": TEST_TRANSFORM_ID, "size": bb.image_size, "mean": list(bb.image_mean),
-                      "std": list(bb.image_std)},
+        "transform": {"id": TEST_TRANSFORM_ID, **{k: v for k, v in bb.preprocess.record().items() if k != "source"}},
         "dataset": dataset,
         "n_items": len(items),
         "width": bb.embed_dim,

@@ -40,7 +40,7 @@ class FeatureStore:
         disk_key = split_key(bb, items, dataset) if disk else None
         found = disk.load(disk_key, torch.tensor([d.label for d in items])) if disk else None
         if found is None:
-            tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
+            tf = test_transform(**bb.preprocess.test_args())
             # Never touches the global random state, so whether the split was cached cannot change what follows.
             with torch.random.fork_rng(devices=[]):
                 found = encode_items(bb, items, tf, cfg.test_batch_size, cfg.num_workers, desc=desc,

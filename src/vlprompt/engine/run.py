@@ -288,7 +288,8 @@ def result_record(kind: str, cfg: RunConfig, ds, bb: Backbone, report: dict, tra
                  "n_test": len(ds.test), "classnames": ds.classnames,
                  "classes_short_of_shots": ds.info.get("classes_short_of_shots", 0)},
         "backbone": {"name": src.name, "source": src.describe(), "precision": bb.precision,
-                     "random": src.is_random, "image_encoder": bb.image_encoder_id},
+                     "random": src.is_random, "image_encoder": bb.image_encoder_id,
+                     "preprocess": bb.preprocess.record()},
         "test": report,
     }
 

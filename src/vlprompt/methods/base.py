@@ -36,7 +36,7 @@ class Objective:
 
     def view_transforms(self, bb: Backbone) -> dict[str, Callable]:
         """View name -> transform; views that share a transform object share a feature bank."""
-        return {"weak": train_transform(bb.image_size, bb.image_mean, bb.image_std)}
+        return {"weak": train_transform(**bb.preprocess.train_args())}
 
     def prepare(self, bb: Backbone, items: Sequence, source) -> None:
         """Once per run, before training: precompute what the loss needs from the frozen training

@@ -125,11 +125,11 @@ class CPTObjective(Objective):
 
     def view_transforms(self, bb) -> dict:
         o = self.options
-        strong = strong_transform(bb.image_size, bb.image_mean, bb.image_std, jitter=o.jitter, hue=o.hue,
+        strong = strong_transform(**bb.preprocess.train_args(), jitter=o.jitter, hue=o.hue,
                                   jitter_p=o.jitter_p, grayscale_p=o.grayscale_p, blur_p=o.blur_p)
         # One transform object for both strong views: in feature-bank mode they then share a bank and
         # take different stored draws of it; in exact mode each is drawn afresh anyway.
-        return {"weak": train_transform(bb.image_size, bb.image_mean, bb.image_std),
+        return {"weak": train_transform(**bb.preprocess.train_args()),
                 "strong_a": strong, "strong_b": strong}
 
     def loss(self, learner: CoOp, batch):

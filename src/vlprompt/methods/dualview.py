@@ -195,7 +195,7 @@ class DualViewObjective(Objective):
             from ..data.transforms import test_transform
             from ..engine.features import encode_items
 
-            tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
+            tf = test_transform(**bb.preprocess.test_args())
             feats, labels = encode_items(bb, items, tf, progress=False)
             feats, labels = feats.clone(), labels.to(feats.device)
             self.stats_note = "the training images encoded once with the test transform"

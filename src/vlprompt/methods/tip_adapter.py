@@ -181,7 +181,7 @@ class TipAdapterMethod(MethodBase):
 def augmented_passes(bb, items, passes: int, cfg) -> torch.Tensor:
     """(N, passes, d) raw features of ``items`` under Tip's augmentation (RandomResizedCrop scale (0.5, 1),
     flip), one pass after the other in list order; the draws follow the run's seed."""
-    tf = train_transform(bb.image_size, bb.image_mean, bb.image_std, scale=(0.5, 1.0))
+    tf = train_transform(**bb.preprocess.train_args(), scale=(0.5, 1.0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         out = [encode_items(bb, items, tf, cfg.test_batch_size, 0, desc=f"cache pass {i + 1}/{passes}",

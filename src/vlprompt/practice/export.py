@@ -125,7 +125,17 @@ def backbone_record(bb) -> dict:
             "weights": Path(src.weights).name if src.weights else None, "weights_path": src.weights,
             "random_init_seed": src.random_init_seed if src.is_random else None, "quick_gelu": src.quick_gelu,
             "embed_dim": bb.embed_dim, "image_size": bb.image_size,
-            "mean": list(bb.image_mean), "std": list(bb.image_std), "open_clip": _open_clip_version()}
+            "mean": list(bb.image_mean), "std": list(bb.image_std), "preprocess": bb.preprocess.record(),
+            "open_clip": _open_clip_version()}
+
+
+def _transform_record(pre) -> dict:
+    """The test pre-processing the head's features come from, as steps a user can rebuild."""
+    resize = {"shortest": {"resize_shorter_side": pre.size, "center_crop": pre.size},
+              "squash": {"resize_to_square": pre.size},
+              "longest": {"resize_longer_side": pre.size, "center_pad": pre.size}}[pre.resize_mode]
+    return {**resize, "interpolation": pre.interpolation, "mean": list(pre.mean), "std": list(pre.std),
+            "input": "RGB scaled to [0, 1]"}
 
 
 def _open_clip_version() -> Optional[str]:
@@ -246,9 +256,7 @@ def export_head(opened, output, onnx: bool = False) -> Path:
         "logit_scale": head.logit_scale, "weight_includes_logit_scale": head.logit_scale is not None,
         "weight_shape": list(head.weight.shape),
         "backbone": backbone_record(bb),
-        "transform": {"resize_shorter_side": bb.image_size, "interpolation": "bicubic",
-                      "center_crop": bb.image_size, "mean": list(bb.image_mean), "std": list(bb.image_std),
-                      "input": "RGB scaled to [0, 1]"},
+        "transform": _transform_record(bb.preprocess),
         "onnx": onnx_record,
         "usage": _usage(head, onnx),
     }

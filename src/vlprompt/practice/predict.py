@@ -66,7 +66,7 @@ def encode_paths(bb, paths: Sequence[str], batch_size: int = 100, progress: bool
     from ..engine.features import encode_items
 
     items = [Datum(str(p), 0, "") for p in paths]
-    tf = test_transform(bb.image_size, bb.image_mean, bb.image_std)
+    tf = test_transform(**bb.preprocess.test_args())
     feats, _ = encode_items(bb, items, tf, batch_size=batch_size, num_workers=0, desc="predicting",
                             progress=progress)
     return feats

@@ -1,0 +1,97 @@
+"""Families that fit the causal text path (EVA02, PE-Core, MobileCLIP-B, MetaCLIP), built randomly from their real
+open_clip configurations shrunk (support.FAMILIES): vlprompt's text fast path gives the library's own encode_text
+and its image encoding the library's encode_image (fp32, 1e-5 relative); CoOp, KgCoOp and text-only deep prompts
+train, save, load and evaluate on each; deep visual prompts are refused in one line on the timm image towers; zero-shot
+classification runs on the shared Caltech-101 images."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import FAMILIES, family_arch
+
+import vlprompt as vp
+from vlprompt.cli import main
+from vlprompt.data import make_synthetic_dataset
+
+NAMES = ["face", "water lily", "stop sign", "motorbike"]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family name, architecture file, backbone)."""
+    arch = family_arch(tmp_path_factory.mktemp("arch"), request.param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return request.param, arch, vp.load_backbone(arch, pretrained="random")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=2, n_test_per_class=2,
+                                  seed=0)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_text_and_image_features_equal_the_librarys_own_forward(family):
+    name, _, bb = family
+    torch.manual_seed(0)
+    learner = vp.CoOp(bb, NAMES, n_ctx=4, ctx_init="a photo of a")  # the context is the phrase's own embeddings
+    with torch.no_grad():
+        ours = learner.text_features()
+        theirs = F.normalize(bb.model.encode_text(bb.tokenize([f"a photo of a {n}." for n in NAMES])), dim=-1)
+        images = torch.randn(2, 3, bb.image_size, bb.image_size)
+        image_ours, image_theirs = bb.encode_images(images), bb.model.encode_image(images)
+    assert rel(ours, theirs) < 1e-5, name
+    assert rel(image_ours, image_theirs) < 1e-5, name
+
+
+@pytest.mark.parametrize("method, options", [("coop", []), ("kgcoop", []),
+                                             ("deep_language", ["--option", "depth_text=2"])])
+def test_prompt_methods_train_save_load_and_evaluate(family, shapes, method, options, tmp_path, capsys):
+    name, arch, _ = family
+    out = tmp_path / "run"
+    common = ["--backbone", arch, "--pretrained", "random", "--quiet"]
+    assert main(["train", "--dataset", shapes, "--method", method, *options, "--shots", "1", "--epochs", "1",
+                 "--n-ctx", "2", "--output", str(out), *common]) == 0, capsys.readouterr().err
+    trained = json.loads((out / "metrics.json").read_text())
+    assert main(["eval", str(out), "--output", str(tmp_path / "eval"), "--quiet"]) == 0, capsys.readouterr().err
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["test"]["accuracy"] == trained["test"]["accuracy"], name  # the loaded prompt, the same result
+
+
+def test_deep_visual_prompts_are_one_line_on_a_timm_image_tower(family, shapes, tmp_path, capsys):
+    name, arch, bb = family
+    args = ["train", "--dataset", shapes, "--method", "ivlp", "--option", "depth_text=2", "--option",
+            "depth_vision=2", "--shots", "1", "--epochs", "1", "--backbone", arch, "--pretrained", "random",
+            "--output", str(tmp_path / "run"), "--quiet"]
+    if bb.prompted_image_unsupported is None:  # open_clip's own ViT (MetaCLIP): deep visual prompts work
+        assert main(args) == 0, capsys.readouterr().err
+        return
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "TimmModel is not a ViT" in err, err
+
+
+@pytest.mark.realdata
+def test_zero_shot_runs_on_caltech_images(family, caltech_root):
+    name, _, bb = family
+    cal = vp.load_dataset("caltech101", str(caltech_root))
+    items = cal.test[::250]
+    learner = vp.ZeroShotCLIP(bb, cal.classnames)
+    from vlprompt.engine.features import encode_items
+    from vlprompt.data.transforms import test_transform
+
+    feats, labels = encode_items(bb, items, test_transform(**bb.preprocess.test_args()), batch_size=8,
+                                 progress=False)
+    with torch.no_grad():
+        logits = learner(feats)
+    assert logits.shape == (len(items), len(cal.classnames)) and torch.isfinite(logits).all(), name
+    assert labels.tolist() == [d.label for d in items]
