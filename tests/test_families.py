@@ -95,3 +95,34 @@ def test_zero_shot_runs_on_caltech_images(family, caltech_root):
         logits = learner(feats)
     assert logits.shape == (len(items), len(cal.classnames)) and torch.isfinite(logits).all(), name
     assert labels.tolist() == [d.label for d in items]
+
+
+# The methods that learn inside the image tower: a timm tower (EVA02's, PE-Core's, MobileCLIP's) has no ViT tokens
+# to prompt and no open_clip attention to update.
+IMAGE_TOWER_METHODS = {"ivlp", "vpt_deep", "maple", "promptsrc", "clip_lora"}
+
+
+def test_every_method_runs_on_a_timm_image_tower_family_or_is_one_line(shapes, tmp_path, capsys):
+    from support import TINY_OPTIONS
+
+    from vlprompt.methods import METHODS
+
+    arch = family_arch(tmp_path, "EVA02-B-16")
+    common = ["--dataset", shapes, "--backbone", arch, "--pretrained", "random", "--quiet"]
+    for method in METHODS:
+        out = str(tmp_path / method)
+        if method.startswith("zeroshot"):
+            args = ["zeroshot", *common, "--output", out] + (["--ensemble"] if method == "zeroshot_ensemble" else [])
+        else:
+            options = [x for k, v in TINY_OPTIONS.get(method, {}).items() for x in ("--option", f"{k}={v}")]
+            args = ["train", *common, "--method", method, *options, "--shots", "1", "--epochs", "1", "--n-ctx", "2",
+                    "--output", out]
+        rc = main(args)
+        err = capsys.readouterr().err.strip()
+        if method in IMAGE_TOWER_METHODS:
+            assert rc == 2 and len(err.splitlines()) == 1 and "TimmModel is not a ViT" in err, (method, err)
+        else:
+            assert rc == 0, (method, err)
+    # CLIP-LoRA's text side alone fits any causal text tower
+    assert main(["train", *common, "--method", "clip_lora", "--option", "encoder=text", "--option", "iterations=2",
+                 "--shots", "1", "--output", str(tmp_path / "lora_text")]) == 0, capsys.readouterr().err

@@ -141,6 +141,9 @@ class CLIPLoRA(TextClassifier):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, d) raw image features through the adapted image tower (differentiable)."""
+        if self.vision_lora is None and self.backbone.prompted_image_unsupported:
+            # encoder=text on a tower the differentiable path cannot enter (timm): it is frozen, its own forward
+            return self.backbone.encode_images(images).clone()
         return self.backbone.encode_images_prompted(images, [], adapter=self.vision_lora)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
