@@ -17,8 +17,8 @@ if ! .venv/bin/python -c "import torch, torchvision, open_clip" 2>/dev/null; the
     echo "setup: installing torch 2.13.0 / torchvision 0.28.0 / $OPEN_CLIP into .venv (a minute or two)" >&2
     pipi torch==2.13.0 torchvision==0.28.0 "$OPEN_CLIP"
 fi
-# The test extra, and Ray for the ray executor's tests.
-if ! .venv/bin/python -c "import vlprompt, pytest, ray" 2>/dev/null || [ pyproject.toml -nt .venv/.vlprompt-installed ]; then
-    pipi -e ".[test,ray]"  # also brings an open_clip already installed outside the range into it
+# The test extra, Ray for the ray executor's tests, transformers for the Hugging Face checkpoints' tests.
+if ! .venv/bin/python -c "import vlprompt, pytest, ray, transformers" 2>/dev/null || [ pyproject.toml -nt .venv/.vlprompt-installed ]; then
+    pipi -e ".[test,ray,hf]"  # also brings an open_clip already installed outside the range into it
     touch .venv/.vlprompt-installed
 fi

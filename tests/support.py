@@ -121,3 +121,34 @@ def family_arch(folder, family: str) -> str:
     path = Path(folder) / f"{family}-small.json"
     path.write_text(json.dumps(cfg))
     return str(path)
+
+
+def start_study_to_kill(args: list, out):
+    """Start ``vlprompt`` with ``args`` (a study writing to ``out``) in a subprocess and return it with the study's
+    units as soon as one unit is done and another running (the moment to kill the driver)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    driver = subprocess.Popen([sys.executable, "-m", "vlprompt.cli", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    units, deadline = [], time.time() + 240
+    while time.time() < deadline and driver.poll() is None:
+        try:
+            units = json.loads((out / "index.json").read_text())["units"]
+        except (OSError, ValueError):
+            units = []
+        if any(u["state"] == "done" for u in units) and any(u["state"] == "running" for u in units):
+            break
+        time.sleep(0.05)
+    assert driver.poll() is None, "the study ended before it could be killed"
+    return driver, units
+
+
+def alive(pid) -> bool:
+    """A process that exists and is not a zombie (one left for a reaper that may never come in a container)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import TINY_VIT, study_outcomes as outcomes
+from support import TINY_VIT, alive, start_study_to_kill, study_outcomes as outcomes
 
 from vlprompt.cli import main
 from vlprompt.data import make_synthetic_dataset
@@ -88,25 +88,13 @@ def test_local_takes_no_pool_options(shapes, tmp_path, capsys):
 
 def test_a_driver_killed_mid_study_leaves_no_worker_and_resumes(shapes, tmp_path, capsys):
     import subprocess
-    import sys
     import time
 
     out = tmp_path / "study"
     args = ["study", "fewshot", "--datasets", shapes, "--methods", "coop", "--shots", "1", "--backbone", TINY_VIT,
             "--pretrained", "random", "--epochs", "60", "--seeds", "1,2,3,4", "--quiet", "--output", str(out),
             "--executor", "pool", "--workers", "2"]
-    driver = subprocess.Popen([sys.executable, "-m", "vlprompt.cli", *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    units, deadline = [], time.time() + 240
-    while time.time() < deadline and driver.poll() is None:
-        try:
-            units = json.loads((out / "index.json").read_text())["units"]
-        except (OSError, ValueError):
-            units = []
-        if any(u["state"] == "done" for u in units) and any(u["state"] == "running" for u in units):
-            break
-        time.sleep(0.05)
-    assert driver.poll() is None, "the study ended before it could be killed"
+    driver, units = start_study_to_kill(args, out)
     helpers = subprocess.run(["pgrep", "-P", str(driver.pid)], capture_output=True, text=True).stdout.split()
     workers = [w for h in helpers  # forked by the fork server, a child of the driver
                for w in subprocess.run(["pgrep", "-P", h], capture_output=True, text=True).stdout.split()]
@@ -114,21 +102,13 @@ def test_a_driver_killed_mid_study_leaves_no_worker_and_resumes(shapes, tmp_path
     driver.wait()
     finished = {u["uid"]: u["seconds"] for u in units if u["state"] == "done"}
     time.sleep(1.0)
-    assert workers and not [w for w in workers if _alive(w)]  # they died with the driver
+    assert workers and not [w for w in workers if alive(w)]  # they died with the driver
     assert main(args) == 0
     capsys.readouterr()
     after = {u["uid"]: u for u in json.loads((out / "index.json").read_text())["units"]}
     assert all(u["state"] == "done" for u in after.values()) and len(after) == 4
     assert all(after[uid]["seconds"] == seconds for uid, seconds in finished.items())  # not run again
 
-
-def _alive(pid: str) -> bool:
-    """A process that exists and is not a zombie (one left for a reaper that may never come in a container)."""
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 

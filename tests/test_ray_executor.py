@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import TINY_VIT, study_outcomes
+from support import TINY_VIT, alive, start_study_to_kill, study_outcomes
 
 from vlprompt.cli import main
 from vlprompt.data import make_synthetic_dataset
@@ -122,18 +122,7 @@ def test_a_killed_driver_leaves_no_ray_worker_and_the_same_command_resumes(clust
     args = ["study", "fewshot", "--datasets", shapes, "--methods", "coop", "--shots", "1", "--backbone", TINY_VIT,
             "--pretrained", "random", "--epochs", "60", "--seeds", "1,2,3,4", "--quiet", "--output", str(out),
             "--executor", "ray", "--address", cluster]
-    driver = subprocess.Popen([sys.executable, "-m", "vlprompt.cli", *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    units, deadline = [], time.time() + 240
-    while time.time() < deadline and driver.poll() is None:
-        try:
-            units = json.loads((out / "index.json").read_text())["units"]
-        except (OSError, ValueError):
-            units = []
-        if any(u["state"] == "done" for u in units) and any(u["state"] == "running" for u in units):
-            break
-        time.sleep(0.05)
-    assert driver.poll() is None, "the study ended before it could be killed"
+    driver, units = start_study_to_kill(args, out)
     assert _ray_workers()  # its actors, running
     driver.kill()
     driver.wait()
@@ -152,14 +141,8 @@ def test_a_killed_driver_leaves_no_ray_worker_and_the_same_command_resumes(clust
 def _ray_workers() -> list:
     """The live processes of vlprompt's Ray actors (Ray titles them after the actor class)."""
     found = subprocess.run(["pgrep", "-f", "ray::RayWorker"], capture_output=True, text=True).stdout.split()
-    return [pid for pid in found if _alive(pid)]
+    return [pid for pid in found if alive(pid)]
 
-
-def _alive(pid: str) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("options, message", [

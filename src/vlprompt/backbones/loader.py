@@ -34,6 +34,7 @@ from ..errors import VlpromptError
 from ..utils.hardware import check_precision, resolve_precision
 from ..utils.progress import logger as vlprompt_logger
 from .backbone import Backbone, BackboneSource
+from .hf_clip import is_hf_folder, load_hf_clip
 from .preprocess import Preprocess, resolve_preprocess
 from .torchscript_reader import read_torchscript_state_dict
 
@@ -277,6 +278,8 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
     precision = resolve_precision(precision, device)
     if pretrained is not None and str(pretrained).lower() in ("", "none", "random"):
         pretrained = None
+    if name == HF or (weights is not None and is_hf_folder(weights)):
+        return _load_hf(name, weights, precision, device)
     arch, cfg = _resolve_arch(name)
     if weights is not None:
         path = Path(weights).expanduser()
@@ -333,6 +336,27 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
         source = BackboneSource(name=name, random_init_seed=random_init_seed, quick_gelu=used_quick)
     return Backbone(model, _tokenizer(arch, cfg), source, precision=precision, device=device,
                     preprocess=_preprocess(arch, cfg, model, pretrained))
+
+
+HF = "hf"  # the backbone name of a Hugging Face checkpoint folder (its architecture is in its config.json)
+
+
+def _load_hf(name: str, weights: Optional[str], precision: str, device: str) -> Backbone:
+    """A ``transformers`` CLIP checkpoint folder (`hf_clip`)."""
+    if name != HF:
+        raise VlpromptError(f"weights {weights} is a Hugging Face checkpoint folder: use --backbone {HF} (its "
+                            "architecture comes from its config.json)")
+    if weights is None or not is_hf_folder(weights):
+        raise VlpromptError(f"backbone {HF}: give a Hugging Face checkpoint folder (config.json + model.safetensors) "
+                            f"with --weights DIR" + (f"; {weights} is not one" if weights else ""))
+    model, cfg, pre = load_hf_clip(weights, _read_state_dict)
+    source = BackboneSource(name=HF, weights=str(Path(weights).expanduser().resolve()), quick_gelu=cfg["quick_gelu"])
+    oc = _open_clip()
+    tokenizer = oc.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+    bb = Backbone(model, tokenizer, source, precision=precision, device=device, preprocess=pre)
+    log.info(f"backbone {HF}: {Path(weights).name} (transformers CLIP, activation {bb.activation}, "
+             f"preprocessing from {pre.source})")
+    return bb
 
 
 def _preprocess(arch: str, cfg: dict, model, tag: Optional[str]) -> Preprocess:

@@ -38,7 +38,14 @@ NON_RESULT_KEYS = ("output", "progress", "num_workers", "threads", "test_batch_s
 EXECUTION_KEYS = NON_RESULT_KEYS + ("root", "device", "weights")
 
 
+# What decides a Hugging Face checkpoint folder's model (`backbones.hf_clip`), hashed in this order.
+HF_FOLDER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin")
+
+
 def _file_state(path: str) -> tuple:
+    if os.path.isdir(path):
+        return tuple(_file_state(os.path.join(path, f)) for f in HF_FOLDER_FILES
+                     if os.path.isfile(os.path.join(path, f)))
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
 
@@ -46,9 +53,13 @@ def _file_state(path: str) -> tuple:
 @lru_cache(maxsize=32)
 def _weights_hash(path: str, state: tuple) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    files = [os.path.join(path, f) for f in HF_FOLDER_FILES if os.path.isfile(os.path.join(path, f))] \
+        if os.path.isdir(path) else [path]
+    for file in files:
+        digest.update(os.path.basename(file).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
     return digest.hexdigest()[:20]
 
 
