@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import VlpromptError
 from .blocks import attention_parts
 from .preprocess import Preprocess, from_open_clip
+from .tokenizer import Tokens
 from .vit import FAST_IMAGE_ID, encode_vit_cls, encode_vit_prompted, fast_image_unsupported, prompted_image_unsupported
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,21 +77,21 @@ def model_activation(model: nn.Module) -> str:
 
 
 class TextTower:
-    """References to the parts of an open_clip causal text transformer (no copies)."""
+    """References to the parts of an open_clip text transformer (no copies): causal CLIP towers pooled at the
+    end-of-text token, and bidirectional ones (SigLIP, SigLIP 2: no mask, pooled at the last position), which only
+    the dense full-length path (`text.encoder.encode_dense`) computes exactly."""
 
     def __init__(self, owner: nn.Module, arch: str):
         transformer = owner.transformer
-        if getattr(owner, "attn_mask", None) is None:
-            raise VlpromptError(
-                f"backbone {arch}: its text tower is not causal (no attention mask); prompt tuning "
-                "with EOT pooling needs a causal CLIP text transformer"
-            )
+        self.causal: bool = getattr(owner, "attn_mask", None) is not None
         if getattr(owner, "cls_emb", None) is not None:
             raise VlpromptError(f"backbone {arch}: text towers with an appended CLS token are not supported")
+        if getattr(owner, "use_pad_mask", False):
+            raise VlpromptError(f"backbone {arch}: text towers that mask their padding are not supported")
         pool = getattr(owner, "text_pool_type", None) or getattr(owner, "pool_type", "argmax")
-        if pool not in ("argmax", "eos"):
+        if pool not in ("argmax", "eos", "last"):
             raise VlpromptError(
-                f"backbone {arch}: text pooling '{pool}' is not supported (need 'argmax' or 'eos' pooling)"
+                f"backbone {arch}: text pooling '{pool}' is not supported (need 'argmax', 'eos' or 'last' pooling)"
             )
         self.pool_type = pool
         self.eos_id = getattr(owner, "text_eos_id", None) or getattr(owner, "eos_id", None)
@@ -105,7 +106,7 @@ class TextTower:
         self.batch_first: bool = getattr(transformer, "batch_first", True)
         self.ln_final: nn.Module = owner.ln_final
         self.text_projection = owner.text_projection
-        self.attn_mask: torch.Tensor = owner.attn_mask
+        self.attn_mask: Optional[torch.Tensor] = owner.attn_mask if self.causal else None
         self.width: int = owner.token_embedding.weight.shape[1]
         self.context_length: int = owner.positional_embedding.shape[0]
 
@@ -127,6 +128,7 @@ class Backbone(nn.Module):
             raise VlpromptError(f"precision '{precision}' is not one of {sorted(PRECISIONS)}")
         self.model = model
         self.tokenizer = tokenizer
+        self.tokens = Tokens(tokenizer)
         self.activation: str = model_activation(model)
         self.source = replace(source, activation=self.activation)  # recorded in metrics via describe()
         self.precision = precision
@@ -145,6 +147,8 @@ class Backbone(nn.Module):
         self.image_mean, self.image_std = self.preprocess.mean, self.preprocess.std
         with torch.no_grad():
             self.logit_scale: float = float(model.logit_scale.exp().item())
+            bias = getattr(model, "logit_bias", None)  # SigLIP's: part of every logit
+            self.logit_bias: Optional[float] = float(bias.item()) if bias is not None else None
         self.embed_dim: int = int(self._probe_embed_dim())
         # The exact class-token shortcut where the tower allows it, open_clip's own forward otherwise.
         self.fast_image_unsupported: Optional[str] = fast_image_unsupported(model.visual)
@@ -182,13 +186,21 @@ class Backbone(nn.Module):
         return self.tokenizer(list(texts)).to(self.device)
 
     def bpe_length(self, text: str) -> int:
-        """Number of BPE tokens of a piece of text (without SOS / EOT)."""
-        return len(self.tokenizer.encode(text))
+        """Number of tokens of a piece of text (without start / end tokens)."""
+        return len(self.tokens.encode(text))
+
+    @property
+    def n_start(self) -> int:
+        """Special tokens before a text (1: CLIP's start token; 0: SigLIP's tokenizers have none)."""
+        return self.tokens.n_start
 
     def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Position of the pooled (EOT) token of each tokenized prompt, by the tower's pooling rule."""
+        """Position of the pooled token of each tokenized prompt, by the tower's pooling rule (``last``: the last
+        position, whatever the text)."""
         if self.text.pool_type == "argmax":
             return tokens.argmax(dim=-1)
+        if self.text.pool_type == "last":
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
         return (tokens == self.text.eos_id).int().argmax(dim=-1)
 
     @torch.inference_mode()

@@ -253,11 +253,25 @@ def _load_state(model, sd: dict, path: Path, arch: str) -> None:
 
 
 def _tokenizer(arch: str, cfg: dict):
+    """CLIP's BPE, or the Hugging Face tokenizer the architecture names (SigLIP's, SigLIP 2's) as open_clip wraps it:
+    from the local cache or a local folder, or from a hub when one is reachable."""
     oc = _open_clip()
-    ctx_len = cfg["text_cfg"].get("context_length", 77)
-    if "hf_tokenizer_name" in cfg["text_cfg"]:
-        raise VlpromptError(f"backbone {arch}: only CLIP BPE tokenizers are supported")
-    return oc.tokenizer.SimpleTokenizer(context_length=ctx_len)
+    text = cfg["text_cfg"]
+    ctx_len = text.get("context_length", 77)
+    name = text.get("hf_tokenizer_name")
+    if not name:
+        return oc.tokenizer.SimpleTokenizer(context_length=ctx_len)
+    try:
+        with _offline_unless_reachable() as offline, contextlib.redirect_stderr(io.StringIO()):
+            return oc.tokenizer.HFTokenizer(name, context_length=ctx_len, **(text.get("tokenizer_kwargs") or {}))
+    except ImportError:
+        raise VlpromptError(f"backbone {arch}: its tokenizer '{name}' needs transformers: pip install "
+                            '"vlprompt[hf]"') from None
+    except Exception as exc:
+        why = ("it is not in the local Hugging Face cache and no hub is reachable" if offline
+               else (str(exc) or type(exc).__name__).splitlines()[0][:160])
+        raise VlpromptError(f"backbone {arch}: cannot load its tokenizer '{name}': {why} (an architecture file may "
+                            "name a local tokenizer folder in text_cfg.hf_tokenizer_name)") from None
 
 
 def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weights: Optional[str] = None,

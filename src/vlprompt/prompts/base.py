@@ -34,8 +34,11 @@ class TextClassifier(nn.Module):
         raise NotImplementedError
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """logit_scale * normalise(image_features) @ text_features.T."""
-        return self.backbone.logit_scale * F.normalize(image_features.float(), dim=-1) @ text_features.T
+        """logit_scale * normalise(image_features) @ text_features.T (+ the model's logit bias, SigLIP's: a constant
+        that moves no softmax and no ranking, but is part of each logit the model gives)."""
+        logits = self.backbone.logit_scale * F.normalize(image_features.float(), dim=-1) @ text_features.T
+        bias = getattr(self.backbone, "logit_bias", None)
+        return logits if bias is None else logits + bias
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.logits(image_features, self.text_features())

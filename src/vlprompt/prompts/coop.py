@@ -17,6 +17,7 @@ from torch import nn
 
 from ..backbones.backbone import Backbone
 from ..errors import VlpromptError
+from ..text.encoder import encode_dense
 from ..text.fast import encode_shared_prefix, encode_truncated
 from .base import TextClassifier
 from .templates import prompt_text
@@ -42,19 +43,21 @@ def init_phrase(ctx_init: Optional[str], rule: str) -> tuple[Optional[str], Opti
     return phrase, (len(phrase.split()) if rule == "words" else None)
 
 
-def _layout_index(n_cls_tokens: int, n_ctx: int, name_len: int, position: str) -> list[int]:
-    """Order in which rows of ``[SOS, ctx_1..ctx_M, suffix...]`` form the prompt of one class."""
+def _layout_index(n_cls_tokens: int, n_ctx: int, name_len: int, position: str, n_start: int = 1) -> list[int]:
+    """Order in which rows of ``[start tokens (SOS for CLIP, none for SigLIP), ctx_1..ctx_M, suffix...]`` form the
+    prompt of one class."""
     total = n_cls_tokens
-    ctx = list(range(1, 1 + n_ctx))
-    name = list(range(1 + n_ctx, 1 + n_ctx + name_len))
-    rest = list(range(1 + n_ctx + name_len, total))
+    start = list(range(n_start))
+    ctx = list(range(n_start, n_start + n_ctx))
+    name = list(range(n_start + n_ctx, n_start + n_ctx + name_len))
+    rest = list(range(n_start + n_ctx + name_len, total))
     if position == "end":
-        order = [0] + ctx + name + rest
+        order = start + ctx + name + rest
     elif position == "middle":
         half = n_ctx // 2
-        order = [0] + ctx[:half] + name + ctx[half:] + rest
+        order = start + ctx[:half] + name + ctx[half:] + rest
     else:  # front
-        order = [0] + name + ctx + rest
+        order = start + name + ctx + rest
     return order
 
 
@@ -109,7 +112,7 @@ class CoOp(TextClassifier):
                     f"ctx_init '{ctx_init}': {n_bpe} BPE tokens for {n_ctx} learned vectors; the frozen remainder "
                     f"only fits the 'end' class position (or use ctx_init_rule=tokens)")
             with torch.no_grad():
-                ctx = emb(init_tokens)[0, 1:1 + n_ctx].float().clone()
+                ctx = emb(init_tokens)[0, backbone.n_start:backbone.n_start + n_ctx].float().clone()
             placeholder = ctx_init
         else:
             if int(n_ctx) < 1:
@@ -132,7 +135,7 @@ class CoOp(TextClassifier):
         name_lens = [bb.bpe_length(n) for n in names]
         eot = bb.eot_index(tokens)
         # A prompt that fills the whole context was truncated by the tokenizer (EOT forced into the last slot).
-        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != 0]
+        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != bb.tokens.pad_id]
         if too_long:
             raise VlpromptError(f"class name too long for the {bb.context_length}-token context with "
                                 f"{self.n_ctx} context tokens: {too_long[0][:80]!r}"
@@ -140,10 +143,11 @@ class CoOp(TextClassifier):
         with torch.no_grad():
             embedded = bb.text.token_embedding(tokens).float()
         length = tokens.shape[1]
-        order = torch.tensor([_layout_index(length, self.n_ctx, k, self.class_token_position) for k in name_lens],
+        s = bb.n_start
+        order = torch.tensor([_layout_index(length, self.n_ctx, k, self.class_token_position, s) for k in name_lens],
                              device=bb.device)
-        self.register_buffer("token_prefix", embedded[:, :1].clone(), persistent=False)
-        self.register_buffer("token_suffix", embedded[:, 1 + self.n_ctx:].clone(), persistent=False)
+        self.register_buffer("token_prefix", embedded[:, :s].clone(), persistent=False)
+        self.register_buffer("token_suffix", embedded[:, s + self.n_ctx:].clone(), persistent=False)
         self.register_buffer("eot_idx", eot, persistent=False)
         self.register_buffer("order", order, persistent=False)
         self.name_lens = name_lens
@@ -168,7 +172,9 @@ class CoOp(TextClassifier):
 
     def text_features(self) -> torch.Tensor:
         """(C, d) L2-normalised class features, differentiable with respect to the context."""
-        if self.shares_prefix:
+        if not self.backbone.text.causal:  # bidirectional (SigLIP): every class whole, at full length
+            feats = encode_dense(self.backbone, self.prompt_embeddings(), self.eot_idx)
+        elif self.shares_prefix:
             prefix = torch.cat([self.token_prefix[0], self.ctx], dim=0)
             feats = encode_shared_prefix(self.backbone, prefix, self.token_suffix, self.eot_idx - self.n_ctx)
         else:

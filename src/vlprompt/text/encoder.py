@@ -1,7 +1,9 @@
-"""The straightforward text-encoder computation, kept as the reference for tests and benchmarks.
+"""The straightforward text-encoder computation: every prompt at the full context length (77 tokens for CLIP),
+open_clip's own blocks with the tower's mask (the causal one, or none for a bidirectional tower), then pooling.
 
-It is what the official CoOp code does: every prompt padded to the full context (77 tokens), open_clip's
-own blocks with the full causal mask, then pooling at the EOT token. Learners use `text.fast`.
+For a causal tower it is what the official CoOp code does, kept as the reference for tests and benchmarks (learners
+use `text.fast`). For a bidirectional tower (SigLIP) it is the only exact path (`encode_dense`): every position sees
+every other, padding included, so no prompt may be cut or share a prefix.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
 
 def _run_blocks(bb: Backbone, x: torch.Tensor, length: int, deep: Sequence[Optional[torch.Tensor]] = ()) -> torch.Tensor:
     tower = bb.text
-    mask = tower.attn_mask[:length, :length].to(x.dtype)
+    mask = tower.attn_mask[:length, :length].to(x.dtype) if tower.causal else None
     if not tower.batch_first:
         x = x.transpose(0, 1)
     seq = 1 if tower.batch_first else 0
@@ -41,3 +43,9 @@ def reference_encode(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor,
     x = bb.text.ln_final(x)
     rows = x[torch.arange(x.shape[0], device=x.device), eot_idx]
     return bb.text.project(rows).float()
+
+
+def encode_dense(bb: Backbone, prompts: torch.Tensor, pooled_idx: torch.Tensor) -> torch.Tensor:
+    """(C, d) raw features of prompts (C, context_length, D), every class at the tower's full length with the prompt
+    rows in place, pooled at ``pooled_idx`` (the last position for SigLIP): the exact path for bidirectional towers."""
+    return reference_encode(bb, prompts, pooled_idx)

@@ -204,6 +204,13 @@ def _split_prefix(x: torch.Tensor, plan: _Plan, rows: torch.Tensor) -> tuple[tor
     return torch.cat([x, rows.reshape(-1, x.shape[-1]).to(x.dtype)]).index_select(0, index), split
 
 
+def _causal_only(bb: Backbone) -> None:
+    if not bb.text.causal:
+        raise VlpromptError(f"backbone {bb.source.name}: its text tower is bidirectional (every token sees every "
+                            "other), so this method's causal text shortcuts do not hold for it; the CoOp family "
+                            "(coop, kgcoop, cpt, prograd, dualview_mi) runs on it through the dense path")
+
+
 def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor,
                      class_rows: Optional[tuple] = None, adapter: Optional[LowRankQKV] = None) -> torch.Tensor:
     """(C, d) float32 features of prompt embeddings (C, L, D) pooled at ``eot_idx``; exact, any layout.
@@ -211,6 +218,7 @@ def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor,
     Every sequence is cut at its own EOT: nothing after it is computed. ``class_rows`` = (block L, rows (C, N, D))
     replaces rows 1..N of each class at the input of block L (class-aware tokens; N + 1 <= every EOT index).
     ``adapter``: low-rank updates of the query, key and value projections (`backbones.lora`)."""
+    _causal_only(bb)
     length = int(eot_idx.max()) + 1
     pos = bb.text.positional_embedding.to(bb.dtype)
     if class_rows is not None:
@@ -258,6 +266,7 @@ def encode_shared_prefix(bb: Backbone, prefix: torch.Tensor, suffix: torch.Tenso
     would make the prefix differ between classes (training with dropout uses `encode_truncated`, unless
     ``shared_masks``: the prefix rows then draw one mask for every class, an approximation the caller records).
     """
+    _causal_only(bb)
     pos = bb.text.positional_embedding.to(bb.dtype)
     p = prefix.shape[0]
     s = int(suffix_len.max())
@@ -278,4 +287,5 @@ def encode_per_image_prefix(bb: Backbone, prefixes: torch.Tensor, suffix: torch.
     """(B, C, d) float32 features when each of B images has its own shared prefix (CoCoOp: SOS + context +
     the image's bias): for image b, prompts ``[prefixes[b], suffix_c[:suffix_len_c]]``. Exact: each image is
     `encode_shared_prefix` (its classes' own tokens attend to its prefix), one image after the other."""
+    _causal_only(bb)
     return torch.stack([encode_shared_prefix(bb, prefix, suffix, suffix_len) for prefix in prefixes])

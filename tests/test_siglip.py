@@ -1,0 +1,129 @@
+"""SigLIP's bidirectional text tower (open_clip's ViT-B-16-SigLIP text configuration, shrunk; a small sentencepiece-
+kind Unigram tokenizer built here, since SigLIP's own needs a hub): no start token, pooled at the last of its 64
+positions, every position seeing every other. CoOp's prompts go through the dense full-length path, exact against
+open_clip's own encode_text for every class position; logits carry the model's logit bias; the CoOp family trains,
+saves, loads and evaluates; methods whose text shortcuts need a causal tower are one line."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlprompt as vp
+from vlprompt.cli import main
+from vlprompt.data import make_synthetic_dataset
+from vlprompt.text.encoder import encode_dense
+
+pytest.importorskip("transformers")
+
+NAMES = ["face", "water lily", "stop sign", "motorbike"]
+WORDS = "a photo of the face water lily stop sign motorbike x black cross white circle square triangle".split()
+
+
+def build_tokenizer(folder) -> str:
+    """A Unigram tokenizer of sentencepiece's kind with T5's special ids (pad 0, eos 1 appended, unk 2), saved as a
+    local Hugging Face tokenizer folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in WORDS]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def arch(tmp_path_factory):
+    """ViT-B-16-SigLIP's configuration with a 2-block text tower, the local tokenizer and a small ViT image tower."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("siglip")
+    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-16-SigLIP"))
+    cfg["text_cfg"].update(layers=2, width=64, heads=2, vocab_size=3 + len(WORDS),
+                           hf_tokenizer_name=build_tokenizer(folder / "tokenizer"))
+    cfg["vision_cfg"] = {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 32}
+    cfg["embed_dim"] = 32
+    path = folder / "siglip-small.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bb(arch):
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        return vp.load_backbone(arch, pretrained="random")
+
+
+def test_the_tower_is_read_as_it_is(bb):
+    assert not bb.text.causal and bb.text.pool_type == "last" and bb.n_start == 0 and bb.context_length == 64
+    assert bb.logit_bias == pytest.approx(-10.0)  # SigLIP's initial logit bias
+    assert bb.tokens.pad_id == 0 and bb.bpe_length("water lily") == 2
+
+
+def test_coop_through_the_dense_path_equals_open_clips_encode_text(bb):
+    torch.manual_seed(0)
+    learner = vp.CoOp(bb, NAMES, n_ctx=4, ctx_init="a photo of a")  # the context is the phrase's own embeddings
+    with torch.no_grad():
+        ours = learner.text_features()
+        theirs = F.normalize(bb.model.encode_text(bb.tokenize([f"a photo of a {n}." for n in NAMES])), dim=-1)
+    assert float((ours - theirs).norm() / theirs.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("position", ["middle", "front"])
+def test_every_class_position_is_the_prompt_open_clip_would_encode(bb, position):
+    """A context of random vectors at each position: the dense path equals open_clip's own text transformer run on
+    the assembled token embeddings (its forward after the embedding lookup)."""
+    torch.manual_seed(0)
+    learner = vp.CoOp(bb, NAMES, n_ctx=2, class_token_position=position)
+    text = bb.model.text
+    with torch.no_grad():
+        prompts = learner.prompt_embeddings()
+        x = prompts + text.positional_embedding
+        x = text.ln_final(text.transformer(x, attn_mask=None))
+        want = F.normalize(text.text_projection(x[:, -1]), dim=-1)
+        got = learner.text_features()
+        assert torch.allclose(F.normalize(encode_dense(bb, prompts, learner.eot_idx), dim=-1), want, atol=1e-6)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_logits_carry_the_logit_bias(bb):
+    learner = vp.CoOp(bb, NAMES, n_ctx=2)
+    feats = torch.randn(3, bb.embed_dim)
+    with torch.no_grad():
+        text = learner.text_features()
+        cosine = F.normalize(feats, dim=-1) @ text.T
+        assert torch.allclose(learner.logits(feats, text), bb.logit_scale * cosine + bb.logit_bias, atol=1e-5)
+
+
+def test_the_coop_family_trains_saves_loads_and_evaluates(arch, tmp_path, capsys):
+    data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=2, n_test_per_class=2, seed=0)
+    common = ["--dataset", data, "--backbone", arch, "--pretrained", "random", "--quiet"]
+    for method in ("coop", "kgcoop", "cpt", "prograd", "dualview_mi"):
+        out = tmp_path / method
+        assert main(["train", *common, "--method", method, "--shots", "1", "--epochs", "1", "--n-ctx", "2",
+                     "--output", str(out)]) == 0, (method, capsys.readouterr().err)
+        trained = json.loads((out / "metrics.json").read_text())
+        assert main(["eval", str(out), "--output", str(tmp_path / f"{method}-eval"), "--quiet"]) == 0, method
+        again = json.loads((tmp_path / f"{method}-eval" / "metrics.json").read_text())
+        assert again["test"]["accuracy"] == trained["test"]["accuracy"], method
+    assert main(["zeroshot", *common, "--output", str(tmp_path / "zs")]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, options", [("cocoop", []), ("tcp", ["--option", "class_layer=1"]),
+                                             ("ivlp", ["--option", "depth_text=2", "--option", "depth_vision=2"]),
+                                             ("clip_lora", ["--option", "iterations=2"])])
+def test_methods_with_causal_shortcuts_are_one_line(arch, tmp_path, capsys, method, options):
+    data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=1, n_test_per_class=1, seed=0)
+    assert main(["train", "--dataset", data, "--backbone", arch, "--pretrained", "random", "--quiet", "--method",
+                 method, *options, "--shots", "1", "--epochs", "1", "--n-ctx", "2",
+                 "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "text tower is bidirectional" in err, err
