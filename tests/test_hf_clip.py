@@ -99,7 +99,7 @@ def test_bad_hugging_face_folders_are_one_line(tmp_path):
         vp.load_backbone("hf")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "siglip"}))
-    with pytest.raises(VlpromptError, match="model_type 'siglip' is not 'clip' \\(SigLIP towers are not supported"):
+    with pytest.raises(VlpromptError, match="model_type 'siglip' is not 'clip' \\(SiglipModel folders are not"):
         vp.load_backbone("hf", weights=str(folder))
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "model.safetensors").unlink()

@@ -1,8 +1,9 @@
-"""SigLIP's bidirectional text tower (open_clip's ViT-B-16-SigLIP text configuration, shrunk; a small sentencepiece-
+"""Bidirectional text towers. SigLIP's (open_clip's ViT-B-16-SigLIP text configuration, shrunk; a small sentencepiece-
 kind Unigram tokenizer built here, since SigLIP's own needs a hub): no start token, pooled at the last of its 64
 positions, every position seeing every other. CoOp's prompts go through the dense full-length path, exact against
 open_clip's own encode_text for every class position; logits carry the model's logit bias; the CoOp family trains,
-saves, loads and evaluates; methods whose text shortcuts need a causal tower are one line."""
+saves, loads and evaluates; methods whose text shortcuts need a causal tower are one line. MobileCLIP-S2's tower:
+bidirectional with CLIP's tokenizer, pooled at its end-of-text token, exact the same way."""
 
 from __future__ import annotations
 
@@ -127,3 +128,24 @@ def test_methods_with_causal_shortcuts_are_one_line(arch, tmp_path, capsys, meth
                  "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "text tower is bidirectional" in err, err
+
+
+def test_a_bidirectional_tower_with_clips_tokenizer_mobileclip_s2(tmp_path):
+    """MobileCLIP-S2's text tower: CLIP's BPE (a start token), no causal mask, pooled at the end-of-text token."""
+    import open_clip
+
+    cfg = copy.deepcopy(open_clip.get_model_config("MobileCLIP-S2"))
+    cfg["text_cfg"].update(layers=2, width=64, heads=2)
+    cfg["vision_cfg"] = {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 32}
+    cfg["embed_dim"] = 32
+    path = tmp_path / "mobileclip-s2-small.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        bb = vp.load_backbone(str(path), pretrained="random")
+    assert not bb.text.causal and bb.text.pool_type == "argmax" and bb.n_start == 1
+    torch.manual_seed(0)
+    learner = vp.CoOp(bb, NAMES, n_ctx=4, ctx_init="a photo of a")
+    with torch.no_grad():
+        ours = learner.text_features()
+        theirs = F.normalize(bb.model.encode_text(bb.tokenize([f"a photo of a {n}." for n in NAMES])), dim=-1)
+    assert float((ours - theirs).norm() / theirs.norm()) < 1e-5

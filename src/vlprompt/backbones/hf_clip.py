@@ -52,7 +52,8 @@ def open_clip_config(folder: Path, config: dict) -> dict:
     """The open_clip model configuration of a ``transformers`` CLIP configuration (one line for anything else)."""
     kind = config.get("model_type")
     if kind != "clip":
-        more = " (SigLIP towers are not supported yet)" if kind in ("siglip", "siglip2") else ""
+        more = (" (SiglipModel folders are not supported yet; open_clip's SigLIP architectures are)"
+                if kind in ("siglip", "siglip2") else "")
         raise VlpromptError(f"Hugging Face checkpoint {folder}: model_type {kind!r} is not 'clip'{more}")
     text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
 
@@ -73,7 +74,8 @@ def open_clip_config(folder: Path, config: dict) -> dict:
     if value(text, "vocab_size", CLIP_VOCAB, "text_config") != CLIP_VOCAB:
         raise VlpromptError(f"Hugging Face checkpoint {folder}: text vocabulary of {text.get('vocab_size')} tokens; "
                             f"only CLIP's BPE vocabulary ({CLIP_VOCAB}) is supported")
-    t_width, v_width = value(text, "hidden_size", 512, "text_config"), value(vision, "hidden_size", 768, "vision_config")
+    t_width = value(text, "hidden_size", 512, "text_config")
+    v_width = value(vision, "hidden_size", 768, "vision_config")
     eos = text.get("eos_token_id", 2)
     return {
         "embed_dim": value(config, "projection_dim", 512, "config"),

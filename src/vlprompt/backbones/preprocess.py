@@ -80,7 +80,8 @@ def resolve_preprocess(arch: str, arch_cfg: dict, size: int, tag: Optional[str] 
     else:
         # No such tag (a weights file with the default tag, a random model): where every tag of the architecture
         # prepares images alike (MobileCLIP's, SigLIP's), that is how its weights expect them.
-        kinds = {tuple(_merge(values, get_pretrained_cfg(arch, t)).items()) for t in list_pretrained_tags_by_model(arch)}
+        kinds = {tuple(_merge(values, get_pretrained_cfg(arch, t)).items())
+                 for t in list_pretrained_tags_by_model(arch)}
         if len(kinds) == 1:
             values = dict(kinds.pop())
             source = f"every pretrained tag of {arch}"

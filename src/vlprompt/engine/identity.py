@@ -56,7 +56,8 @@ def _weights_hash(path: str, state: tuple) -> str:
     files = [os.path.join(path, f) for f in HF_FOLDER_FILES if os.path.isfile(os.path.join(path, f))] \
         if os.path.isdir(path) else [path]
     for file in files:
-        digest.update(os.path.basename(file).encode() + b"\0")
+        if os.path.isdir(path):  # a folder's files by name; a single file's bytes alone (as before)
+            digest.update(os.path.basename(file).encode() + b"\0")
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
