@@ -35,12 +35,10 @@ class Preprocess:
             if len(value) != 3 or (key == "std" and min(value) <= 0):
                 raise VlpromptError(f"image preprocessing ({self.source}): {key} must be 3 numbers"
                                     + (" above 0" if key == "std" else "") + f", got {list(value)}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise VlpromptError(f"image preprocessing ({self.source}): interpolation '{self.interpolation}' is not "
-                                f"one of {list(INTERPOLATIONS)}")
-        if self.resize_mode not in RESIZE_MODES:
-            raise VlpromptError(f"image preprocessing ({self.source}): resize_mode '{self.resize_mode}' is not one "
-                                f"of {list(RESIZE_MODES)}")
+        for key, allowed in (("interpolation", INTERPOLATIONS), ("resize_mode", RESIZE_MODES)):
+            if getattr(self, key) not in allowed:
+                raise VlpromptError(f"image preprocessing ({self.source}): {key} '{getattr(self, key)}' is not one "
+                                    f"of {list(allowed)}")
 
     def record(self) -> dict:
         """What a run, an export and a feature-cache key record."""
