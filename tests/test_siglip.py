@@ -149,3 +149,26 @@ def test_a_bidirectional_tower_with_clips_tokenizer_mobileclip_s2(tmp_path):
         ours = learner.text_features()
         theirs = F.normalize(bb.model.encode_text(bb.tokenize([f"a photo of a {n}." for n in NAMES])), dim=-1)
     assert float((ours - theirs).norm() / theirs.norm()) < 1e-5
+
+
+def test_export_and_predict_carry_the_logit_bias(arch, tmp_path, capsys):
+    """The exported head's bias is the model's logit bias (its logits equal the learner's), and predict gives each
+    class's sigmoid probability, as SigLIP scores classes."""
+    import math
+
+    from safetensors.torch import load_file
+
+    data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=2, n_test_per_class=1, seed=0)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", data, "--backbone", arch, "--pretrained", "random", "--quiet", "--shots", "1",
+                 "--epochs", "1", "--n-ctx", "2", "--output", str(out)]) == 0, capsys.readouterr().err
+    assert main(["export", str(out), "--output", str(tmp_path / "head")]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    head = load_file(str(tmp_path / "head" / "head.safetensors"))
+    meta = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert meta["has_bias"] and torch.allclose(head["bias"], torch.full_like(head["bias"], -10.0))
+    image = next((tmp_path / "shapes").rglob("*.png"))
+    assert main(["predict", str(out), str(image), "--format", "json", "--quiet"]) == 0
+    predictions = json.loads(capsys.readouterr().out)["images"][0]["predictions"]
+    for p in predictions:
+        assert p["probability"] == pytest.approx(1 / (1 + math.exp(-p["logit"])), rel=1e-6)

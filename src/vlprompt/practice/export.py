@@ -103,9 +103,11 @@ def linear_head(learner, method: str) -> LinearHead:
     else:
         scale = float(learner.backbone.logit_scale)
         text = learner.text_features().detach().float().cpu()
-        head = LinearHead((scale * text).contiguous(), None, normalize=True, logit_scale=scale,
+        bias = learner.backbone.logit_bias  # SigLIP's, the same for every class
+        head = LinearHead((scale * text).contiguous(), None if bias is None else torch.full((len(text),), bias),
+                          normalize=True, logit_scale=scale,
                           form="logits = normalize(f) @ weight.T, weight = logit_scale * normalised class text "
-                               "features")
+                               "features" + ("" if bias is None else "; bias = the model's logit bias"))
     bb = learner.backbone
     probe = torch.randn(8, bb.embed_dim, generator=torch.Generator().manual_seed(0)).to(bb.device)
     want = class_logits(learner, probe).cpu()

@@ -3,7 +3,8 @@
 Images are encoded exactly as ``vlprompt eval`` encodes a test split (`engine.features.encode_items` with the
 test transform of the backbone) and scored by the learner's own logits with the class text features computed
 once (per image for a conditional learner such as CoCoOp), the two branches of `engine.evaluate.classify`;
-probabilities are the softmax of those logits. So the top-1 class of an image is the one ``eval`` counts.
+probabilities are the softmax of those logits (for a SigLIP backbone, with its logit bias, each class's sigmoid, as
+that model scores classes). So the top-1 class of an image is the one ``eval`` counts.
 """
 
 from __future__ import annotations
@@ -74,9 +75,12 @@ def encode_paths(bb, paths: Sequence[str], batch_size: int = 100, progress: bool
 
 @torch.no_grad()
 def rank(learner, logits: torch.Tensor, paths: Sequence[str], top_k: int) -> list[dict]:
-    """One record per image: its top-k classes, best first, with softmax probabilities and logits."""
+    """One record per image: its top-k classes, best first, with probabilities and logits. The probabilities are
+    the softmax over the classes, or, for a model trained with a sigmoid loss and a logit bias (SigLIP), each class's
+    own sigmoid, as that model scores them."""
     k = min(int(top_k), len(learner.classnames))
-    probs = torch.softmax(logits.double(), dim=-1)
+    sigmoid = getattr(learner.backbone, "logit_bias", None) is not None
+    probs = torch.sigmoid(logits.double()) if sigmoid else torch.softmax(logits.double(), dim=-1)
     values, index = logits.topk(k, dim=-1)
     out = []
     for i, path in enumerate(paths):
