@@ -127,7 +127,7 @@ def test_methods_with_causal_shortcuts_are_one_line(arch, tmp_path, capsys, meth
                  method, *options, "--shots", "1", "--epochs", "1", "--n-ctx", "2",
                  "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "text tower is bidirectional" in err, err
+    assert len(err.splitlines()) == 1 and "is bidirectional (every token sees every other)" in err, err
 
 
 def test_a_bidirectional_tower_with_clips_tokenizer_mobileclip_s2(tmp_path):

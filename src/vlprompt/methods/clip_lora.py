@@ -189,6 +189,7 @@ class CLIPLoRAObjective(Objective):
 
 class CLIPLoRAMethod(MethodBase):
     name = "clip_lora"
+    causal_text_only = True  # its template's shared prefix and truncation
     # The image tower is adapted: trained from pixels, evaluated from images; transfers to any class names.
     needs = Needs(pixels=True, cacheable_features=False)
     Options = CLIPLoRAOptions

@@ -60,6 +60,7 @@ class CoCoOp(CoOp):
 
 class CoCoOpMethod(CoOpMethod):
     name = "cocoop"
+    causal_text_only = True  # per-image shared prefixes (`text.fast.encode_per_image_prefix`)
 
     def build(self, backbone, classnames, config) -> CoCoOp:
         return CoCoOp(backbone, classnames, **config.layout.kwargs())

@@ -114,6 +114,7 @@ class TCPObjective(Objective):
 
 class TCPMethod(MethodBase):
     name = "tcp"
+    causal_text_only = True  # class-aware rows in the shared prefix
     needs = Needs()  # the image tower is untouched: frozen features are cached; the rows are rebuilt per label space
     Options = TCPOptions
 
