@@ -104,10 +104,11 @@ def test_logits_carry_the_logit_bias(bb):
         assert torch.allclose(learner.logits(feats, text), bb.logit_scale * cosine + bb.logit_bias, atol=1e-5)
 
 
-def test_the_coop_family_trains_saves_loads_and_evaluates(arch, tmp_path, capsys):
+def test_the_coop_family_and_the_baselines_train_save_load_and_evaluate(arch, tmp_path, capsys):
     data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=2, n_test_per_class=2, seed=0)
     common = ["--dataset", data, "--backbone", arch, "--pretrained", "random", "--quiet"]
-    for method in ("coop", "kgcoop", "cpt", "prograd", "dualview_mi"):
+    for method in ("coop", "kgcoop", "cpt", "prograd", "dualview_mi", "linear_probe", "tip_adapter", "tip_adapter_f",
+                   "clip_adapter"):
         out = tmp_path / method
         assert main(["train", *common, "--method", method, "--shots", "1", "--epochs", "1", "--n-ctx", "2",
                      "--output", str(out)]) == 0, (method, capsys.readouterr().err)
