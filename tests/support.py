@@ -152,3 +152,46 @@ def alive(pid) -> bool:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# A SigLIP text tower for tests: its tokenizer needs a hub, so a small one of the same kind is built here.
+SIGLIP_WORDS = "a photo of the face water lily stop sign motorbike x black cross white circle square triangle".split()
+
+
+def build_tokenizer(folder) -> str:
+    """A Unigram tokenizer of sentencepiece's kind with T5's special ids (pad 0, eos 1 appended, unk 2), saved as a
+    local Hugging Face tokenizer folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in SIGLIP_WORDS]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(folder))
+    return str(folder)
+
+
+def siglip_arch(folder) -> str:
+    """ViT-B-16-SigLIP's configuration with a 2-block text tower, the local tokenizer (`build_tokenizer`) and a small
+    ViT image tower, as an architecture file in ``folder``; its path."""
+    import copy
+    import json
+    from pathlib import Path
+
+    import open_clip
+
+    folder = Path(folder)
+    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-16-SigLIP"))
+    cfg["text_cfg"].update(layers=2, width=64, heads=2, vocab_size=3 + len(SIGLIP_WORDS),
+                           hf_tokenizer_name=build_tokenizer(folder / "tokenizer"))
+    cfg["vision_cfg"] = {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 32}
+    cfg["embed_dim"] = 32
+    # open_clip_config.json's layout, with the preprocessing of SigLIP's webli tag (squash, mean and std 0.5)
+    tag = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli")
+    pre = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode")}
+    path = folder / "siglip-small.json"
+    path.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}))
+    return str(path)

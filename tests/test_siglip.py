@@ -9,54 +9,29 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from support import siglip_arch
 
 import vlprompt as vp
 from vlprompt.cli import main
 from vlprompt.data import make_synthetic_dataset
 from vlprompt.text.encoder import encode_dense
 
-pytest.importorskip("transformers")
-
-NAMES = ["face", "water lily", "stop sign", "motorbike"]
-WORDS = "a photo of the face water lily stop sign motorbike x black cross white circle square triangle".split()
-
-
-def build_tokenizer(folder) -> str:
-    """A Unigram tokenizer of sentencepiece's kind with T5's special ids (pad 0, eos 1 appended, unk 2), saved as a
-    local Hugging Face tokenizer folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in WORDS]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(folder))
-    return str(folder)
+if not os.environ.get("CI"):
+    pytest.importorskip("transformers")  # scripts/setup.sh installs it; CI must not skip these tests
 
 
 @pytest.fixture(scope="module")
 def arch(tmp_path_factory):
-    """ViT-B-16-SigLIP's configuration with a 2-block text tower, the local tokenizer and a small ViT image tower."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("siglip")
-    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-16-SigLIP"))
-    cfg["text_cfg"].update(layers=2, width=64, heads=2, vocab_size=3 + len(WORDS),
-                           hf_tokenizer_name=build_tokenizer(folder / "tokenizer"))
-    cfg["vision_cfg"] = {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 32}
-    cfg["embed_dim"] = 32
-    path = folder / "siglip-small.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
+    return siglip_arch(tmp_path_factory.mktemp("siglip"))
 
 
+
+NAMES = ["face", "water lily", "stop sign", "motorbike"]
 @pytest.fixture(scope="module")
 def bb(arch):
     with pytest.warns(UserWarning, match="RANDOMLY"):
@@ -173,3 +148,17 @@ def test_export_and_predict_carry_the_logit_bias(arch, tmp_path, capsys):
     predictions = json.loads(capsys.readouterr().out)["images"][0]["predictions"]
     for p in predictions:
         assert p["probability"] == pytest.approx(1 / (1 + math.exp(-p["logit"])), rel=1e-6)
+
+
+@pytest.mark.realdata
+def test_zero_shot_runs_on_caltech_images(bb, caltech_root):
+    from vlprompt.data.transforms import test_transform
+    from vlprompt.engine.features import encode_items
+
+    cal = vp.load_dataset("caltech101", str(caltech_root))
+    items = cal.test[::250]
+    feats, _ = encode_items(bb, items, test_transform(**bb.preprocess.test_args()), batch_size=8, progress=False)
+    with torch.no_grad():
+        logits = vp.ZeroShotCLIP(bb, cal.classnames)(feats)
+    assert logits.shape == (len(items), len(cal.classnames)) and torch.isfinite(logits).all()
+    assert bb.preprocess.resize_mode == "squash" and bb.preprocess.mean == (0.5, 0.5, 0.5)  # SigLIP's own
