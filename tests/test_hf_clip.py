@@ -105,3 +105,31 @@ def test_bad_hugging_face_folders_are_one_line(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(VlpromptError, match="no model.safetensors or pytorch_model.bin beside its config.json"):
         vp.load_backbone("hf", weights=str(folder))
+
+
+def test_a_checkpoint_named_in_the_backbone(tmp_path):
+    """``hf:<folder>`` is the folder; ``hf:<hub id>`` with no hub and nothing cached is one line."""
+    folder = tmp_path / "clip-hf"
+    ref = save_clip(folder)
+    bb = vp.load_backbone(f"hf:{folder}")
+    tokens = bb.tokenize(["a photo of a face."])
+    with torch.no_grad():
+        want = ref.get_text_features(input_ids=tokens, attention_mask=(tokens != 0).long())
+        want = want if torch.is_tensor(want) else want.pooler_output
+        assert rel(bb.model.encode_text(tokens), want) < 1e-5
+    with pytest.raises(VlpromptError, match="names its checkpoint itself"):
+        vp.load_backbone(f"hf:{folder}", weights=str(folder))
+    with pytest.raises(VlpromptError, match="backbone hf:nobody/no-such-clip: not a local folder, and cannot fetch"):
+        vp.load_backbone("hf:nobody/no-such-clip", cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_prompt_trained_on_a_named_checkpoint_is_evaluated_again(tmp_path, capsys):
+    folder = tmp_path / "clip-hf"
+    save_clip(folder)
+    data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=2, n_test_per_class=1, seed=0)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", data, "--backbone", f"hf:{folder}", "--shots", "1", "--epochs", "1",
+                 "--n-ctx", "2", "--output", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["eval", str(out), "--output", str(tmp_path / "eval"), "--quiet"]) == 0, capsys.readouterr().err
+    first = json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]["accuracy"] == first

@@ -292,8 +292,8 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
     precision = resolve_precision(precision, device)
     if pretrained is not None and str(pretrained).lower() in ("", "none", "random"):
         pretrained = None
-    if name == HF or (weights is not None and is_hf_folder(weights)):
-        return _load_hf(name, weights, precision, device)
+    if name == HF or name.startswith(HF + ":") or (weights is not None and is_hf_folder(weights)):
+        return _load_hf(name, weights, precision, device, cache_dir)
     arch, cfg = _resolve_arch(name)
     if weights is not None:
         path = Path(weights).expanduser()
@@ -355,8 +355,16 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
 HF = "hf"  # the backbone name of a Hugging Face checkpoint folder (its architecture is in its config.json)
 
 
-def _load_hf(name: str, weights: Optional[str], precision: str, device: str) -> Backbone:
-    """A ``transformers`` CLIP checkpoint folder (`hf_clip`)."""
+def _load_hf(name: str, weights: Optional[str], precision: str, device: str,
+             cache_dir: Optional[str] = None) -> Backbone:
+    """A ``transformers`` CLIP checkpoint folder (`hf_clip`): ``--backbone hf --weights DIR``, or ``--backbone
+    hf:DIR`` / ``hf:<hub id>`` (fetched when a hub is reachable, else from the local Hugging Face cache)."""
+    given = name  # hf:<ref> names its checkpoint: recorded as given, so that a saved prompt finds it again
+    if name.startswith(HF + ":"):
+        if weights is not None:
+            raise VlpromptError(f"backbone {name} names its checkpoint itself: give no --weights with it")
+        weights = _hf_checkpoint(name[len(HF) + 1:], cache_dir)
+        name = HF
     if name != HF:
         raise VlpromptError(f"weights {weights} is a Hugging Face checkpoint folder: use --backbone {HF} (its "
                             "architecture comes from its config.json)")
@@ -364,13 +372,33 @@ def _load_hf(name: str, weights: Optional[str], precision: str, device: str) -> 
         raise VlpromptError(f"backbone {HF}: give a Hugging Face checkpoint folder (config.json + model.safetensors) "
                             f"with --weights DIR" + (f"; {weights} is not one" if weights else ""))
     model, cfg, pre = load_hf_clip(weights, _read_state_dict)
-    source = BackboneSource(name=HF, weights=str(Path(weights).expanduser().resolve()), quick_gelu=cfg["quick_gelu"])
+    folder = None if given != HF else str(Path(weights).expanduser().resolve())
+    source = BackboneSource(name=given, weights=folder, quick_gelu=cfg["quick_gelu"])
     oc = _open_clip()
     tokenizer = oc.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
     bb = Backbone(model, tokenizer, source, precision=precision, device=device, preprocess=pre)
     log.info(f"backbone {HF}: {Path(weights).name} (transformers CLIP, activation {bb.activation}, "
              f"preprocessing from {pre.source})")
     return bb
+
+
+def _hf_checkpoint(ref: str, cache_dir: Optional[str]) -> str:
+    """The local folder of ``hf:<ref>``: a folder as given, else a hub id's files (config, weights, processor)."""
+    if Path(ref).expanduser().is_dir():
+        return ref
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise VlpromptError(f"backbone hf:{ref}: fetching from a hub needs huggingface_hub") from None
+    try:
+        with _offline_unless_reachable() as offline:
+            return snapshot_download(repo_id=ref, cache_dir=cache_dir,
+                                     allow_patterns=["config.json", "model.safetensors", "preprocessor_config.json"])
+    except Exception as exc:
+        why = ("no model hub is reachable and it is not in the local Hugging Face cache" if offline
+               else (str(exc) or type(exc).__name__).splitlines()[0][:160])
+        raise VlpromptError(f"backbone hf:{ref}: not a local folder, and cannot fetch it: {why}; give a local "
+                            "checkpoint folder with --backbone hf --weights DIR") from None
 
 
 def _preprocess(arch: str, cfg: dict, model, tag: Optional[str]) -> Preprocess:
