@@ -170,8 +170,7 @@ def load_hf_clip(folder, read_state_dict) -> tuple:
     except KeyError as exc:
         raise VlpromptError(f"weights file {path} is not a transformers CLIPModel of its config.json: "
                             f"{str(exc).strip(chr(39))}") from None
-    model_cfg = {k: v for k, v in cfg.items()}
-    model = open_clip.CLIP(**model_cfg)
+    model = open_clip.CLIP(**cfg)
     own = model.state_dict()
     for key, value in converted.items():
         if key not in own or own[key].shape != value.shape:

@@ -374,9 +374,7 @@ def _load_hf(name: str, weights: Optional[str], precision: str, device: str,
     model, cfg, pre = load_hf_clip(weights, _read_state_dict)
     folder = None if given != HF else str(Path(weights).expanduser().resolve())
     source = BackboneSource(name=given, weights=folder, quick_gelu=cfg["quick_gelu"])
-    oc = _open_clip()
-    tokenizer = oc.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
-    bb = Backbone(model, tokenizer, source, precision=precision, device=device, preprocess=pre)
+    bb = Backbone(model, _tokenizer(HF, cfg), source, precision=precision, device=device, preprocess=pre)
     log.info(f"backbone {HF}: {Path(weights).name} (transformers CLIP, activation {bb.activation}, "
              f"preprocessing from {pre.source})")
     return bb

@@ -18,6 +18,7 @@ DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "squash", "longest")
+DEFAULTS = {"mean": DEFAULT_MEAN, "std": DEFAULT_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ def resolve_preprocess(arch: str, arch_cfg: dict, size: int, tag: Optional[str] 
     """The preprocessing of architecture ``arch`` (its config ``arch_cfg``, image side ``size``) with pretrained tag
     ``tag``: open_clip's defaults < the architecture's ``preprocess_cfg`` < the tag's entry in open_clip's pretrained
     registry (no download)."""
-    values = _merge({"mean": DEFAULT_MEAN, "std": DEFAULT_STD, "interpolation": "bicubic", "resize_mode": "shortest"},
-                    arch_cfg.get("preprocess_cfg"))
+    values = _merge(DEFAULTS, arch_cfg.get("preprocess_cfg"))
     source = "open_clip defaults"
     if arch_cfg.get("preprocess_cfg"):
         source = f"architecture {arch}"
@@ -83,6 +83,10 @@ def resolve_preprocess(arch: str, arch_cfg: dict, size: int, tag: Optional[str] 
         if len(kinds) == 1:
             values = dict(kinds.pop())
             source = f"every pretrained tag of {arch}"
+    return _preprocess(values, size, source)
+
+
+def _preprocess(values: dict, size: int, source: str) -> Preprocess:
     try:
         mean, std = tuple(float(v) for v in values["mean"]), tuple(float(v) for v in values["std"])
     except (TypeError, ValueError):
@@ -95,9 +99,4 @@ def resolve_preprocess(arch: str, arch_cfg: dict, size: int, tag: Optional[str] 
 def from_open_clip(model, size: int) -> Preprocess:
     """The preprocessing open_clip attached to a model it created (``model.visual.preprocess_cfg``)."""
     cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
-    values = _merge({"mean": DEFAULT_MEAN, "std": DEFAULT_STD, "interpolation": "bicubic", "resize_mode": "shortest"},
-                    cfg)
-    return Preprocess(size=int(size), mean=tuple(float(v) for v in values["mean"]),
-                      std=tuple(float(v) for v in values["std"]), interpolation=str(values["interpolation"]),
-                      resize_mode=str(values["resize_mode"]),
-                      source="open_clip's model" if cfg else "open_clip defaults")
+    return _preprocess(_merge(DEFAULTS, cfg), size, "open_clip's model" if cfg else "open_clip defaults")

@@ -42,21 +42,23 @@ EXECUTION_KEYS = NON_RESULT_KEYS + ("root", "device", "weights")
 HF_FOLDER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin")
 
 
+def _weights_files(path: str) -> list:
+    """The files whose bytes are a weights path's identity: the file itself, or a checkpoint folder's files."""
+    if not os.path.isdir(path):
+        return [path]
+    return [os.path.join(path, f) for f in HF_FOLDER_FILES if os.path.isfile(os.path.join(path, f))]
+
+
 def _file_state(path: str) -> tuple:
-    if os.path.isdir(path):
-        return tuple(_file_state(os.path.join(path, f)) for f in HF_FOLDER_FILES
-                     if os.path.isfile(os.path.join(path, f)))
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+    return tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, _weights_files(path)))
 
 
 @lru_cache(maxsize=32)
 def _weights_hash(path: str, state: tuple) -> str:
     digest = hashlib.sha256()
-    files = [os.path.join(path, f) for f in HF_FOLDER_FILES if os.path.isfile(os.path.join(path, f))] \
-        if os.path.isdir(path) else [path]
-    for file in files:
-        if os.path.isdir(path):  # a folder's files by name; a single file's bytes alone (as before)
+    folder = os.path.isdir(path)
+    for file in _weights_files(path):
+        if folder:  # a folder's files by name; a single file's bytes alone (as before)
             digest.update(os.path.basename(file).encode() + b"\0")
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
