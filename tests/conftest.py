@@ -15,6 +15,28 @@ from pathlib import Path
 import pytest
 
 # ----------------------------------------------------------------------------------------------
+# The tiny model and a small generated dataset, once per test module (a module may define its own)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bb():
+    """The tiny randomly initialised CLIP (support.tiny_backbone)."""
+    from support import tiny_backbone
+
+    return tiny_backbone()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A generated dataset of 8 classes, 2 training and 2 test images each."""
+    from vlprompt.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=2, n_test_per_class=2,
+                                  seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
 # Real data (see /work/shared/data/README.md for what each folder holds)
 # ----------------------------------------------------------------------------------------------
 

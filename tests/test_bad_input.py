@@ -24,11 +24,6 @@ def shapes(tmp_path_factory):
                                   n_test_per_class=2, seed=0)
 
 
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
-
-
 def one_error(capsys, argv, *words) -> str:
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]

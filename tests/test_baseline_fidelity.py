@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from support import tiny_backbone
 
 import vlprompt as vp
 from vlprompt.backbones.backbone import Backbone
@@ -31,11 +30,6 @@ from vlprompt.utils import progress as progress_mod
 
 TINY = dict(backbone="vlprompt-tiny-ViT", pretrained="random")
 NAMES = ["cat", "dog", "sports car", "oak tree"]
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")

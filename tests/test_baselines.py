@@ -21,11 +21,6 @@ from vlprompt.methods.linear_probe import C_GRID, search_c
 from vlprompt.methods.tip_adapter import TipAdapter, search_alpha_beta, tip_logits
 
 
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
-
-
 # -- linear probe ------------------------------------------------------------------------------------------------
 
 def test_c_search_follows_its_definition_on_a_constructed_case():

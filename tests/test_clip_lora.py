@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from support import TINY_VIT, tiny_backbone
+from support import TINY_VIT
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
@@ -23,11 +23,6 @@ from vlprompt.methods.base import MethodConfig, PromptLayout, parse_options
 from vlprompt.prompts.artifact import WEIGHTS_NAME
 
 CLASSES = ["abyssinian", "great pyrenees", "cat", "english cocker spaniel"]
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,6 @@ from vlprompt.prompts.artifact import CONFIG_NAME, WEIGHTS_NAME
 NAMES = ["face", "leopard", "motorbike", "accordion"]
 
 
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
-
-
 @pytest.mark.parametrize("kw", [dict(n_ctx=16), dict(n_ctx=3, csc=True, class_token_position="middle"),
                                 dict(ctx_init="a photo of a", class_token_position="front")])
 def test_save_load_round_trip(bb, tmp_path, kw):

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support import tiny_backbone
 
 import vlprompt as vp
 from vlprompt.cli import main
@@ -27,11 +26,6 @@ TINY = ["--backbone", "vlprompt-tiny-ViT", "--pretrained", "random"]
 def shapes(tmp_path_factory):
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=4,
                                   n_test_per_class=4, seed=3)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 def settings(**kw) -> TrainSettings:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import TINY_OPTIONS, TINY_VIT, tiny_backbone
+from support import TINY_OPTIONS, TINY_VIT
 
 import vlprompt as vp
 from vlprompt.cli import main
@@ -26,11 +26,6 @@ TINY = ["--backbone", TINY_VIT, "--pretrained", "random"]
 def shapes(tmp_path_factory):
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=4, n_test_per_class=3,
                                   seed=0)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 def train(method, shapes, out, bb, cache_dir, **kw):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from support import tiny_backbone
 
 import vlprompt as vp
 from vlprompt.cli import main
@@ -21,11 +20,6 @@ from vlprompt.methods import dualview as dv
 from vlprompt.prompts import zeroshot
 
 TINY = dict(backbone="vlprompt-tiny-ViT", pretrained="random", progress=False)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")

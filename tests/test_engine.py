@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from support import tiny_backbone
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
@@ -18,11 +17,6 @@ from vlprompt.engine.run import evaluate_prompt, run
 def shapes(tmp_path_factory):
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=16,
                                   n_test_per_class=10, seed=0)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 def cfg(shapes, out, **kw):

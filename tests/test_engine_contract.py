@@ -57,11 +57,6 @@ def other(tmp_path_factory):
                                   n_test_per_class=3, seed=7)
 
 
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
-
-
 def make_cfg(dataset, out, **kw) -> vp.RunConfig:
     base = dict(dataset=dataset, shots=2, epochs=1, n_ctx=4, output=str(out), feature_cache=False, **TINY)
     return vp.RunConfig(**{**base, **kw})

@@ -6,19 +6,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from support import TINY_VIT, alive, start_study_to_kill, study_outcomes as outcomes
 
 from vlprompt.cli import main
-from vlprompt.data import make_synthetic_dataset
 
 TINY = ["--backbone", TINY_VIT, "--pretrained", "random", "--epochs", "2", "--seeds", "1,2", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=2, n_test_per_class=2,
-                                  seed=0)
 
 
 def test_pool_gives_the_local_results(shapes, tmp_path, capsys):
@@ -108,8 +100,6 @@ def test_a_driver_killed_mid_study_leaves_no_worker_and_resumes(shapes, tmp_path
     after = {u["uid"]: u for u in json.loads((out / "index.json").read_text())["units"]}
     assert all(u["state"] == "done" for u in after.values()) and len(after) == 4
     assert all(after[uid]["seconds"] == seconds for uid, seconds in finished.items())  # not run again
-
-
 
 
 def test_the_eta_counts_running_units_and_shares_the_work_among_the_slots(monkeypatch):

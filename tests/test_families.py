@@ -16,7 +16,6 @@ from support import FAMILIES, family_arch
 
 import vlprompt as vp
 from vlprompt.cli import main
-from vlprompt.data import make_synthetic_dataset
 
 NAMES = ["face", "water lily", "stop sign", "motorbike"]
 
@@ -28,12 +27,6 @@ def family(request, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return request.param, arch, vp.load_backbone(arch, pretrained="random")
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=2, n_test_per_class=2,
-                                  seed=0)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

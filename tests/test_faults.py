@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import TINY_VIT, tiny_backbone
+from support import TINY_VIT
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
@@ -30,11 +30,6 @@ VALUES = {"backbone": TINY_VIT, "pretrained": "random", "shots": 2, "epochs": 2,
 def shapes(tmp_path_factory):
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=4,
                                   n_test_per_class=2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 def cfg(shapes, out, **kw):

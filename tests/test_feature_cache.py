@@ -19,11 +19,6 @@ def items(tmp_path_factory):
     return load_dataset(root).test
 
 
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
-
-
 def encode(bb, items):
     return encode_items(bb, items, test_transform(bb.image_size, bb.image_mean, bb.image_std), progress=False)
 

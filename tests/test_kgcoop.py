@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from support import tiny_backbone
 
 import vlprompt as vp
 from vlprompt.cli import main
@@ -20,11 +19,6 @@ from vlprompt.prompts import zeroshot
 
 TINY = dict(backbone="vlprompt-tiny-ViT", pretrained="random", progress=False)
 NAMES = ["cat", "dog", "sports car", "oak tree"]
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")

@@ -11,25 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import TINY_VIT, tiny_backbone
+from support import TINY_VIT
 
 import vlprompt as vp
-from vlprompt.data import make_synthetic_dataset
 from vlprompt.engine.checkpoint import CHECKPOINT_FILE, Checkpointer
 from vlprompt.engine.lease import Lease, lease_path
 from vlprompt.engine.run import run
 from vlprompt.engine.run_folder import this_host
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=2, n_test_per_class=2,
-                                  seed=0)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 def cfg(shapes, out: Path):

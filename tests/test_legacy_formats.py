@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support import TINY_OPTIONS, tiny_backbone, write_old_prompt
+from support import TINY_OPTIONS, write_old_prompt
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
@@ -28,11 +28,6 @@ METHODS = ("coop", "kgcoop", "cocoop", "clip_adapter", "linear_probe", "tip_adap
 def shapes(tmp_path_factory):
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=4,
                                   n_test_per_class=4, seed=0)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,6 @@ def shapes(tmp_path_factory):
                                   n_test_per_class=4, seed=0)
 
 
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
-
-
 @pytest.fixture(scope="module", params=["vlprompt-tiny-ViT", "siglip"])
 def sweep(request, shapes, bb, tmp_path_factory):
     """(architecture, backbone, dataset, test features, labels) of each backbone the sweep runs over: the tiny CLIP,

@@ -13,27 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import TINY_VIT, tiny_backbone
+from support import TINY_VIT
 
 import vlprompt as vp
 from vlprompt.cli import main
-from vlprompt.data import make_synthetic_dataset
 from vlprompt.data.transforms import load_image, test_transform
 from vlprompt.engine.evaluate import classify
 from vlprompt.engine.features import encode_items
 from vlprompt.engine.run import run
 from vlprompt.methods.cocoop import CoCoOp
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=2, n_test_per_class=2,
-                                  seed=0)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from support import TINY_OPTIONS, TINY_VIT, tiny_backbone
+from support import TINY_OPTIONS, TINY_VIT
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
@@ -17,11 +17,6 @@ from vlprompt.methods import METHODS
 from vlprompt.methods.base import MethodConfig, PromptLayout, parse_options
 from vlprompt.methods.promptsrc import gpa_weight
 from vlprompt.prompts.templates import PROMPTSRC_TEMPLATES
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 def build(bb, classes, **options):

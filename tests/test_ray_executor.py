@@ -19,7 +19,6 @@ import pytest
 from support import TINY_VIT, alive, start_study_to_kill, study_outcomes
 
 from vlprompt.cli import main
-from vlprompt.data import make_synthetic_dataset
 
 if not os.environ.get("CI"):
     pytest.importorskip("ray")  # scripts/setup.sh installs it; CI must not skip these tests
@@ -47,12 +46,6 @@ def cluster():
     address = re.search(r"--address='([^']+)'", started.stdout + started.stderr).group(1)
     yield address
     subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=2, n_test_per_class=2,
-                                  seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +135,6 @@ def _ray_workers() -> list:
     """The live processes of vlprompt's Ray actors (Ray titles them after the actor class)."""
     found = subprocess.run(["pgrep", "-f", "ray::RayWorker"], capture_output=True, text=True).stdout.split()
     return [pid for pid in found if alive(pid)]
-
 
 
 @pytest.mark.parametrize("options, message", [

@@ -9,17 +9,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from support import tiny_backbone
 
 import vlprompt as vp
 from vlprompt.cli import main
 from vlprompt.engine.run import run
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 def check_learning(m: dict, chance: float, factor: float) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save
-from support import TINY_VIT, tiny_backbone
+from support import TINY_VIT
 
 import vlprompt as vp
 import vlprompt.backbones.loader as loader
@@ -94,11 +94,6 @@ def one_line(err) -> str:
 def shapes(tmp_path_factory):
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("shapes")), n_train_per_class=4,
                                   n_test_per_class=2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 def cfg(shapes, out, **kw):

@@ -24,14 +24,14 @@ from vlprompt.text.encoder import encode_dense
 if not os.environ.get("CI"):
     pytest.importorskip("transformers")  # scripts/setup.sh installs it; CI must not skip these tests
 
+NAMES = ["face", "water lily", "stop sign", "motorbike"]
+
 
 @pytest.fixture(scope="module")
 def arch(tmp_path_factory):
     return siglip_arch(tmp_path_factory.mktemp("siglip"))
 
 
-
-NAMES = ["face", "water lily", "stop sign", "motorbike"]
 @pytest.fixture(scope="module")
 def bb(arch):
     with pytest.warns(UserWarning, match="RANDOMLY"):

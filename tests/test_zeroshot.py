@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
-from support import tiny_backbone
 
 import vlprompt as vp
 from vlprompt.prompts import ENSEMBLE_TEMPLATES, ensemble_templates
 
 NAMES = ["face", "sea_lion", "Annual Crop Land"]
-
-
-@pytest.fixture(scope="module")
-def bb():
-    return tiny_backbone()
 
 
 def test_single_template(bb):
