@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -101,7 +102,21 @@ def test_bad_hugging_face_folders_are_one_line(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "siglip"}))
     with pytest.raises(VlpromptError, match="model_type 'siglip' is not 'clip' \\(SiglipModel folders are not"):
         vp.load_backbone("hf", weights=str(folder))
+    for edit, why in [({"text_config": [1]}, "text_config must be a mapping, got list"),
+                      ({"vision_config": {**config["vision_config"], "num_hidden_layers": 2.5}},
+                       "vision_config.num_hidden_layers must be a positive whole number, got 2.5"),
+                      ({"text_config": {**config["text_config"], "eos_token_id": "eos"}},
+                       "text_config.eos_token_id must be a token id, got 'eos'"),
+                      ({"text_config": {**config["text_config"], "hidden_act": ["gelu"]}}, "activation")]:
+        (folder / "config.json").write_text(json.dumps({**config, **edit}))
+        with pytest.raises(VlpromptError, match=re.escape(why)):
+            vp.load_backbone("hf", weights=str(folder))
     (folder / "config.json").write_text(json.dumps(config))
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**processor, "resample": [3]}))
+    with pytest.raises(VlpromptError, match=re.escape("resample [3] is not one of [2, 3]")):
+        vp.load_backbone("hf", weights=str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
     (folder / "model.safetensors").unlink()
     with pytest.raises(VlpromptError, match="no model.safetensors or pytorch_model.bin beside its config.json"):
         vp.load_backbone("hf", weights=str(folder))

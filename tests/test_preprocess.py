@@ -6,6 +6,7 @@ transforms, its run record and its feature-cache keys; a bad one is one line."""
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 
 import numpy as np
@@ -114,6 +115,15 @@ def test_a_backbones_preprocessing_reaches_its_run_record_and_cache_keys(tmp_pat
     assert metrics["backbone"]["preprocess"] == {"size": bb.image_size, "mean": [0.0] * 3, "std": [1.0] * 3,
                                                  "interpolation": "bilinear", "resize_mode": "squash",
                                                  "source": "architecture tiny-squash"}
+
+
+def test_an_architecture_files_preprocessing_must_be_a_mapping(tmp_path):
+    model_cfg = json.loads(resources.files("vlprompt.backbones").joinpath(f"configs/{TINY_VIT}.json").read_text())
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({**model_cfg, "preprocess_cfg": [0.5, 0.5]}))
+    with pytest.raises(VlpromptError, match=re.escape("image preprocessing (architecture odd): preprocess_cfg must be "
+                                                      "a mapping, got list")):
+        vp.load_backbone(str(path), pretrained="random")
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -56,14 +56,19 @@ def open_clip_config(folder: Path, config: dict) -> dict:
                 if kind in ("siglip", "siglip2") else "")
         raise VlpromptError(f"Hugging Face checkpoint {folder}: model_type {kind!r} is not 'clip'{more}")
     text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
+    for part, name in ((text, "text_config"), (vision, "vision_config")):
+        if not isinstance(part, dict):
+            raise VlpromptError(f"Hugging Face checkpoint {folder}: {name} must be a mapping, got "
+                                f"{type(part).__name__}")
 
-    def value(part: dict, key: str, default, name: str):
+    def value(part: dict, key: str, default, name: str) -> int:
         v = part.get(key, default)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise VlpromptError(f"Hugging Face checkpoint {folder}: {name}.{key} must be a positive number, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise VlpromptError(f"Hugging Face checkpoint {folder}: {name}.{key} must be a positive whole number, "
+                                f"got {v!r}")
         return v
 
-    acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
+    acts = {str(text.get("hidden_act", "quick_gelu")), str(vision.get("hidden_act", "quick_gelu"))}
     if not acts <= {"quick_gelu", "gelu"} or len(acts) > 1:
         raise VlpromptError(f"Hugging Face checkpoint {folder}: activation {sorted(acts)} (need quick_gelu or gelu, "
                             "the same in both towers)")
@@ -77,6 +82,9 @@ def open_clip_config(folder: Path, config: dict) -> dict:
     t_width = value(text, "hidden_size", 512, "text_config")
     v_width = value(vision, "hidden_size", 768, "vision_config")
     eos = text.get("eos_token_id", 2)
+    if not isinstance(eos, int) or isinstance(eos, bool) or eos < 0:
+        raise VlpromptError(f"Hugging Face checkpoint {folder}: text_config.eos_token_id must be a token id, got "
+                            f"{eos!r}")
     return {
         "embed_dim": value(config, "projection_dim", 512, "config"),
         "quick_gelu": acts == {"quick_gelu"},
@@ -143,7 +151,7 @@ def preprocess_of(folder: Path, size: int) -> Preprocess:
         return Preprocess(size=size, source=f"CLIP's defaults ({folder.name} has no preprocessor_config.json)")
     data = _read_json(path, "image processor configuration")
     resample = data.get("resample", 3)
-    if resample not in RESAMPLE:
+    if not isinstance(resample, int) or resample not in RESAMPLE:
         raise VlpromptError(f"image processor configuration {path}: resample {resample!r} is not one of "
                             f"{sorted(RESAMPLE)} (bilinear, bicubic)")
     try:

@@ -65,7 +65,11 @@ def resolve_preprocess(arch: str, arch_cfg: dict, size: int, tag: Optional[str] 
     """The preprocessing of architecture ``arch`` (its config ``arch_cfg``, image side ``size``) with pretrained tag
     ``tag``: open_clip's defaults < the architecture's ``preprocess_cfg`` < the tag's entry in open_clip's pretrained
     registry (no download)."""
-    values = _merge(DEFAULTS, arch_cfg.get("preprocess_cfg"))
+    own = arch_cfg.get("preprocess_cfg")
+    if own is not None and not isinstance(own, dict):
+        raise VlpromptError(f"image preprocessing (architecture {arch}): preprocess_cfg must be a mapping, got "
+                            f"{type(own).__name__}")
+    values = _merge(DEFAULTS, own)
     source = "open_clip defaults"
     if arch_cfg.get("preprocess_cfg"):
         source = f"architecture {arch}"
