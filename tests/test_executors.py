@@ -119,3 +119,12 @@ def test_the_eta_counts_running_units_and_shares_the_work_among_the_slots(monkey
     # a method with no finished unit yet is guessed at the mean of all finished units, and marked so
     assert study._eta([unit("kgcoop")], [], durations, slots=1) == f"ETA ~{study._fmt_s(310.0 / 3)}"
     assert study._eta(waiting, [], {}, slots=2) == "ETA after the first run"
+
+
+def test_a_backbone_the_workers_could_not_load_is_one_line_before_they_start(shapes, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["study", "fewshot", "--datasets", shapes, "--methods", "coop", *TINY, "--weights",
+                 str(tmp_path / "missing.pt"), "--output", str(out), "--executor", "pool", "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"vlprompt: error: weights file not found: {tmp_path / 'missing.pt'}"
+    assert not list(out.rglob("metrics.json"))

@@ -292,13 +292,12 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
     precision = resolve_precision(precision, device)
     if pretrained is not None and str(pretrained).lower() in ("", "none", "random"):
         pretrained = None
-    if name == HF or name.startswith(HF + ":") or (weights is not None and is_hf_folder(weights)):
+    check_backbone(name, weights)
+    if name == HF or name.startswith(HF + ":"):
         return _load_hf(name, weights, precision, device, cache_dir)
     arch, cfg = _resolve_arch(name)
     if weights is not None:
         path = Path(weights).expanduser()
-        if not path.is_file():
-            raise VlpromptError(f"weights file not found: {weights}")
         sd, is_jit = _read_state_dict(path)
         if quick_gelu is None:
             # OpenAI's archives (TorchScript) come from QuickGELU models.
@@ -361,16 +360,7 @@ def _load_hf(name: str, weights: Optional[str], precision: str, device: str,
     hf:DIR`` / ``hf:<hub id>`` (fetched when a hub is reachable, else from the local Hugging Face cache)."""
     given = name  # hf:<ref> names its checkpoint: recorded as given, so that a saved prompt finds it again
     if name.startswith(HF + ":"):
-        if weights is not None:
-            raise VlpromptError(f"backbone {name} names its checkpoint itself: give no --weights with it")
         weights = _hf_checkpoint(name[len(HF) + 1:], cache_dir)
-        name = HF
-    if name != HF:
-        raise VlpromptError(f"weights {weights} is a Hugging Face checkpoint folder: use --backbone {HF} (its "
-                            "architecture comes from its config.json)")
-    if weights is None or not is_hf_folder(weights):
-        raise VlpromptError(f"backbone {HF}: give a Hugging Face checkpoint folder (config.json + model.safetensors) "
-                            f"with --weights DIR" + (f"; {weights} is not one" if weights else ""))
     model, cfg, pre = load_hf_clip(weights, _read_state_dict)
     folder = None if given != HF else str(Path(weights).expanduser().resolve())
     source = BackboneSource(name=given, weights=folder, quick_gelu=cfg["quick_gelu"])
@@ -378,6 +368,28 @@ def _load_hf(name: str, weights: Optional[str], precision: str, device: str,
     log.info(f"backbone {HF}: {Path(weights).name} (transformers CLIP, activation {bb.activation}, "
              f"preprocessing from {pre.source})")
     return bb
+
+
+def check_backbone(name: str, weights: Optional[str] = None) -> None:
+    """What loading the backbone would refuse first, found without building it (an unknown architecture, a weights
+    file or checkpoint folder that is not there or does not go with the name): one line. A study driver calls it
+    for the runs its workers will load."""
+    hf_folder = weights is not None and is_hf_folder(weights)
+    if name.startswith(HF + ":"):
+        if weights is not None:
+            raise VlpromptError(f"backbone {name} names its checkpoint itself: give no --weights with it")
+        return
+    if name == HF and not hf_folder:
+        raise VlpromptError(f"backbone {HF}: give a Hugging Face checkpoint folder (config.json + model.safetensors) "
+                            f"with --weights DIR" + (f"; {weights} is not one" if weights else ""))
+    if name == HF:
+        return
+    if hf_folder:
+        raise VlpromptError(f"weights {weights} is a Hugging Face checkpoint folder: use --backbone {HF} (its "
+                            "architecture comes from its config.json)")
+    _resolve_arch(name)
+    if weights is not None and not Path(weights).expanduser().is_file():
+        raise VlpromptError(f"weights file not found: {weights}")
 
 
 def _hf_checkpoint(ref: str, cache_dir: Optional[str]) -> str:

@@ -310,16 +310,16 @@ def run_study(spec: StudySpec, study_dir: str | Path, retry_failed: bool = False
               progress: bool = True, wait: bool = False, executor: str = "local", **executor_options) -> StudyResult:
     """Carry out (or continue) a study; see the module docstring for what is kept. ``executor``: ``local`` (this
     process), ``pool`` (worker processes on this machine, `executors.PoolExecutor`) or ``ray`` (a Ray cluster,
-    `ray_executor.RayExecutor`); ``executor_options``: the options `EXECUTORS` lists for it. One process drives a study folder at a time: another one refuses in one line naming
-    the holder, or with ``wait`` waits for it (and then skips what it finished)."""
+    `ray_executor.RayExecutor`); ``executor_options``: the options `EXECUTORS` lists for it. One process drives a
+    study folder at a time: another one refuses in one line naming the holder, or with ``wait`` waits for it (and
+    then skips what it finished)."""
     if executor not in EXECUTORS:
         raise VlpromptError(f"executor '{executor}' is not one of {list(EXECUTORS)}")
     foreign = sorted(set(executor_options) - set(EXECUTORS[executor]))
     if foreign:
         owners = [name for name, keys in EXECUTORS.items() if foreign[0] in keys]
-        raise VlpromptError(f"executor {executor} takes no {', '.join('--' + k.replace('_', '-') for k in foreign)} "
-                            "(an option of "
-                            f"{' and '.join(owners) or 'no executor'})")
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise VlpromptError(f"executor {executor} takes no {flags} (an option of {' and '.join(owners) or 'no executor'})")
     if executor == "ray":
         from .ray_executor import import_ray
 
@@ -362,6 +362,11 @@ def _run_study(spec: StudySpec, study_dir: Path, retry_failed: bool, rerun: bool
     kept_failed = sum(1 for e in study.entries.values() if e["state"] == "failed")
     say(f"study {spec.protocol}: {len(study.units)} runs, {skipped} finished, {kept_failed} failed before "
         f"{'(kept; --retry-failed to retry) ' if kept_failed else ''}-> {len(todo)} to run in {study.dir}", progress)
+    if executor_name != "local":  # the workers load the backbones: what would fail there is one line here first
+        from ..backbones.loader import check_backbone
+
+        for cfg in {(u.cfg.backbone, u.cfg.weights) for u in todo if u.kind == "run"}:
+            check_backbone(*cfg)
     executor = _executor(executor_name if todo else "local", study, progress, executor_options)
     if executor_name != "local" and todo:
         say(f"study: {executor.describe()}", progress)
