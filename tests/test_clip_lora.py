@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from support import TINY_VIT
+from support import TINY_VIT, SplitLoRA, split_attention
 
 import vlprompt as vp
 from vlprompt.data import make_synthetic_dataset
@@ -41,41 +41,6 @@ def build(bb, classes=CLASSES, **options):
         for p in learner.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return learner
-
-
-class SplitLoRA:
-    """One tower's updates as the official code builds them: per block and projection a frozen linear (rows of the
-    packed weight), its own factors and its own dropout module."""
-
-    def __init__(self, lora, width: int, dropout: float):
-        self.lora, self.width = lora, width
-        self.drop = {p: torch.nn.Dropout(dropout) for p in "qkv"}
-
-    def project(self, block_index: int, block, h, train: bool):
-        """q, k, v of the block's normalised input ``h`` (any layout, features last)."""
-        w, b, d = block.attn.in_proj_weight, block.attn.in_proj_bias, self.width
-        out = {}
-        for slot, p in enumerate("qkv"):  # the official q_proj, k_proj, v_proj, called in this order
-            y = h @ w[slot * d:(slot + 1) * d].T + b[slot * d:(slot + 1) * d]
-            if self.lora is not None and block_index in self.lora.blocks:
-                j = self.lora.blocks.index(block_index)
-                drop = self.drop[p].train(train)
-                y = y + self.lora.scale * (drop(h) @ self.lora.a[j, slot].T) @ self.lora.b[j, slot].T
-            out[p] = y
-        return out["q"], out["k"], out["v"]
-
-
-def split_attention(block, q, k, v, mask=None):
-    """(..., L, D) q, k, v -> heads -> explicit softmax(q k^T / sqrt(hd) + mask) v -> merged -> out_proj."""
-    heads = block.attn.num_heads
-    def split(t):
-        return t.unflatten(-1, (heads, -1)).transpose(-2, -3)
-    qh, kh, vh = split(q), split(k), split(v)
-    scores = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
-    if mask is not None:
-        scores = scores + mask
-    out = (scores.softmax(dim=-1) @ vh).transpose(-2, -3).flatten(-2)
-    return block.attn.out_proj(out)
 
 
 def reference_image(bb, lora, images, train: bool, dropout: float):

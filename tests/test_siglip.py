@@ -14,12 +14,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from support import siglip_arch
+from support import SplitLoRA, siglip_arch, split_attention
 
 import vlprompt as vp
 from vlprompt.cli import main
 from vlprompt.data import make_synthetic_dataset
-from vlprompt.text.encoder import encode_dense
+from vlprompt.text.dense import encode_dense
 
 if not os.environ.get("CI"):
     pytest.importorskip("transformers")  # scripts/setup.sh installs it; CI must not skip these tests
@@ -94,30 +94,180 @@ def test_the_coop_family_and_the_baselines_train_save_load_and_evaluate(arch, tm
     assert main(["zeroshot", *common, "--output", str(tmp_path / "zs")]) == 0, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method, options", [("cocoop", []), ("tcp", ["--option", "class_layer=1"]),
-                                             ("ivlp", ["--option", "depth_text=2", "--option", "depth_vision=2"]),
-                                             ("clip_lora", ["--option", "iterations=2"])])
-def test_methods_with_causal_shortcuts_are_one_line(arch, tmp_path, capsys, method, options):
-    data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=1, n_test_per_class=1, seed=0)
-    assert main(["train", "--dataset", data, "--backbone", arch, "--pretrained", "random", "--quiet", "--method",
-                 method, *options, "--shots", "1", "--epochs", "1", "--n-ctx", "2",
-                 "--output", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "is bidirectional (every token sees every other)" in err, err
+def full_computation(bb, prompts, pooled, deep=(), class_rows=None, lora=None, train=False, dropout=0.0):
+    """Batch-first, every prompt at the tower's full length, no mask; each block written out with split q/k/v
+    projections (support.SplitLoRA, one dropout module per branch) and explicit softmax attention; deep rows and class
+    rows written into the rows after the start tokens."""
+    s = bb.n_start
+    split = SplitLoRA(lora, bb.ctx_dim, dropout)
+    x = prompts + bb.text.positional_embedding
+    for i, block in enumerate(bb.text.blocks):
+        rows = deep[i].expand(x.shape[0], -1, -1) if 0 < i < len(deep) and deep[i] is not None else None
+        if class_rows is not None and i == class_rows[0]:
+            rows = class_rows[1]
+        if rows is not None:
+            x = x.clone()
+            x[:, s:s + rows.shape[1]] = rows
+        h = block.ln_1(x)
+        x = x + split_attention(block, *split.project(i, block, h, train))
+        x = x + block.mlp(block.ln_2(x))
+    x = bb.text.ln_final(x)
+    return bb.text.project(x[torch.arange(x.shape[0]), pooled])
 
 
-def test_a_bidirectional_tower_with_clips_tokenizer_mobileclip_s2(tmp_path):
-    """MobileCLIP-S2's text tower: CLIP's BPE (a start token), no causal mask, pooled at the end-of-text token."""
+def embedded(bb, texts):
+    tokens = bb.tokenize(texts)
+    return bb.text.token_embedding(tokens).detach(), bb.eot_index(tokens)
+
+
+def close(a, b, tol=1e-5):
+    return float((a - b).detach().norm() / b.detach().norm()) < tol
+
+
+@pytest.fixture(scope="module")
+def s2(tmp_path_factory):
+    """MobileCLIP-S2's text configuration, shrunk: bidirectional with CLIP's tokenizer (a start token)."""
     import open_clip
 
     cfg = copy.deepcopy(open_clip.get_model_config("MobileCLIP-S2"))
     cfg["text_cfg"].update(layers=2, width=64, heads=2)
     cfg["vision_cfg"] = {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 32}
     cfg["embed_dim"] = 32
-    path = tmp_path / "mobileclip-s2-small.json"
+    path = tmp_path_factory.mktemp("s2") / "mobileclip-s2-small.json"
     path.write_text(json.dumps(cfg))
     with pytest.warns(UserWarning, match="RANDOMLY"):
-        bb = vp.load_backbone(str(path), pretrained="random")
+        return vp.load_backbone(str(path), pretrained="random")
+
+
+@pytest.fixture(params=["siglip", "mobileclip_s2"])
+def tower(request, bb, s2):
+    return bb if request.param == "siglip" else s2
+
+
+def grads(loss, params):
+    return torch.autograd.grad(loss, params, retain_graph=True)
+
+
+def test_deep_text_prompts_through_the_dense_path_equal_the_full_computation(tower):
+    """IVLP's text side (context after the start tokens, its own rows at block 1): features and every gradient."""
+    from vlprompt.methods.deep_prompts import IVLPOptions
+    from vlprompt.prompts.deep import DeepPrompts
+
+    torch.manual_seed(0)
+    learner = DeepPrompts(tower, NAMES, IVLPOptions(depth_text=2, depth_vision=2, prompt_rounding="none"), "ivlp")
+    with torch.no_grad():
+        learner.ctx.add_(0.5 * torch.randn_like(learner.ctx))
+    got = learner.text_features()
+    x, pooled = embedded(tower, [f"a photo of a {n}." for n in NAMES])
+    x = x.clone()
+    s = tower.n_start
+    x[:, s:s + 2] = learner.ctx
+    want = F.normalize(full_computation(tower, x, pooled, deep=[None, learner.text_deep[0]]), dim=-1)
+    assert close(got, want)
+    w = torch.randn_like(want)
+    params = [learner.ctx, learner.text_deep[0]]
+    for g, r in zip(grads((got * w).sum(), params), grads((want * w).sum(), params)):
+        assert close(g, r, 1e-4)
+
+
+@pytest.mark.parametrize("class_layer", [0, 1])
+def test_tcp_class_rows_through_the_dense_path_equal_the_full_computation(tower, class_layer):
+    from vlprompt.methods.tcp import TCPOptions, TCPPrompts
+
+    torch.manual_seed(0)
+    learner = TCPPrompts(tower, NAMES, TCPOptions(n_ctx=4, class_layer=class_layer), "caltech101")
+    got = learner.text_features()
+    x, pooled = embedded(tower, [f"X X X X {n}." for n in NAMES])  # TCP's Caltech prompt: "{}." after the rows
+    x = x.clone()
+    s = tower.n_start
+    x[:, s:s + 4] = learner.ctx
+    want = F.normalize(full_computation(tower, x, pooled, class_rows=(class_layer, learner.class_tokens())), dim=-1)
+    assert close(got, want)
+    w = torch.randn_like(want)
+    params = [learner.meta_net[0].weight, learner.meta_net[2].weight] + ([learner.ctx] if class_layer else [])
+    for g, r in zip(grads((got * w).sum(), params), grads((want * w).sum(), params)):
+        assert close(g, r, 1e-4)
+
+
+def test_cocoop_per_image_prompts_through_the_dense_path_equal_the_full_computation(tower):
+    from vlprompt.methods.cocoop import CoCoOp
+
+    torch.manual_seed(0)
+    learner = CoCoOp(tower, NAMES, n_ctx=4, ctx_init="a photo of a")
+    feats = torch.randn(3, tower.embed_dim)
+    got = learner.image_text_features(feats)
+    x, pooled = embedded(tower, [f"a photo of a {n}." for n in NAMES])
+    s, bias = tower.n_start, learner.bias(feats)
+    want = []
+    for b in range(feats.shape[0]):
+        prompts = x.clone()
+        prompts[:, s:s + 4] = learner.ctx + bias[b]
+        want.append(F.normalize(full_computation(tower, prompts, pooled), dim=-1))
+    want = torch.stack(want)
+    assert got.shape == (3, len(NAMES), tower.embed_dim) and close(got, want)
+    w = torch.randn_like(want)
+    params = [learner.ctx, learner.meta_net[0].weight]
+    for g, r in zip(grads((got * w).sum(), params), grads((want * w).sum(), params)):
+        assert close(g, r, 1e-4)
+
+
+@pytest.mark.parametrize("train, dropout", [(True, 0.0), (True, 0.25), (False, 0.25)])
+def test_clip_lora_text_updates_through_the_dense_path_equal_split_projections(tower, train, dropout):
+    """The fused update (branches in training with a mask per projection drawn on every row, merged into the weight
+    in evaluation) against split q/k/v projections with one dropout module each, drawn from the same seed."""
+    from vlprompt.methods import METHODS
+    from vlprompt.methods.base import MethodConfig, PromptLayout, parse_options
+
+    method = METHODS["clip_lora"]
+    options = parse_options("clip_lora", method.Options, {"dropout": dropout, "encoder": "text"})
+    torch.manual_seed(0)
+    learner = method.create(tower, NAMES, MethodConfig("clip_lora", options, PromptLayout(), "a photo of a {}.", ""))
+    with torch.no_grad():  # trained-looking factors (B starts at zero)
+        for p in learner.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    learner.train(train)
+    torch.manual_seed(7)
+    got = learner.text_features()
+    x, pooled = embedded(tower, [f"a photo of a {n}." for n in NAMES])
+    torch.manual_seed(7)
+    want = F.normalize(full_computation(tower, x, pooled, lora=learner.text_lora, train=train, dropout=dropout), dim=-1)
+    assert close(got, want)
+    if train:
+        w = torch.randn_like(want)
+        params = [learner.text_lora.a, learner.text_lora.b]
+        for g, r in zip(grads((got * w).sum(), params), grads((want * w).sum(), params)):
+            assert close(g, r, 1e-4)
+
+
+def test_shared_prefix_masks_are_refused_on_a_bidirectional_tower(arch, tmp_path, capsys):
+    data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=1, n_test_per_class=1, seed=0)
+    assert main(["train", "--dataset", data, "--backbone", arch, "--pretrained", "random", "--quiet", "--method",
+                 "clip_lora", "--option", "prefix_masks=shared", "--option", "iterations=2", "--shots", "1",
+                 "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prefix_masks=shared is a shortcut of causal text towers" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method, options", [("cocoop", []), ("tcp", ["--option", "class_layer=1"]),
+                                             ("ivlp", ["--option", "depth_text=2", "--option", "depth_vision=2"]),
+                                             ("maple", ["--option", "depth=2"]),
+                                             ("promptsrc", ["--option", "depth_text=2", "--option", "depth_vision=2"]),
+                                             ("clip_lora", ["--option", "iterations=2"])])
+def test_every_method_with_tower_prompts_trains_saves_loads_and_evaluates(arch, tmp_path, capsys, method, options):
+    data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=1, n_test_per_class=2, seed=0)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", data, "--backbone", arch, "--pretrained", "random", "--quiet", "--method",
+                 method, *options, "--shots", "1", "--epochs", "1", "--output", str(out)]) == 0, capsys.readouterr().err
+    trained = json.loads((out / "metrics.json").read_text())
+    assert main(["eval", str(out), "--output", str(tmp_path / "eval"), "--quiet"]) == 0, capsys.readouterr().err
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["test"]["accuracy"] == trained["test"]["accuracy"]
+
+
+def test_a_bidirectional_tower_with_clips_tokenizer_mobileclip_s2(s2):
+    """MobileCLIP-S2's text tower: CLIP's BPE (a start token), no causal mask, pooled at the end-of-text token."""
+    bb = s2
     assert not bb.text.causal and bb.text.pool_type == "argmax" and bb.n_start == 1
     torch.manual_seed(0)
     learner = vp.CoOp(bb, NAMES, n_ctx=4, ctx_init="a photo of a")

@@ -79,7 +79,7 @@ def model_activation(model: nn.Module) -> str:
 class TextTower:
     """References to the parts of an open_clip text transformer (no copies): causal CLIP towers pooled at the
     end-of-text token, and bidirectional ones (SigLIP, SigLIP 2: no mask, pooled at the last position), which only
-    the dense full-length path (`text.encoder.encode_dense`) computes exactly."""
+    the dense full-length path (`text.dense.encode_dense`) computes exactly."""
 
     def __init__(self, owner: nn.Module, arch: str):
         transformer = owner.transformer

@@ -232,8 +232,6 @@ class MethodBase:
     Options: Optional[type] = None
     # With needs.transfers False: what the learner is, in words, when other class names are refused.
     tied_to_classes: str = "its learner is one"
-    # Its text side is built on the causal shortcuts (`text.fast`): a bidirectional tower (SigLIP) is refused.
-    causal_text_only: bool = False
 
     @property
     def trains(self) -> bool:
@@ -241,11 +239,6 @@ class MethodBase:
 
     def create(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig) -> torch.nn.Module:
         """`build`, and the learner records its method and configuration: that is what it saves."""
-        if self.causal_text_only and not backbone.text.causal:
-            raise VlpromptError(f"method {self.name}: the text tower of {backbone.source.name} is bidirectional "
-                                "(every token sees every other), and this method's text side is built on causal "
-                                "shortcuts; the CoOp family (coop, kgcoop, cpt, prograd, dualview_mi), zero-shot and "
-                                "the baselines run on it")
         learner = self.build(backbone, classnames, config)
         learner.method = self.name
         learner.method_config = config

@@ -6,7 +6,8 @@ dataset ("a photo of a {}."). AdamW (lr 2e-4, weight decay 1e-2) with a cosine p
 The text tower runs the exact fast paths with the updates as an argument: in training, with dropout, every class
 cut at its end token (each class draws its own masks, as the official 77-token batch does); without dropout (in
 evaluation) the template's words before the class name are a shared prefix (``prefix_masks=shared`` uses it in
-training too, one mask for every class's copy of those words: an approximation, recorded). The image tower runs the prompted
+training too, one mask for every class's copy of those words: an approximation, recorded). A bidirectional tower
+(SigLIP) computes every class whole, at full length (`text.dense`). The image tower runs the prompted
 ViT path with the updates. A learner holds only the low-rank factors, and rebuilds its classes from any names:
 it transfers to new classes and datasets (their names through the adapted text tower).
 """
@@ -25,6 +26,7 @@ from ..errors import VlpromptError
 from ..prompts.base import TextClassifier
 from ..prompts.templates import prompt_text
 from ..recipes.records import Deviation
+from ..text.dense import encode_dense
 from ..text.fast import encode_shared_prefix, encode_truncated
 from .base import MethodBase, MethodConfig, Needs, Objective, option
 
@@ -92,6 +94,9 @@ class CLIPLoRA(TextClassifier):
         self.__dict__["backbone"] = backbone
         self.options, self.classnames = options, list(classnames)
         dev, o = backbone.device, options
+        if o.prefix_masks == "shared" and not backbone.text.causal:
+            raise VlpromptError(f"clip_lora: prefix_masks=shared is a shortcut of causal text towers; the text tower "
+                                f"of {backbone.source.name} is bidirectional, so every class is computed whole")
         self.text_lora: Optional[LowRankQKV] = None
         self.vision_lora: Optional[LowRankQKV] = None
         if o.encoder in ("both", "text"):
@@ -111,17 +116,18 @@ class CLIPLoRA(TextClassifier):
         bb = self.backbone
         texts = [self.options.text_template.format(prompt_text(c)) for c in self.classnames]
         tokens = bb.tokenize(texts)
-        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != 0]
+        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != bb.tokens.pad_id]
         if too_long:
             raise VlpromptError(f"class name too long for the {bb.context_length}-token context: {too_long[0][:80]!r}")
         eot = bb.eot_index(tokens)
         with torch.no_grad():
-            embedded = bb.text.token_embedding(tokens[:, :int(eot.max()) + 1]).float()
+            # a causal tower needs nothing after the last end token; a bidirectional one reads every position
+            embedded = bb.text.token_embedding(tokens[:, :int(eot.max()) + 1] if bb.text.causal else tokens).float()
         self.register_buffer("embedded", embedded, persistent=False)
         self.register_buffer("eot_idx", eot, persistent=False)
         # The template's words before the class name, identical in every prompt: the shared prefix (SOS at least).
         words = self.options.text_template.split("{}")[0].strip()
-        n = 1 + (bb.bpe_length(words) if words else 0)
+        n = bb.n_start + (bb.bpe_length(words) if words else 0)
         self.n_prefix = n if n <= int(eot.min()) and bool((tokens[:, :n] == tokens[:1, :n]).all()) else 0
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -132,7 +138,9 @@ class CLIPLoRA(TextClassifier):
         """(C, d) L2-normalised class features through the adapted text tower."""
         bb, lora, n = self.backbone, self.text_lora, self.n_prefix
         masks = lora is not None and lora.training and lora.dropout > 0  # random masks in every block
-        if not n or (masks and self.options.prefix_masks == "per_class"):
+        if not bb.text.causal:  # bidirectional (SigLIP): every class whole, at full length
+            feats = encode_dense(bb, self.embedded, self.eot_idx, adapter=lora)
+        elif not n or (masks and self.options.prefix_masks == "per_class"):
             feats = encode_truncated(bb, self.embedded, self.eot_idx, adapter=lora)
         else:
             feats = encode_shared_prefix(bb, self.embedded[0, :n], self.embedded[:, n:], self.eot_idx + 1 - n,
@@ -189,7 +197,6 @@ class CLIPLoRAObjective(Objective):
 
 class CLIPLoRAMethod(MethodBase):
     name = "clip_lora"
-    causal_text_only = True  # its template's shared prefix and truncation
     # The image tower is adapted: trained from pixels, evaluated from images; transfers to any class names.
     needs = Needs(pixels=True, cacheable_features=False)
     Options = CLIPLoRAOptions

@@ -4,8 +4,9 @@
     ctx_m(x) = ctx_m + pi(f) for every m,  logit_{i,c} = logit_scale <f_i, g_c(x_i)>
 
 Every image gets its own prompts for all classes, at training and at test. They share SOS + context within
-an image, so the fast text encoder runs each image's classes against that image's prefix
-(`encode_per_image_prefix`): exact against the 77-token computation and far cheaper than it. The recipe
+an image, so on a causal tower the fast text encoder runs each image's classes against that image's prefix
+(`encode_per_image_prefix`): exact against the 77-token computation and far cheaper than it. A bidirectional
+tower (SigLIP) computes every image's prompts whole (`text.dense`). The recipe
 (the recipe cell ``cocoop``, docs/recipes.md): ViT-B/16, M = 4 from "a photo of a", batch 1, 10 epochs; a
 larger batch is allowed and recorded as a deviation from the recipe. The unified context with the class name
 at the end is required.
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..errors import VlpromptError
 from ..prompts.coop import CoOp
+from ..text.dense import encode_dense
 from ..text.fast import encode_per_image_prefix
 from .coop import CoOpMethod
 
@@ -45,6 +47,12 @@ class CoCoOp(CoOp):
     def image_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """(B, C, d) normalised class features of each image's own prompts."""
         ctx = self.ctx.unsqueeze(0) + self.bias(image_features).unsqueeze(1)  # (B, M, D)
+        if not self.backbone.text.causal:  # bidirectional: B x C whole prompts
+            b, c = ctx.shape[0], self.n_cls
+            prompts = torch.cat([self.token_prefix.expand(b, -1, -1, -1), ctx.unsqueeze(1).expand(-1, c, -1, -1),
+                                 self.token_suffix.expand(b, -1, -1, -1)], dim=2)
+            feats = encode_dense(self.backbone, prompts.flatten(0, 1), self.eot_idx.repeat(b)).view(b, c, -1)
+            return F.normalize(feats, dim=-1)
         sos = self.token_prefix[0].unsqueeze(0).expand(ctx.shape[0], -1, -1)
         feats = encode_per_image_prefix(self.backbone, torch.cat([sos, ctx], dim=1), self.token_suffix,
                                         self.eot_idx - self.n_ctx)
@@ -60,7 +68,6 @@ class CoCoOp(CoOp):
 
 class CoCoOpMethod(CoOpMethod):
     name = "cocoop"
-    causal_text_only = True  # per-image shared prefixes (`text.fast.encode_per_image_prefix`)
 
     def build(self, backbone, classnames, config) -> CoCoOp:
         return CoCoOp(backbone, classnames, **config.layout.kwargs())

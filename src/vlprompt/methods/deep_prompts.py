@@ -88,8 +88,6 @@ class DeepPromptObjective(Objective):
 class DeepPromptMethod(MethodBase):
     """The three deep-prompt methods differ only in their Options (and so in which towers they prompt)."""
 
-    causal_text_only = True  # deep text rows in the shared prefix (`text.fast.encode_shared_prefix`)
-
     def __init__(self, name: str, options: type, prompts_image: bool):
         self.name, self.Options = name, options
         # Prompted image features depend on the parameters: trained from pixels, evaluated from images.

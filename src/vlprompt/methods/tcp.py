@@ -7,7 +7,8 @@ Prompt text and hand-crafted view follow the official per-dataset templates (``T
 other datasets use "{}." and their own template. Adam with eps 1e-3 (the official README's fix for its fp16
 parameters) and coupled weight decay 5e-4. The text tower runs the exact shared-prefix path: SOS and the context
 are computed once for every class below ``class_layer``; from it on each class runs its own copy of them with its
-class-aware rows in place of the context, cut at its EOT.
+class-aware rows in place of the context, cut at its EOT. A bidirectional tower (SigLIP) computes every class whole
+(`text.dense`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..errors import VlpromptError
 from ..prompts.base import TextClassifier
 from ..prompts.templates import prompt_text
 from ..prompts.zeroshot import handcrafted_text_features
+from ..text.dense import encode_dense
 from ..text.fast import encode_shared_prefix
 from .base import MethodBase, MethodConfig, Needs, Objective, option
 
@@ -83,8 +85,9 @@ class TCPPrompts(TextClassifier):
         tokens = backbone.tokenize([" ".join(["X"] * n) + " " + self.prompt_template.format(c) for c in names])
         with torch.no_grad():
             embedded = backbone.text.token_embedding(tokens).float()
-        self.register_buffer("token_prefix", embedded[:, :1].clone(), persistent=False)
-        self.register_buffer("token_suffix", embedded[:, 1 + n:].clone(), persistent=False)
+        s = backbone.n_start
+        self.register_buffer("token_prefix", embedded[:, :s].clone(), persistent=False)
+        self.register_buffer("token_suffix", embedded[:, s + n:].clone(), persistent=False)
         self.register_buffer("eot_idx", backbone.eot_index(tokens), persistent=False)
 
     def class_tokens(self) -> torch.Tensor:
@@ -92,9 +95,13 @@ class TCPPrompts(TextClassifier):
         return self.meta_net(self.hand).view(len(self.classnames), self.options.n_ctx, -1)
 
     def text_features(self) -> torch.Tensor:
+        rows = (self.options.class_layer, self.class_tokens())
+        if not self.backbone.text.causal:  # bidirectional (SigLIP): every class whole, at full length
+            c = len(self.classnames)
+            prompts = torch.cat([self.token_prefix, self.ctx.expand(c, -1, -1), self.token_suffix], dim=1)
+            return F.normalize(encode_dense(self.backbone, prompts, self.eot_idx, class_rows=rows), dim=-1)
         prefix = torch.cat([self.token_prefix[0], self.ctx])  # SOS + context: the same for every class
         own = self.eot_idx + 1 - prefix.shape[0]  # each class's tokens after the context, up to its EOT
-        rows = (self.options.class_layer, self.class_tokens())
         return F.normalize(encode_shared_prefix(self.backbone, prefix, self.token_suffix, own, class_rows=rows), dim=-1)
 
 
@@ -114,7 +121,6 @@ class TCPObjective(Objective):
 
 class TCPMethod(MethodBase):
     name = "tcp"
-    causal_text_only = True  # class-aware rows in the shared prefix
     needs = Needs()  # the image tower is untouched: frozen features are cached; the rows are rebuilt per label space
     Options = TCPOptions
 

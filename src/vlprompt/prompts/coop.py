@@ -17,7 +17,7 @@ from torch import nn
 
 from ..backbones.backbone import Backbone
 from ..errors import VlpromptError
-from ..text.encoder import encode_dense
+from ..text.dense import encode_dense
 from ..text.fast import encode_shared_prefix, encode_truncated
 from .base import TextClassifier
 from .templates import prompt_text

@@ -1,10 +1,11 @@
 """Deep prompts in both towers (IVLP), in the image tower only (VPT-deep) or in the text tower only (deep
 language prompting): learned rows that enter the frozen towers as arguments of their forwards.
 
-Text: the prompt is "<phrase> <class>." tokenised; its first ``n_ctx_text`` tokens after SOS are learned (from
-the phrase's embeddings, or N(0, 0.02) with "X" placeholders), the rest of the phrase stays fixed. At the input
-of every block 1 <= i < ``depth_text`` rows 1..n_ctx_text are replaced by that block's own learned rows. All of
-this is shared by every class, so it is the shared prefix of `text.fast.encode_shared_prefix`.
+Text: the prompt is "<phrase> <class>." tokenised; its first ``n_ctx_text`` tokens after the start token (SOS;
+none for SigLIP) are learned (from the phrase's embeddings, or N(0, 0.02) with "X" placeholders), the rest of the
+phrase stays fixed. At the input of every block 1 <= i < ``depth_text`` those rows are replaced by that block's own
+learned rows. All of this is shared by every class, so on a causal tower it is the shared prefix of
+`text.fast.encode_shared_prefix`; a bidirectional one computes every class whole (`text.dense`).
 
 Image: ``n_ctx_vision`` learned rows appended after the patch tokens (normalised by ``ln_pre`` with them, no
 positional embedding), replaced by each block's own rows at the input of blocks 1 <= i < ``depth_vision``, and
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..backbones.backbone import Backbone
 from ..errors import VlpromptError
+from ..text.dense import encode_dense
 from ..text.fast import encode_shared_prefix
 from .base import TextClassifier
 from .templates import prompt_text
@@ -55,7 +57,7 @@ def phrase_context(bb: Backbone, phrase: Optional[str], n_ctx: int) -> tuple[str
         raise VlpromptError(f"ctx_init '{phrase}' has {n_bpe} tokens, fewer than the {n_ctx} context vectors "
                             "asked for (n_ctx_text)")
     with torch.no_grad():
-        ctx = bb.text.token_embedding(bb.tokenize([phrase]))[0, 1:1 + n_ctx].float().clone()
+        ctx = bb.text.token_embedding(bb.tokenize([phrase]))[0, bb.n_start:bb.n_start + n_ctx].float().clone()
     return phrase, ctx
 
 
@@ -119,15 +121,17 @@ class DeepPrompts(TextClassifier):
             self.register_buffer("fixed_text", F.normalize(feats, dim=-1), persistent=False)
             return
         tokens = bb.tokenize([f"{self.phrase} {n}." for n in names])
-        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != 0]
+        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != bb.tokens.pad_id]
         if too_long:
             raise VlpromptError(f"class name too long for the {bb.context_length}-token context: {too_long[0][:80]!r}")
-        n_prefix = 1 + bb.bpe_length(self.phrase)  # SOS + the phrase (learned context + fixed remainder)
+        n_prefix = bb.n_start + bb.bpe_length(self.phrase)  # start token(s) + the phrase (context + fixed rest)
         with torch.no_grad():
             embedded = bb.text.token_embedding(tokens).float()
+        eot = bb.eot_index(tokens)
         self.register_buffer("token_prefix", embedded[0, :n_prefix].clone(), persistent=False)
         self.register_buffer("token_suffix", embedded[:, n_prefix:].clone(), persistent=False)
-        self.register_buffer("suffix_len", bb.eot_index(tokens) + 1 - n_prefix, persistent=False)
+        self.register_buffer("eot_idx", eot, persistent=False)
+        self.register_buffer("suffix_len", eot + 1 - n_prefix, persistent=False)
 
     # -- the prompts as the towers take them --------------------------------------------------------
     def _round(self, p: torch.Tensor) -> torch.Tensor:
@@ -136,8 +140,10 @@ class DeepPrompts(TextClassifier):
         return p.half().float() if self.rounding == "fp16" else p
 
     def text_prompts(self) -> tuple[torch.Tensor, list]:
-        """(shared prefix (P, D): SOS, context, fixed rest of the phrase; deep rows per block, index 0 unused)."""
-        prefix = torch.cat([self.token_prefix[:1], self._round(self.ctx), self.token_prefix[1 + self.n_text:]])
+        """(shared prefix (P, D): start token(s), context, fixed rest of the phrase; deep rows per block, index 0
+        unused)."""
+        s = self.backbone.n_start
+        prefix = torch.cat([self.token_prefix[:s], self._round(self.ctx), self.token_prefix[s + self.n_text:]])
         return prefix, [None] + [self._round(p) for p in self.text_deep]
 
     def vision_prompts(self) -> list:
@@ -149,6 +155,9 @@ class DeepPrompts(TextClassifier):
         if not self.n_text:
             return self.fixed_text
         prefix, deep = self.text_prompts()
+        if not self.backbone.text.causal:  # bidirectional (SigLIP): every class whole, at full length
+            prompts = torch.cat([prefix.unsqueeze(0).expand(self.n_cls, -1, -1), self.token_suffix], dim=1)
+            return F.normalize(encode_dense(self.backbone, prompts, self.eot_idx, deep), dim=-1)
         return F.normalize(encode_shared_prefix(self.backbone, prefix, self.token_suffix, self.suffix_len, deep), dim=-1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

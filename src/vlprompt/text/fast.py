@@ -205,10 +205,14 @@ def _split_prefix(x: torch.Tensor, plan: _Plan, rows: torch.Tensor) -> tuple[tor
 
 
 def _causal_only(bb: Backbone) -> None:
+    """The shortcuts hold for a causal tower whose prompts start with one start token (SOS): the rows they replace
+    and share are counted from it."""
     if not bb.text.causal:
         raise VlpromptError(f"backbone {bb.source.name}: its text tower is bidirectional (every token sees every "
-                            "other), so this method's causal text shortcuts do not hold for it; the CoOp family "
-                            "(coop, kgcoop, cpt, prograd, dualview_mi) runs on it through the dense path")
+                            "other), so the causal text shortcuts do not hold for it; use text.dense.encode_dense")
+    if bb.n_start != 1:
+        raise VlpromptError(f"backbone {bb.source.name}: its tokenizer puts {bb.n_start} start tokens before the "
+                            "text; the causal text shortcuts count rows from one start token")
 
 
 def encode_truncated(bb: Backbone, prompts: torch.Tensor, eot_idx: torch.Tensor,
