@@ -99,8 +99,8 @@ def test_bad_hugging_face_folders_are_one_line(tmp_path):
     with pytest.raises(VlpromptError, match="backbone hf: give a Hugging Face checkpoint folder"):
         vp.load_backbone("hf")
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "siglip"}))
-    with pytest.raises(VlpromptError, match="model_type 'siglip' is not 'clip' \\(SiglipModel folders are not"):
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "siglip2"}))
+    with pytest.raises(VlpromptError, match="model_type 'siglip2' is not 'clip' or 'siglip' \\(Siglip2Model's"):
         vp.load_backbone("hf", weights=str(folder))
     for edit, why in [({"text_config": [1]}, "text_config must be a mapping, got list"),
                       ({"vision_config": {**config["vision_config"], "num_hidden_layers": 2.5}},

@@ -7,7 +7,8 @@ in the folder runs code. Image preprocessing comes from its ``preprocessor_confi
 The text tower is CLIP's causal transformer, pooled as ``transformers`` pools for the checkpoint's configuration:
 at the highest token id when ``eos_token_id`` is 2 (the configurations written before that field was fixed), else at
 the first ``eos_token_id``. The tokenizer is CLIP's byte-level BPE (the vocabulary Hugging Face CLIP tokenizers ship),
-so a checkpoint with another vocabulary size is refused.
+so a checkpoint with another vocabulary size is refused. ``SiglipModel`` folders: `hf_siglip`, through the same
+`load_hf_checkpoint`.
 """
 
 from __future__ import annotations
@@ -50,11 +51,6 @@ def _read_json(path: Path, what: str) -> dict:
 
 def open_clip_config(folder: Path, config: dict) -> dict:
     """The open_clip model configuration of a ``transformers`` CLIP configuration (one line for anything else)."""
-    kind = config.get("model_type")
-    if kind != "clip":
-        more = (" (SiglipModel folders are not supported yet; open_clip's SigLIP architectures are)"
-                if kind in ("siglip", "siglip2") else "")
-        raise VlpromptError(f"Hugging Face checkpoint {folder}: model_type {kind!r} is not 'clip'{more}")
     text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
     for part, name in ((text, "text_config"), (vision, "vision_config")):
         if not isinstance(part, dict):
@@ -143,42 +139,66 @@ def open_clip_state_dict(sd: dict, cfg: dict) -> dict:
     return out
 
 
-def preprocess_of(folder: Path, size: int) -> Preprocess:
-    """The folder's ``preprocessor_config.json`` (CLIP's defaults without one): mean, std, the resize's resampling;
-    CLIP's image processor resizes the shorter side and crops the centre."""
+def processor_values(folder: Path, default_mean, default_std, default_resample: int):
+    """(mean, std, interpolation) of the folder's ``preprocessor_config.json``, or None without one."""
     path = folder / "preprocessor_config.json"
     if not path.is_file():
-        return Preprocess(size=size, source=f"CLIP's defaults ({folder.name} has no preprocessor_config.json)")
+        return None
     data = _read_json(path, "image processor configuration")
-    resample = data.get("resample", 3)
+    resample = data.get("resample", default_resample)
     if not isinstance(resample, int) or resample not in RESAMPLE:
         raise VlpromptError(f"image processor configuration {path}: resample {resample!r} is not one of "
                             f"{sorted(RESAMPLE)} (bilinear, bicubic)")
     try:
-        mean = tuple(float(v) for v in data.get("image_mean", DEFAULT_MEAN))
-        std = tuple(float(v) for v in data.get("image_std", DEFAULT_STD))
+        mean = tuple(float(v) for v in data.get("image_mean", default_mean))
+        std = tuple(float(v) for v in data.get("image_std", default_std))
     except (TypeError, ValueError):
         raise VlpromptError(f"image processor configuration {path}: image_mean and image_std must be lists of "
                             "numbers") from None
-    return Preprocess(size=size, mean=mean, std=std, interpolation=RESAMPLE[resample], resize_mode="shortest",
+    return mean, std, RESAMPLE[resample]
+
+
+def preprocess_of(folder: Path, size: int) -> Preprocess:
+    """The folder's ``preprocessor_config.json`` (CLIP's defaults without one): mean, std, the resize's resampling;
+    CLIP's image processor resizes the shorter side and crops the centre."""
+    values = processor_values(folder, DEFAULT_MEAN, DEFAULT_STD, 3)
+    if values is None:
+        return Preprocess(size=size, source=f"CLIP's defaults ({folder.name} has no preprocessor_config.json)")
+    mean, std, interpolation = values
+    return Preprocess(size=size, mean=mean, std=std, interpolation=interpolation, resize_mode="shortest",
                       source=f"processor config of {folder.name}")
 
 
-def load_hf_clip(folder, read_state_dict) -> tuple:
-    """(open_clip model, its configuration, preprocessing) of a ``transformers`` CLIP folder; ``read_state_dict``:
-    the loader's safe reader of a weights file."""
+def load_hf_checkpoint(folder, read_state_dict) -> tuple:
+    """(open_clip model, its configuration, preprocessing) of a ``transformers`` CLIPModel or SiglipModel folder
+    (`hf_siglip`); ``read_state_dict``: the loader's safe reader of a weights file."""
     import open_clip
 
+    from .hf_siglip import build_siglip, siglip_config, siglip_preprocess, siglip_state_dict
+
     folder = Path(folder).expanduser()
-    cfg = open_clip_config(folder, _read_json(folder / "config.json", "Hugging Face configuration"))
+    config = _read_json(folder / "config.json", "Hugging Face configuration")
+    kind = config.get("model_type")
+    if kind == "clip":
+        cfg = open_clip_config(folder, config)
+        convert, build, what = open_clip_state_dict, (lambda c: open_clip.CLIP(**c)), "CLIPModel"
+        pre = preprocess_of(folder, int(cfg["vision_cfg"]["image_size"]))
+    elif kind == "siglip":
+        cfg = siglip_config(folder, config)
+        convert, build, what = siglip_state_dict, build_siglip, "SiglipModel"
+        pre = siglip_preprocess(folder, int(cfg["vision_cfg"]["image_size"]))
+    else:
+        more = (" (Siglip2Model's variable-resolution patches are not supported; open_clip's SigLIP 2 architectures "
+                "are)" if kind == "siglip2" else "")
+        raise VlpromptError(f"Hugging Face checkpoint {folder}: model_type {kind!r} is not 'clip' or 'siglip'{more}")
     path = weights_file(folder)
     sd, _ = read_state_dict(path)
     try:
-        converted = open_clip_state_dict(sd, cfg)
+        converted = convert(sd, cfg)
     except KeyError as exc:
-        raise VlpromptError(f"weights file {path} is not a transformers CLIPModel of its config.json: "
+        raise VlpromptError(f"weights file {path} is not a transformers {what} of its config.json: "
                             f"{str(exc).strip(chr(39))}") from None
-    model = open_clip.CLIP(**cfg)
+    model = build(cfg)
     own = model.state_dict()
     for key, value in converted.items():
         if key not in own or own[key].shape != value.shape:
@@ -189,4 +209,4 @@ def load_hf_clip(folder, read_state_dict) -> tuple:
     if missing:
         raise VlpromptError(f"weights file {path} does not fit its config.json: missing {sorted(missing)[:3]}")
     model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=False)
-    return model, cfg, preprocess_of(folder, int(cfg["vision_cfg"]["image_size"]))
+    return model, cfg, pre

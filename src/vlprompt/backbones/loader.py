@@ -34,7 +34,7 @@ from ..errors import VlpromptError
 from ..utils.hardware import check_precision, resolve_precision
 from ..utils.progress import logger as vlprompt_logger
 from .backbone import Backbone, BackboneSource
-from .hf_clip import is_hf_folder, load_hf_clip
+from .hf_clip import is_hf_folder, load_hf_checkpoint
 from .preprocess import Preprocess, resolve_preprocess
 from .torchscript_reader import read_torchscript_state_dict
 
@@ -356,16 +356,16 @@ HF = "hf"  # the backbone name of a Hugging Face checkpoint folder (its architec
 
 def _load_hf(name: str, weights: Optional[str], precision: str, device: str,
              cache_dir: Optional[str] = None) -> Backbone:
-    """A ``transformers`` CLIP checkpoint folder (`hf_clip`): ``--backbone hf --weights DIR``, or ``--backbone
+    """A ``transformers`` CLIPModel or SiglipModel folder (`hf_clip`, `hf_siglip`): ``--backbone hf --weights DIR``, or ``--backbone
     hf:DIR`` / ``hf:<hub id>`` (fetched when a hub is reachable, else from the local Hugging Face cache)."""
     given = name  # hf:<ref> names its checkpoint: recorded as given, so that a saved prompt finds it again
     if name.startswith(HF + ":"):
         weights = _hf_checkpoint(name[len(HF) + 1:], cache_dir)
-    model, cfg, pre = load_hf_clip(weights, _read_state_dict)
+    model, cfg, pre = load_hf_checkpoint(weights, _read_state_dict)
     folder = None if given != HF else str(Path(weights).expanduser().resolve())
     source = BackboneSource(name=given, weights=folder, quick_gelu=cfg["quick_gelu"])
     bb = Backbone(model, _tokenizer(HF, cfg), source, precision=precision, device=device, preprocess=pre)
-    log.info(f"backbone {HF}: {Path(weights).name} (transformers CLIP, activation {bb.activation}, "
+    log.info(f"backbone {HF}: {Path(weights).name} (transformers {'SigLIP' if cfg.get('custom_text') else 'CLIP'}, activation {bb.activation}, "
              f"preprocessing from {pre.source})")
     return bb
 

@@ -151,6 +151,9 @@ def prompted_image_unsupported(visual: nn.Module) -> Optional[str]:
     does not recognise it."""
     vision_transformer, _ = _open_clip_classes()
     if vision_transformer is None or type(visual) is not vision_transformer:
+        if type(visual).__name__ == "TimmModel":
+            return ("its image tower is timm's (open_clip's TimmModel), whose blocks vlprompt does not enter; prompts "
+                    "and updates of the image tower need open_clip's own ViT")
         return f"image tower {type(visual).__name__} is not a ViT (deep visual prompts are tokens of a ViT)"
     missing = [n for n in ("conv1", "class_embedding", "positional_embedding", "patch_dropout", "ln_pre", "ln_post",
                            "proj", "transformer") if not hasattr(visual, n)]
