@@ -177,9 +177,9 @@ def build_tokenizer(folder) -> str:
     return str(folder)
 
 
-def siglip_arch(folder) -> str:
-    """ViT-B-16-SigLIP's configuration with a 2-block text tower, the local tokenizer (`build_tokenizer`) and a small
-    ViT image tower, as an architecture file in ``folder``; its path."""
+def siglip_arch(folder, base: str = "ViT-B-16-SigLIP") -> str:
+    """``base``'s configuration (ViT-B-16-SigLIP, ViT-B-16-SigLIP2) with a 2-block text tower, the local tokenizer
+    (`build_tokenizer`) and a small ViT image tower, as an architecture file in ``folder``; its path."""
     import copy
     import json
     from pathlib import Path
@@ -187,13 +187,13 @@ def siglip_arch(folder) -> str:
     import open_clip
 
     folder = Path(folder)
-    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-16-SigLIP"))
+    cfg = copy.deepcopy(open_clip.get_model_config(base))
     cfg["text_cfg"].update(layers=2, width=64, heads=2, vocab_size=3 + len(SIGLIP_WORDS),
                            hf_tokenizer_name=build_tokenizer(folder / "tokenizer"))
     cfg["vision_cfg"] = {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 32}
     cfg["embed_dim"] = 32
     # open_clip_config.json's layout, with the preprocessing of SigLIP's webli tag (squash, mean and std 0.5)
-    tag = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli")
+    tag = open_clip.get_pretrained_cfg(base, "webli")
     pre = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode")}
     path = folder / "siglip-small.json"
     path.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}))

@@ -29,15 +29,46 @@ if not os.environ.get("CI"):
 NAMES = ["face", "water lily", "stop sign", "motorbike"]
 
 
-def save_siglip(folder, act: str = "gelu_pytorch_tanh", seed: int = 0, processor: bool = True, **text_extra):
+def sentencepiece_tokenizer(folder, length: int) -> int:
+    """SigLIP's own tokenizer class (``SiglipTokenizer``: a sentencepiece model, ids pad 0, </s> 1, unk 2, padding
+    with </s> as SigLIP's does) over a small unigram model trained here on a few phrases; its vocabulary size."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    phrases = ["a photo of a face.", "a photo of a water lily", "stop sign", "motorbike", "a photo of the dog"] * 40
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(phrases), model_writer=model, vocab_size=40,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    tokenizer = SiglipTokenizer(vocab_file=str(folder / "spiece.model"), model_max_length=length)
+    (folder / "spiece.model").unlink()
+    tokenizer.save_pretrained(str(folder))
+    return len(tokenizer)
+
+
+def save_siglip(folder, act: str = "gelu_pytorch_tanh", seed: int = 0, processor: bool = True,
+                tokenizer: str = "unigram"):
     """A small random ``transformers`` SiglipModel (logit scale and bias moved off their initial values), its
-    tokenizer and image processor, saved by ``transformers``."""
+    tokenizer (``unigram``: `support.build_tokenizer`; ``sentencepiece``: SigLIP's own class) and image processor,
+    saved by ``transformers``."""
+    from pathlib import Path
+
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "sentencepiece":
+        vocab = sentencepiece_tokenizer(folder, 16)
+    else:
+        vocab = 3 + len(SIGLIP_WORDS)
+        build_tokenizer(folder)
     torch.manual_seed(seed)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=16, vocab_size=3 + len(SIGLIP_WORDS), projection_size=48, pad_token_id=0,
-                eos_token_id=1, bos_token_id=None, hidden_act=act, **text_extra)
+                max_position_embeddings=16, vocab_size=vocab, projection_size=48, pad_token_id=0,
+                eos_token_id=1, bos_token_id=None, hidden_act=act)
     vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=8, hidden_act=act)
     model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
@@ -45,7 +76,6 @@ def save_siglip(folder, act: str = "gelu_pytorch_tanh", seed: int = 0, processor
         model.logit_scale.fill_(2.3)
         model.logit_bias.fill_(-7.5)
     model.save_pretrained(folder)
-    build_tokenizer(folder)
     if processor:
         SiglipImageProcessor(size={"height": 32, "width": 32}, resample=2, image_mean=[0.5, 0.4, 0.3],
                              image_std=[0.2, 0.3, 0.4]).save_pretrained(folder)
@@ -82,6 +112,26 @@ def test_features_equal_transformers_own(tmp_path, act):
     assert bb.preprocess.record() == {"size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4],
                                       "interpolation": "bilinear", "resize_mode": "squash",
                                       "source": f"processor config of {tmp_path.name}"}
+
+
+def test_siglips_own_tokenizer_class(tmp_path):
+    """A folder with SigLIP's own tokenizer (sentencepiece, padding with </s>): vlprompt's tokens are those of
+    ``transformers``' tokenizer with SigLIP's processing (canonicalised text, padded to the context length), the
+    facade reads no start token and pad id 1, and CoOp's dense path gives ``transformers``' text features."""
+    from transformers import AutoTokenizer
+
+    ref = save_siglip(tmp_path, tokenizer="sentencepiece")
+    bb = vp.load_backbone("hf", weights=str(tmp_path))
+    assert (bb.n_start, bb.tokens.pad_id) == (0, 1)
+    texts = [f"a photo of a {n}." for n in ["face", "dog"]]
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path))(texts, padding="max_length", max_length=16,
+                                                            truncation=True, return_tensors="pt").input_ids
+    tokens = bb.tokenize(texts)
+    assert torch.equal(tokens, theirs) and int(tokens[0, -1]) == 1  # padded with </s>
+    learner = vp.CoOp(bb, ["face", "dog"], n_ctx=4, ctx_init="a photo of a")
+    with torch.no_grad():
+        assert rel(learner.text_features(), F.normalize(features(ref.get_text_features(input_ids=theirs)), dim=-1)) \
+            < 1e-5
 
 
 def test_without_a_processor_configuration_siglips_own_preprocessing(tmp_path):

@@ -239,6 +239,32 @@ def test_clip_lora_text_updates_through_the_dense_path_equal_split_projections(t
             assert close(g, r, 1e-4)
 
 
+def test_siglip_2s_tower_the_same_way(tmp_path):
+    """ViT-B-16-SigLIP2's text configuration (tanh GELU), shrunk: CoOp's and the deep prompts' dense path against
+    open_clip's encode_text and the full computation; the logit bias in the logits."""
+    from vlprompt.methods.deep_prompts import DeepLanguageOptions
+    from vlprompt.prompts.deep import DeepPrompts
+
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        two = vp.load_backbone(siglip_arch(tmp_path, "ViT-B-16-SigLIP2"), pretrained="random")
+    assert not two.text.causal and two.text.pool_type == "last" and two.n_start == 0 and two.activation == "gelu"
+    assert two.model.text.transformer.resblocks[0].mlp.gelu.approximate == "tanh"
+    texts = [f"a photo of a {n}." for n in NAMES]
+    with torch.no_grad():
+        ours = vp.CoOp(two, NAMES, n_ctx=4, ctx_init="a photo of a").text_features()
+        assert close(ours, F.normalize(two.model.encode_text(two.tokenize(texts)), dim=-1))
+    torch.manual_seed(0)
+    learner = DeepPrompts(two, NAMES, DeepLanguageOptions(n_ctx_text=2, depth_text=2, prompt_rounding="none"),
+                          "deep_language")
+    x, pooled = embedded(two, texts)
+    with torch.no_grad():
+        want = F.normalize(full_computation(two, x, pooled, deep=[None, learner.text_deep[0]]), dim=-1)
+        assert close(learner.text_features(), want)
+        feats = torch.randn(2, two.embed_dim)
+        assert torch.allclose(learner(feats), two.logit_scale * F.normalize(feats, dim=-1) @ want.T + two.logit_bias,
+                              atol=1e-4)
+
+
 def test_shared_prefix_masks_are_refused_on_a_bidirectional_tower(arch, tmp_path, capsys):
     data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=1, n_test_per_class=1, seed=0)
     assert main(["train", "--dataset", data, "--backbone", arch, "--pretrained", "random", "--quiet", "--method",
