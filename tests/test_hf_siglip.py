@@ -132,6 +132,14 @@ def test_siglips_own_tokenizer_class(tmp_path):
     with torch.no_grad():
         assert rel(learner.text_features(), F.normalize(features(ref.get_text_features(input_ids=theirs)), dim=-1)) \
             < 1e-5
+    # interpret reads the context through the same tokenizer: the phrase's first pieces (one learned vector per word
+    # of the phrase, from its first token embeddings), at distance 0
+    from vlprompt.practice.interpret import nearest_words
+
+    pieces = AutoTokenizer.from_pretrained(str(tmp_path)).tokenize("a photo of a")
+    records = nearest_words(learner, bb, top_k=2)
+    assert [r["nearest"][0]["token"] for r in records] == pieces[:4] and all(r["nearest"][0]["distance"] < 1e-6
+                                                                          for r in records)
 
 
 def test_without_a_processor_configuration_siglips_own_preprocessing(tmp_path):

@@ -36,5 +36,11 @@ class Tokens:
             return self.tokenizer.encode(text)
         return list(self.hf(self._clean(text), add_special_tokens=False).input_ids)
 
+    def decode(self, token_id: int) -> tuple[str, str]:
+        """(the token as the vocabulary spells it, the text it decodes to) of one id."""
+        if self.hf is not None:
+            return str(self.hf.convert_ids_to_tokens(token_id)), self.hf.decode([token_id]).strip()
+        return self.tokenizer.decoder.get(token_id, str(token_id)), self.tokenizer.decode([token_id]).strip()
+
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))

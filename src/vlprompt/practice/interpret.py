@@ -17,16 +17,6 @@ from ..errors import VlpromptError
 FORMATS = ("table", "json")
 
 
-def _decode(tokenizer, token_id: int) -> tuple[str, str]:
-    """(the raw BPE token, the word it spells) of one token id."""
-    raw = getattr(tokenizer, "decoder", {}).get(token_id, str(token_id))
-    try:
-        word = tokenizer.decode([token_id]).strip()
-    except Exception:  # noqa: BLE001 - a tokenizer without decode: the raw token
-        word = raw.replace("</w>", "")
-    return raw, word
-
-
 def _nearest(rows: torch.Tensor, emb: torch.Tensor, k: int, margin: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances, token ids) of the ``k`` nearest embedding rows of each row, nearest first. Candidates come
     from the fast matrix-product distances; the final distances are recomputed exactly from the differences
@@ -62,7 +52,7 @@ def nearest_words(learner, bb, top_k: int = 5) -> list[dict]:
         nearest = []
         for j in range(k):
             token_id = int(index[r, j])
-            raw, word = _decode(bb.tokenizer, token_id)
+            raw, word = bb.tokens.decode(token_id)  # CLIP's BPE or a Hugging Face tokenizer (SigLIP)
             nearest.append({"token_id": token_id, "token": raw, "word": word, "distance": float(values[r, j])})
         out.append({"class": learner.classnames[r // n_ctx] if per_class else None,
                     "position": r % n_ctx + 1, "norm": float(rows[r].norm()), "nearest": nearest})
