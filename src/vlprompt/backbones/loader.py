@@ -392,6 +392,12 @@ def check_backbone(name: str, weights: Optional[str] = None) -> None:
         raise VlpromptError(f"weights file not found: {weights}")
 
 
+# What a checkpoint folder is read from: configuration, weights, processor, and a SigLIP tokenizer's data files
+# (read by transformers without remote code).
+HF_FILES = ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "spiece.model"]
+
+
 def _hf_checkpoint(ref: str, cache_dir: Optional[str]) -> str:
     """The local folder of ``hf:<ref>``: a folder as given, else a hub id's files (config, weights, processor)."""
     if Path(ref).expanduser().is_dir():
@@ -403,7 +409,7 @@ def _hf_checkpoint(ref: str, cache_dir: Optional[str]) -> str:
     try:
         with _offline_unless_reachable() as offline:
             return snapshot_download(repo_id=ref, cache_dir=cache_dir,
-                                     allow_patterns=["config.json", "model.safetensors", "preprocessor_config.json"])
+                                     allow_patterns=HF_FILES)
     except Exception as exc:
         why = ("no model hub is reachable and it is not in the local Hugging Face cache" if offline
                else (str(exc) or type(exc).__name__).splitlines()[0][:160])
