@@ -7,8 +7,8 @@ in the folder runs code. Image preprocessing comes from its ``preprocessor_confi
 The text tower is CLIP's causal transformer, pooled as ``transformers`` pools for the checkpoint's configuration:
 at the highest token id when ``eos_token_id`` is 2 (the configurations written before that field was fixed), else at
 the first ``eos_token_id``. The tokenizer is CLIP's byte-level BPE (the vocabulary Hugging Face CLIP tokenizers ship),
-so a checkpoint with another vocabulary size is refused. ``SiglipModel`` folders: `hf_siglip`, through the same
-`load_hf_checkpoint`.
+so a checkpoint with another vocabulary size is refused. ``SiglipModel`` folders: `hf_siglip`; which kind a folder
+is: `hf_checkpoint`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def weights_file(folder: Path) -> Path:
     return found
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json_mapping(path: Path, what: str) -> dict:
     from ..utils.io import read_json
 
     try:
@@ -99,7 +99,7 @@ def open_clip_config(folder: Path, config: dict) -> dict:
     }
 
 
-def _block(sd: dict, src: str, dst: str, out: dict) -> None:
+def pack_block(sd: dict, src: str, dst: str, out: dict) -> None:
     """One encoder layer of ``transformers`` (``src``) as an open_clip residual block (``dst``)."""
     attn = f"{src}.self_attn"
     out[f"{dst}.attn.in_proj_weight"] = torch.cat([sd.pop(f"{attn}.{p}_proj.weight") for p in "qkv"])
@@ -131,9 +131,9 @@ def open_clip_state_dict(sd: dict, cfg: dict) -> dict:
            "visual.ln_post.bias": sd.pop("vision_model.post_layernorm.bias"),
            "visual.proj": sd.pop("visual_projection.weight").T.contiguous()}
     for i in range(cfg["text_cfg"]["layers"]):
-        _block(sd, f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}", out)
+        pack_block(sd, f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}", out)
     for i in range(cfg["vision_cfg"]["layers"]):
-        _block(sd, f"vision_model.encoder.layers.{i}", f"visual.transformer.resblocks.{i}", out)
+        pack_block(sd, f"vision_model.encoder.layers.{i}", f"visual.transformer.resblocks.{i}", out)
     if sd:
         raise KeyError(f"unexpected {sorted(sd)[:3]}")
     return out
@@ -144,7 +144,7 @@ def processor_values(folder: Path, default_mean, default_std, default_resample: 
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return None
-    data = _read_json(path, "image processor configuration")
+    data = read_json_mapping(path, "image processor configuration")
     resample = data.get("resample", default_resample)
     if not isinstance(resample, int) or resample not in RESAMPLE:
         raise VlpromptError(f"image processor configuration {path}: resample {resample!r} is not one of "
@@ -167,46 +167,3 @@ def preprocess_of(folder: Path, size: int) -> Preprocess:
     mean, std, interpolation = values
     return Preprocess(size=size, mean=mean, std=std, interpolation=interpolation, resize_mode="shortest",
                       source=f"processor config of {folder.name}")
-
-
-def load_hf_checkpoint(folder, read_state_dict) -> tuple:
-    """(open_clip model, its configuration, preprocessing) of a ``transformers`` CLIPModel or SiglipModel folder
-    (`hf_siglip`); ``read_state_dict``: the loader's safe reader of a weights file."""
-    import open_clip
-
-    from .hf_siglip import build_siglip, siglip_config, siglip_preprocess, siglip_state_dict
-
-    folder = Path(folder).expanduser()
-    config = _read_json(folder / "config.json", "Hugging Face configuration")
-    kind = config.get("model_type")
-    if kind == "clip":
-        cfg = open_clip_config(folder, config)
-        convert, build, what = open_clip_state_dict, (lambda c: open_clip.CLIP(**c)), "CLIPModel"
-        pre = preprocess_of(folder, int(cfg["vision_cfg"]["image_size"]))
-    elif kind == "siglip":
-        cfg = siglip_config(folder, config)
-        convert, build, what = siglip_state_dict, build_siglip, "SiglipModel"
-        pre = siglip_preprocess(folder, int(cfg["vision_cfg"]["image_size"]))
-    else:
-        more = (" (Siglip2Model's variable-resolution patches are not supported; open_clip's SigLIP 2 architectures "
-                "are)" if kind == "siglip2" else "")
-        raise VlpromptError(f"Hugging Face checkpoint {folder}: model_type {kind!r} is not 'clip' or 'siglip'{more}")
-    path = weights_file(folder)
-    sd, _ = read_state_dict(path)
-    try:
-        converted = convert(sd, cfg)
-    except KeyError as exc:
-        raise VlpromptError(f"weights file {path} is not a transformers {what} of its config.json: "
-                            f"{str(exc).strip(chr(39))}") from None
-    model = build(cfg)
-    own = model.state_dict()
-    for key, value in converted.items():
-        if key not in own or own[key].shape != value.shape:
-            raise VlpromptError(f"weights file {path} does not fit its config.json: '{key}' has shape "
-                                f"{tuple(value.shape)}, the configuration gives "
-                                f"{tuple(own[key].shape) if key in own else 'no such tensor'}")
-    missing = set(own) - set(converted) - {"attn_mask"}
-    if missing:
-        raise VlpromptError(f"weights file {path} does not fit its config.json: missing {sorted(missing)[:3]}")
-    model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=False)
-    return model, cfg, pre

@@ -1,6 +1,7 @@
 """Hugging Face ``transformers`` SigLIP checkpoints (a ``SiglipModel`` folder: ``config.json`` + ``model.safetensors``
 and the tokenizer's files) as vlprompt backbones, read as `hf_clip` reads CLIP folders: JSON and safetensors only,
-rewritten once into open_clip's SigLIP layout, so the same paths compute with them as with open_clip's own SigLIP.
+rewritten once into open_clip's SigLIP layout, so the same paths compute with them as with open_clip's own SigLIP
+(`hf_checkpoint.load_hf_checkpoint` reads either kind of folder).
 
 - Text: open_clip's bidirectional text transformer (no mask, pooled at the last position, a linear head with bias),
   each block's q, k and v projections packed into the fused input projection; ``hidden_act`` decides the GELU
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VlpromptError
+from .hf_clip import pack_block, processor_values
 from .preprocess import Preprocess
 
 TIMM_SIGLIP = "vit_base_patch16_siglip_224"  # the timm family open_clip builds SigLIP image towers from
@@ -102,8 +104,6 @@ def _pairs(sd: dict, out: dict, pairs: dict) -> None:
 def siglip_state_dict(sd: dict, cfg: dict) -> dict:
     """A ``transformers`` SiglipModel state dict rewritten as open_clip's SigLIP with a timm trunk (every tensor used
     once; KeyError names one that is missing)."""
-    from .hf_clip import _block
-
     sd = dict(sd)
     for key in ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"):
         sd.pop(key, None)
@@ -123,10 +123,10 @@ def siglip_state_dict(sd: dict, cfg: dict) -> dict:
     out.update({f"{trunk}.attn_pool.q.weight": w[:width], f"{trunk}.attn_pool.q.bias": b[:width],
                 f"{trunk}.attn_pool.kv.weight": w[width:], f"{trunk}.attn_pool.kv.bias": b[width:]})
     for i in range(cfg["text_cfg"]["layers"]):
-        _block(sd, f"{t}.encoder.layers.{i}", f"text.transformer.resblocks.{i}", out)
+        pack_block(sd, f"{t}.encoder.layers.{i}", f"text.transformer.resblocks.{i}", out)
     for i in range(cfg["vision"]["depth"]):  # timm's block: norm1, attn.qkv (packed), attn.proj, norm2, mlp.fc1/fc2
         block = {}
-        _block(sd, f"{v}.encoder.layers.{i}", "b", block)
+        pack_block(sd, f"{v}.encoder.layers.{i}", "b", block)
         names = {"b.attn.in_proj_weight": "attn.qkv.weight", "b.attn.in_proj_bias": "attn.qkv.bias",
                  "b.attn.out_proj.weight": "attn.proj.weight", "b.attn.out_proj.bias": "attn.proj.bias",
                  "b.ln_1.weight": "norm1.weight", "b.ln_1.bias": "norm1.bias", "b.ln_2.weight": "norm2.weight",
@@ -159,8 +159,6 @@ def build_siglip(cfg: dict) -> torch.nn.Module:
 def siglip_preprocess(folder: Path, size: int) -> Preprocess:
     """SigLIP's image processor: resized to the square (squash) with its resampling, its mean and std (0.5 each when
     the folder has no ``preprocessor_config.json``)."""
-    from .hf_clip import processor_values
-
     values = processor_values(folder, default_mean=(0.5, 0.5, 0.5), default_std=(0.5, 0.5, 0.5), default_resample=3)
     if values is None:
         return Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic",

@@ -34,7 +34,8 @@ from ..errors import VlpromptError
 from ..utils.hardware import check_precision, resolve_precision
 from ..utils.progress import logger as vlprompt_logger
 from .backbone import Backbone, BackboneSource
-from .hf_clip import is_hf_folder, load_hf_checkpoint
+from .hf_checkpoint import load_hf_checkpoint
+from .hf_clip import is_hf_folder
 from .preprocess import Preprocess, resolve_preprocess
 from .torchscript_reader import read_torchscript_state_dict
 
