@@ -95,6 +95,10 @@ def test_a_driver_killed_mid_study_leaves_no_worker_and_resumes(shapes, tmp_path
     finished = {u["uid"]: u["seconds"] for u in units if u["state"] == "done"}
     time.sleep(1.0)
     assert workers and not [w for w in workers if alive(w)]  # they died with the driver
+    deadline = time.monotonic() + 20  # the fork server and resource tracker end when their pipes from it close
+    while [h for h in helpers if alive(h)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert helpers and not [h for h in helpers if alive(h)]
     assert main(args) == 0
     capsys.readouterr()
     after = {u["uid"]: u for u in json.loads((out / "index.json").read_text())["units"]}
