@@ -60,14 +60,15 @@ def save_siglip(folder, act: str = "gelu_pytorch_tanh", seed: int = 0, processor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    length = 32 if tokenizer == "sentencepiece" else 16  # its small vocabulary spells a word in several pieces
     if tokenizer == "sentencepiece":
-        vocab = sentencepiece_tokenizer(folder, 16)
+        vocab = sentencepiece_tokenizer(folder, length)
     else:
         vocab = 3 + len(SIGLIP_WORDS)
         build_tokenizer(folder)
     torch.manual_seed(seed)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=16, vocab_size=vocab, projection_size=48, pad_token_id=0,
+                max_position_embeddings=length, vocab_size=vocab, projection_size=48, pad_token_id=0,
                 eos_token_id=1, bos_token_id=None, hidden_act=act)
     vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=8, hidden_act=act)
@@ -124,7 +125,7 @@ def test_siglips_own_tokenizer_class(tmp_path):
     bb = vp.load_backbone("hf", weights=str(tmp_path))
     assert (bb.n_start, bb.tokens.pad_id) == (0, 1)
     texts = [f"a photo of a {n}." for n in ["face", "dog"]]
-    theirs = AutoTokenizer.from_pretrained(str(tmp_path))(texts, padding="max_length", max_length=16,
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path))(texts, padding="max_length", max_length=32,
                                                             truncation=True, return_tensors="pt").input_ids
     tokens = bb.tokenize(texts)
     assert torch.equal(tokens, theirs) and int(tokens[0, -1]) == 1  # padded with </s>
@@ -132,6 +133,12 @@ def test_siglips_own_tokenizer_class(tmp_path):
     with torch.no_grad():
         assert rel(learner.text_features(), F.normalize(features(ref.get_text_features(input_ids=theirs)), dim=-1)) \
             < 1e-5
+    # a prompt the tokenizer would cut ends with </s> as a padded one does: found by its length, one line
+    with pytest.raises(VlpromptError, match="class name too long for the 32-token context"):
+        vp.CoOp(bb, ["face", "dog " * 30], n_ctx=4, ctx_init="a photo of a")
+    # this vocabulary never saw an "x": learned rows behind "X" placeholders would not be one token each
+    with pytest.raises(VlpromptError, match="spells 2 placeholder words 'X' with 4 tokens"):
+        vp.CoOp(bb, ["face"], n_ctx=2)
     # interpret reads the context through the same tokenizer: the phrase's first pieces (one learned vector per word
     # of the phrase, from its first token embeddings), at distance 0
     from vlprompt.practice.interpret import nearest_words

@@ -189,6 +189,15 @@ class Backbone(nn.Module):
         """Number of tokens of a piece of text (without start / end tokens)."""
         return len(self.tokens.encode(text))
 
+    def placeholder(self, n: int) -> str:
+        """``n`` "X" words, the text that stands where ``n`` learned context rows go: one token each, checked (a
+        tokenizer that splits "X" would shift every row after the context)."""
+        text = " ".join(["X"] * n)
+        if self.bpe_length(text) != n:
+            raise VlpromptError(f"backbone {self.source.name}: its tokenizer spells {n} placeholder words 'X' with "
+                                f"{self.bpe_length(text)} tokens; learned context rows need one token each")
+        return text
+
     @property
     def n_start(self) -> int:
         """Special tokens before a text (1: CLIP's start token; 0: SigLIP's tokenizers have none)."""

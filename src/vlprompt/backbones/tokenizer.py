@@ -18,14 +18,16 @@ class Tokens:
         self.tokenizer = tokenizer
         hf = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer keeps the transformers one here
         self.hf = hf if hf is not None and hasattr(hf, "pad_token_id") else None
+        self.context_length = int(tokenizer.context_length)
         if self.hf is None:
-            self.n_start, self.pad_id, self.kind = 1, 0, "clip_bpe"
+            self.n_start, self.n_special, self.pad_id, self.kind = 1, 2, 0, "clip_bpe"  # SOT, EOT
             return
         self.kind = "hf"
         self.pad_id = int(self.hf.pad_token_id) if self.hf.pad_token_id is not None else 0
         own = self.encode("x")
         full = list(self.hf(self._clean("x"), add_special_tokens=True).input_ids)
         self.n_start = next((i for i in range(len(full)) if full[i:i + len(own)] == own), 0)
+        self.n_special = len(full) - len(own)
 
     def _clean(self, text: str) -> str:
         clean = getattr(self.tokenizer, "clean_fn", None)
@@ -35,6 +37,11 @@ class Tokens:
         if self.hf is None:
             return self.tokenizer.encode(text)
         return list(self.hf(self._clean(text), add_special_tokens=False).input_ids)
+
+    def overflowing(self, texts: Sequence[str]) -> list[int]:
+        """Indices of the texts whose tokens, special tokens included, exceed the context length: the tokenizer would
+        cut them (found by length, since a cut SigLIP text ends with its end token, which is also its padding)."""
+        return [i for i, text in enumerate(texts) if len(self.encode(text)) + self.n_special > self.context_length]
 
     def decode(self, token_id: int) -> tuple[str, str]:
         """(the token as the vocabulary spells it, the text it decodes to) of one id."""

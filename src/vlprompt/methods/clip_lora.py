@@ -116,7 +116,7 @@ class CLIPLoRA(TextClassifier):
         bb = self.backbone
         texts = [self.options.text_template.format(prompt_text(c)) for c in self.classnames]
         tokens = bb.tokenize(texts)
-        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != bb.tokens.pad_id]
+        too_long = [self.classnames[i] for i in bb.tokens.overflowing(texts)]
         if too_long:
             raise VlpromptError(f"class name too long for the {bb.context_length}-token context: {too_long[0][:80]!r}")
         eot = bb.eot_index(tokens)

@@ -121,7 +121,7 @@ class CoOp(TextClassifier):
             shape = (len(self.classnames), n_ctx, dim) if self.csc else (n_ctx, dim)
             ctx = torch.empty(shape, dtype=torch.float32, device=dev)
             nn.init.normal_(ctx, std=0.02)
-            placeholder = " ".join(["X"] * n_ctx)
+            placeholder = backbone.placeholder(n_ctx)
         self.n_ctx = n_ctx
         self.ctx = nn.Parameter(ctx.to(dev))  # float32 master weights, whatever the encoder precision
         self._build_buffers(placeholder)
@@ -134,8 +134,8 @@ class CoOp(TextClassifier):
         tokens = bb.tokenize(texts)
         name_lens = [bb.bpe_length(n) for n in names]
         eot = bb.eot_index(tokens)
-        # A prompt that fills the whole context was truncated by the tokenizer (EOT forced into the last slot).
-        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != bb.tokens.pad_id]
+        # A prompt longer than the context would be cut by the tokenizer.
+        too_long = [self.classnames[i] for i in bb.tokens.overflowing(texts)]
         if too_long:
             raise VlpromptError(f"class name too long for the {bb.context_length}-token context with "
                                 f"{self.n_ctx} context tokens: {too_long[0][:80]!r}"

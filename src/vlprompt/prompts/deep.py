@@ -51,7 +51,7 @@ def phrase_context(bb: Backbone, phrase: Optional[str], n_ctx: int) -> tuple[str
     ``n_ctx`` > 4 the phrase is dropped and the context is noise in front of "X" placeholders."""
     phrase = " ".join((phrase or "").replace("_", " ").split())
     if not phrase or n_ctx > MAX_PHRASE_CTX:
-        return " ".join(["X"] * n_ctx), None
+        return bb.placeholder(n_ctx), None
     n_bpe = bb.bpe_length(phrase)
     if n_ctx > n_bpe:
         raise VlpromptError(f"ctx_init '{phrase}' has {n_bpe} tokens, fewer than the {n_ctx} context vectors "
@@ -120,8 +120,9 @@ class DeepPrompts(TextClassifier):
             feats = bb.encode_texts([template.format(n) for n in names])
             self.register_buffer("fixed_text", F.normalize(feats, dim=-1), persistent=False)
             return
-        tokens = bb.tokenize([f"{self.phrase} {n}." for n in names])
-        too_long = [c for c, row in zip(self.classnames, tokens) if int(row[-1]) != bb.tokens.pad_id]
+        texts = [f"{self.phrase} {n}." for n in names]
+        tokens = bb.tokenize(texts)
+        too_long = [self.classnames[i] for i in bb.tokens.overflowing(texts)]
         if too_long:
             raise VlpromptError(f"class name too long for the {bb.context_length}-token context: {too_long[0][:80]!r}")
         n_prefix = bb.n_start + bb.bpe_length(self.phrase)  # start token(s) + the phrase (context + fixed rest)
