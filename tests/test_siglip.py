@@ -265,6 +265,34 @@ def test_siglip_2s_tower_the_same_way(tmp_path):
                               atol=1e-4)
 
 
+def test_the_tokenizer_beside_the_weights_file(arch, bb, tmp_path):
+    """An open_clip SigLIP as a hub snapshot keeps it: weights and tokenizer files in one folder. The architecture's
+    tokenizer (here a hub id this machine cannot reach) is then read from that folder; without the files there it is
+    one line, before the weights are read."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    cfg = json.loads(open(arch).read())
+    tokenizer_dir = cfg["model_cfg"]["text_cfg"]["hf_tokenizer_name"]
+    cfg["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "timm/not-on-this-machine"
+    arch_file = tmp_path / "siglip-hub.json"
+    arch_file.write_text(json.dumps(cfg))
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    with pytest.raises(vp.VlpromptError, match="cannot load its tokenizer 'timm/not-on-this-machine'.*beside the "
+                                               "weights file"):
+        vp.load_backbone(str(arch_file), weights=str(folder / "open_clip_model.safetensors"))
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, f), folder / f)
+    loaded = vp.load_backbone(str(arch_file), weights=str(folder / "open_clip_model.safetensors"))
+    texts = [f"a photo of a {n}." for n in NAMES]
+    assert torch.equal(loaded.tokenize(texts), bb.tokenize(texts))
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(loaded.tokenize(texts)), bb.model.encode_text(bb.tokenize(texts)))
+
+
 def test_shared_prefix_masks_are_refused_on_a_bidirectional_tower(arch, tmp_path, capsys):
     data = make_synthetic_dataset(str(tmp_path / "shapes"), n_train_per_class=1, n_test_per_class=1, seed=0)
     assert main(["train", "--dataset", data, "--backbone", arch, "--pretrained", "random", "--quiet", "--method",

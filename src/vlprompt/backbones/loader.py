@@ -253,15 +253,23 @@ def _load_state(model, sd: dict, path: Path, arch: str) -> None:
         raise VlpromptError(f"weights file {path} does not fit backbone {arch}: {what}")
 
 
-def _tokenizer(arch: str, cfg: dict):
+# A folder holds a Hugging Face tokenizer when it has one of these (a hub snapshot of an open_clip SigLIP keeps them
+# beside open_clip_model.safetensors).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+
+
+def _tokenizer(arch: str, cfg: dict, beside: Optional[Path] = None):
     """CLIP's BPE, or the Hugging Face tokenizer the architecture names (SigLIP's, SigLIP 2's) as open_clip wraps it:
-    from the local cache or a local folder, or from a hub when one is reachable."""
+    from the folder of the weights file (``beside``) when the tokenizer's files are there, else from the local cache
+    or a local folder named in the architecture, or from a hub when one is reachable."""
     oc = _open_clip()
     text = cfg["text_cfg"]
     ctx_len = text.get("context_length", 77)
     name = text.get("hf_tokenizer_name")
     if not name:
         return oc.tokenizer.SimpleTokenizer(context_length=ctx_len)
+    if beside is not None and any((beside / f).is_file() for f in TOKENIZER_FILES):
+        name = str(beside)
     try:
         with _offline_unless_reachable() as offline, contextlib.redirect_stderr(io.StringIO()):
             return oc.tokenizer.HFTokenizer(name, context_length=ctx_len, **(text.get("tokenizer_kwargs") or {}))
@@ -271,8 +279,9 @@ def _tokenizer(arch: str, cfg: dict):
     except Exception as exc:
         why = ("it is not in the local Hugging Face cache and no hub is reachable" if offline
                else (str(exc) or type(exc).__name__).splitlines()[0][:160])
-        raise VlpromptError(f"backbone {arch}: cannot load its tokenizer '{name}': {why} (an architecture file may "
-                            "name a local tokenizer folder in text_cfg.hf_tokenizer_name)") from None
+        raise VlpromptError(f"backbone {arch}: cannot load its tokenizer '{name}': {why} (put the tokenizer's files "
+                            "beside the weights file, or name a local tokenizer folder in an architecture file's "
+                            "text_cfg.hf_tokenizer_name)") from None
 
 
 def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weights: Optional[str] = None,
@@ -299,6 +308,7 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
     arch, cfg = _resolve_arch(name)
     if weights is not None:
         path = Path(weights).expanduser()
+        tokenizer = _tokenizer(arch, cfg, beside=path.parent)  # before reading the weights: a missing one is one line
         sd, is_jit = _read_state_dict(path)
         if quick_gelu is None:
             # OpenAI's archives (TorchScript) come from QuickGELU models.
@@ -315,7 +325,7 @@ def load_backbone(name: str = "ViT-B-16", pretrained: Optional[str] = None, weig
         _load_state(model, sd, path, arch)
         source = BackboneSource(name=name, weights=str(path.resolve()), quick_gelu=used_quick)
         # A tag given with the file names the images' preparation (its weights are the file's).
-        bb = Backbone(model, _tokenizer(arch, cfg), source, precision=precision, device=device,
+        bb = Backbone(model, tokenizer, source, precision=precision, device=device,
                       preprocess=_preprocess(arch, cfg, model, pretrained))
         hint = "" if bb.activation == "quickgelu" else (
             "; OpenAI weights need QuickGELU: use an architecture name ending in -quickgelu (e.g. "
