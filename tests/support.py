@@ -164,13 +164,14 @@ SIGLIP_WORDS = "a photo of the face water lily stop sign motorbike x black cross
 def build_tokenizer(folder) -> str:
     """A Unigram tokenizer of sentencepiece's kind with T5's special ids (pad 0, eos 1 appended, unk 2), saved as a
     local Hugging Face tokenizer folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in SIGLIP_WORDS]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(str(folder))
