@@ -139,10 +139,8 @@ class Backbone(nn.Module):
         self.text = TextTower(owner, arch)
         if self.text.pool_type == "eos" and self.text.eos_id is None:
             raise VlpromptError(f"backbone {arch}: 'eos' pooling without an eos token id")
-        size = getattr(model.visual, "image_size", 224)
-        size = int(size[0] if isinstance(size, (tuple, list)) else size)
         # The pretrained tag's normalisation, interpolation and test resize (`preprocess`), given by the loader.
-        self.preprocess: Preprocess = preprocess or from_open_clip(model, size)
+        self.preprocess: Preprocess = preprocess or from_open_clip(model)
         self.image_size: int = self.preprocess.size
         self.image_mean, self.image_std = self.preprocess.mean, self.preprocess.std
         with torch.no_grad():
@@ -193,10 +191,20 @@ class Backbone(nn.Module):
         """``n`` "X" words, the text that stands where ``n`` learned context rows go: one token each, checked (a
         tokenizer that splits "X" would shift every row after the context)."""
         text = " ".join(["X"] * n)
-        if self.bpe_length(text) != n:
+        tokens = self.bpe_length(text)
+        if tokens != n:
             raise VlpromptError(f"backbone {self.source.name}: its tokenizer spells {n} placeholder words 'X' with "
-                                f"{self.bpe_length(text)} tokens; learned context rows need one token each")
+                                f"{tokens} tokens; learned context rows need one token each")
         return text
+
+    def check_prompts_fit(self, texts: Sequence[str], classnames: Sequence[str], detail: str = "") -> None:
+        """One error line naming the first class whose prompt (``texts[i]`` for ``classnames[i]``) the tokenizer
+        would cut to the context length."""
+        too_long = [classnames[i] for i in self.tokens.overflowing(texts)]
+        if too_long:
+            name = too_long[0]
+            raise VlpromptError(f"class name too long for the {self.context_length}-token context{detail}: "
+                                f"{name[:80]!r}" + (f" ({len(name):,} characters)" if len(name) > 80 else ""))
 
     @property
     def n_start(self) -> int:

@@ -49,20 +49,30 @@ def read_json_mapping(path: Path, what: str) -> dict:
     return data
 
 
-def open_clip_config(folder: Path, config: dict) -> dict:
-    """The open_clip model configuration of a ``transformers`` CLIP configuration (one line for anything else)."""
+def tower_configs(folder: Path, config: dict) -> tuple[dict, dict]:
+    """(text_config, vision_config) of a ``transformers`` configuration, each checked to be a mapping."""
     text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
     for part, name in ((text, "text_config"), (vision, "vision_config")):
         if not isinstance(part, dict):
             raise VlpromptError(f"Hugging Face checkpoint {folder}: {name} must be a mapping, got "
                                 f"{type(part).__name__}")
+    return text, vision
+
+
+def positive_int(folder: Path, part: dict, key: str, default, name: str) -> int:
+    """``part[key]`` (``default`` when absent), checked to be a positive whole number; ``name``: the part's name."""
+    v = part.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise VlpromptError(f"Hugging Face checkpoint {folder}: {name}.{key} must be a positive whole number, got {v!r}")
+    return v
+
+
+def open_clip_config(folder: Path, config: dict) -> dict:
+    """The open_clip model configuration of a ``transformers`` CLIP configuration (one line for anything else)."""
+    text, vision = tower_configs(folder, config)
 
     def value(part: dict, key: str, default, name: str) -> int:
-        v = part.get(key, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise VlpromptError(f"Hugging Face checkpoint {folder}: {name}.{key} must be a positive whole number, "
-                                f"got {v!r}")
-        return v
+        return positive_int(folder, part, key, default, name)
 
     acts = {str(text.get("hidden_act", "quick_gelu")), str(vision.get("hidden_act", "quick_gelu"))}
     if not acts <= {"quick_gelu", "gelu"} or len(acts) > 1:

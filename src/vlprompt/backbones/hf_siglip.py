@@ -24,27 +24,18 @@ from pathlib import Path
 import torch
 
 from ..errors import VlpromptError
-from .hf_clip import pack_block, processor_values
+from .hf_clip import pack_block, positive_int, processor_values, tower_configs
 from .preprocess import Preprocess
 
 TIMM_SIGLIP = "vit_base_patch16_siglip_224"  # the timm family open_clip builds SigLIP image towers from
 ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # transformers' names -> timm's
 
 
-def _positive(folder: Path, part: dict, key: str, default, name: str) -> int:
-    v = part.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise VlpromptError(f"Hugging Face checkpoint {folder}: {name}.{key} must be a positive whole number, got {v!r}")
-    return v
-
-
 def siglip_config(folder: Path, config: dict) -> dict:
     """open_clip's configuration of a ``transformers`` SiglipModel configuration (one line for a bad field), with
     ``vision`` (timm's keyword arguments for the image trunk) and ``quick_gelu`` (False) beside it."""
-    text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
+    text, vision = tower_configs(folder, config)
     for part, name in ((text, "text_config"), (vision, "vision_config")):
-        if not isinstance(part, dict):
-            raise VlpromptError(f"Hugging Face checkpoint {folder}: {name} must be a mapping, got {type(part).__name__}")
         act = part.get("hidden_act", "gelu_pytorch_tanh")
         if act not in ACTIVATIONS:
             raise VlpromptError(f"Hugging Face checkpoint {folder}: {name}.hidden_act {act!r} is not one of "
@@ -58,7 +49,7 @@ def siglip_config(folder: Path, config: dict) -> dict:
                             "without its pooling head gives no image feature)")
 
     def num(part, key, default, name):
-        return _positive(folder, part, key, default, name)
+        return positive_int(folder, part, key, default, name)
 
     t_width = num(text, "hidden_size", 768, "text_config")
     v_width = num(vision, "hidden_size", 768, "vision_config")

@@ -36,7 +36,7 @@ from ..utils.progress import logger as vlprompt_logger
 from .backbone import Backbone, BackboneSource
 from .hf_checkpoint import load_hf_checkpoint
 from .hf_clip import is_hf_folder
-from .preprocess import Preprocess, resolve_preprocess
+from .preprocess import Preprocess, model_image_size, resolve_preprocess
 from .torchscript_reader import read_torchscript_state_dict
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -367,8 +367,9 @@ HF = "hf"  # the backbone name of a Hugging Face checkpoint folder (its architec
 
 def _load_hf(name: str, weights: Optional[str], precision: str, device: str,
              cache_dir: Optional[str] = None) -> Backbone:
-    """A ``transformers`` CLIPModel or SiglipModel folder (`hf_clip`, `hf_siglip`): ``--backbone hf --weights DIR``, or ``--backbone
-    hf:DIR`` / ``hf:<hub id>`` (fetched when a hub is reachable, else from the local Hugging Face cache)."""
+    """A ``transformers`` CLIPModel or SiglipModel folder (`hf_checkpoint`): ``--backbone hf --weights DIR``, or
+    ``--backbone hf:DIR`` / ``hf:<hub id>`` (fetched when a hub is reachable, else from the local Hugging Face
+    cache)."""
     given = name  # hf:<ref> names its checkpoint: recorded as given, so that a saved prompt finds it again
     if name.startswith(HF + ":"):
         weights = _hf_checkpoint(name[len(HF) + 1:], cache_dir)
@@ -376,8 +377,9 @@ def _load_hf(name: str, weights: Optional[str], precision: str, device: str,
     folder = None if given != HF else str(Path(weights).expanduser().resolve())
     source = BackboneSource(name=given, weights=folder, quick_gelu=cfg["quick_gelu"])
     bb = Backbone(model, _tokenizer(HF, cfg), source, precision=precision, device=device, preprocess=pre)
-    log.info(f"backbone {HF}: {Path(weights).name} (transformers {'SigLIP' if cfg.get('custom_text') else 'CLIP'}, activation {bb.activation}, "
-             f"preprocessing from {pre.source})")
+    kind = "SigLIP" if cfg.get("custom_text") else "CLIP"
+    log.info(f"backbone {HF}: {Path(weights).name} (transformers {kind}, activation {bb.activation}, preprocessing "
+             f"from {pre.source})")
     return bb
 
 
@@ -405,12 +407,11 @@ def check_backbone(name: str, weights: Optional[str] = None) -> None:
 
 # What a checkpoint folder is read from: configuration, weights, processor, and a SigLIP tokenizer's data files
 # (read by transformers without remote code).
-HF_FILES = ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "spiece.model"]
+HF_FILES = ["config.json", "model.safetensors", "preprocessor_config.json", *TOKENIZER_FILES, "special_tokens_map.json"]
 
 
 def _hf_checkpoint(ref: str, cache_dir: Optional[str]) -> str:
-    """The local folder of ``hf:<ref>``: a folder as given, else a hub id's files (config, weights, processor)."""
+    """The local folder of ``hf:<ref>``: a folder as given, else a hub id's files (`HF_FILES`)."""
     if Path(ref).expanduser().is_dir():
         return ref
     try:
@@ -419,8 +420,7 @@ def _hf_checkpoint(ref: str, cache_dir: Optional[str]) -> str:
         raise VlpromptError(f"backbone hf:{ref}: fetching from a hub needs huggingface_hub") from None
     try:
         with _offline_unless_reachable() as offline:
-            return snapshot_download(repo_id=ref, cache_dir=cache_dir,
-                                     allow_patterns=HF_FILES)
+            return snapshot_download(repo_id=ref, cache_dir=cache_dir, allow_patterns=HF_FILES)
     except Exception as exc:
         why = ("no model hub is reachable and it is not in the local Hugging Face cache" if offline
                else (str(exc) or type(exc).__name__).splitlines()[0][:160])
@@ -429,8 +429,7 @@ def _hf_checkpoint(ref: str, cache_dir: Optional[str]) -> str:
 
 
 def _preprocess(arch: str, cfg: dict, model, tag: Optional[str]) -> Preprocess:
-    size = getattr(model.visual, "image_size", 224)
-    return resolve_preprocess(arch, cfg, int(size[0] if isinstance(size, (tuple, list)) else size), tag)
+    return resolve_preprocess(arch, cfg, model_image_size(model), tag)
 
 
 def resolve_weights_env() -> Optional[str]:

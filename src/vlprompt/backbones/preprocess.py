@@ -100,7 +100,13 @@ def _preprocess(values: dict, size: int, source: str) -> Preprocess:
                       resize_mode=str(values["resize_mode"]), source=source)
 
 
-def from_open_clip(model, size: int) -> Preprocess:
+def model_image_size(model) -> int:
+    """The square input size of an open_clip model's image tower (224 when it does not say)."""
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def from_open_clip(model) -> Preprocess:
     """The preprocessing open_clip attached to a model it created (``model.visual.preprocess_cfg``)."""
     cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
-    return _preprocess(_merge(DEFAULTS, cfg), size, "open_clip's model" if cfg else "open_clip defaults")
+    return _preprocess(_merge(DEFAULTS, cfg), model_image_size(model), "open_clip's model" if cfg else "open_clip defaults")

@@ -116,9 +116,7 @@ class CLIPLoRA(TextClassifier):
         bb = self.backbone
         texts = [self.options.text_template.format(prompt_text(c)) for c in self.classnames]
         tokens = bb.tokenize(texts)
-        too_long = [self.classnames[i] for i in bb.tokens.overflowing(texts)]
-        if too_long:
-            raise VlpromptError(f"class name too long for the {bb.context_length}-token context: {too_long[0][:80]!r}")
+        bb.check_prompts_fit(texts, self.classnames)
         eot = bb.eot_index(tokens)
         with torch.no_grad():
             # a causal tower needs nothing after the last end token; a bidirectional one reads every position

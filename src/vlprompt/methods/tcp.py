@@ -83,10 +83,7 @@ class TCPPrompts(TextClassifier):
         hand = handcrafted_text_features(backbone, self.classnames, [self.hand_template]).clone().float()
         self.register_buffer("hand", hand, persistent=False)
         texts = [backbone.placeholder(n) + " " + self.prompt_template.format(c) for c in names]
-        too_long = [self.classnames[i] for i in backbone.tokens.overflowing(texts)]
-        if too_long:
-            raise VlpromptError(f"class name too long for the {backbone.context_length}-token context: "
-                                f"{too_long[0][:80]!r}")
+        backbone.check_prompts_fit(texts, self.classnames)
         tokens = backbone.tokenize(texts)
         with torch.no_grad():
             embedded = backbone.text.token_embedding(tokens).float()

@@ -134,12 +134,7 @@ class CoOp(TextClassifier):
         tokens = bb.tokenize(texts)
         name_lens = [bb.bpe_length(n) for n in names]
         eot = bb.eot_index(tokens)
-        # A prompt longer than the context would be cut by the tokenizer.
-        too_long = [self.classnames[i] for i in bb.tokens.overflowing(texts)]
-        if too_long:
-            raise VlpromptError(f"class name too long for the {bb.context_length}-token context with "
-                                f"{self.n_ctx} context tokens: {too_long[0][:80]!r}"
-                                + (f" ({len(too_long[0]):,} characters)" if len(too_long[0]) > 80 else ""))
+        bb.check_prompts_fit(texts, self.classnames, f" with {self.n_ctx} context tokens")
         with torch.no_grad():
             embedded = bb.text.token_embedding(tokens).float()
         length = tokens.shape[1]

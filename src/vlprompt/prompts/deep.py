@@ -122,9 +122,7 @@ class DeepPrompts(TextClassifier):
             return
         texts = [f"{self.phrase} {n}." for n in names]
         tokens = bb.tokenize(texts)
-        too_long = [self.classnames[i] for i in bb.tokens.overflowing(texts)]
-        if too_long:
-            raise VlpromptError(f"class name too long for the {bb.context_length}-token context: {too_long[0][:80]!r}")
+        bb.check_prompts_fit(texts, self.classnames)
         n_prefix = bb.n_start + bb.bpe_length(self.phrase)  # start token(s) + the phrase (context + fixed rest)
         with torch.no_grad():
             embedded = bb.text.token_embedding(tokens).float()
